@@ -1,0 +1,78 @@
+"""Every Celery option in one place, each with the reason it is set."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from config.settings import Settings
+
+QUEUE = "tokenwarden"
+REDRIVE_EVERY_S = 10.0
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    url = settings.resolved_broker_url
+    if url.startswith("filesystem://"):
+        folder = settings.broker_folder
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            # Producers and consumers share one folder, so they share one queue.
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            # Exchange bindings; kombu's default is a folder in the current directory.
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            # The transport polls; a tenth of a second keeps a leaver's token alive no longer.
+            "polling_interval": 0.1,
+        }
+    if url.startswith(("redis://", "rediss://")):
+        # Redis re-delivers an unacknowledged message only after this; the inbox re-drive
+        # republishes pending events much sooner, so this only bounds duplicates.
+        return {"visibility_timeout": 600}
+    return {}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.resolved_broker_url,
+        "broker_transport_options": transport_options(settings),
+        # The API must answer 503 quickly when the broker is gone, not hang on retries.
+        "broker_connection_timeout": 4,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: a pickled message could run code in the worker.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Nobody reads task results; the inbox row records what each event did.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # Acknowledge after the task ran, and give the message back if its worker dies, so a
+        # crash mid-task re-runs it; tasks are idempotent so a second run changes nothing.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # A stuck task is interrupted rather than holding its message and row locks forever.
+        "task_soft_time_limit": 60,
+        "task_time_limit": 90,
+        # One queue for everything, named after the product rather than Celery's default.
+        "task_default_queue": QUEUE,
+        # Late acks with a small prefetch: a dying worker holds few messages hostage.
+        "worker_prefetch_multiplier": 4,
+        # Our logging setup (config.logging) renders Celery's records; do not replace it.
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": False,
+        # Keep a copy of a message whose body cannot be decoded; Celery alone logs and drops it.
+        "worker_consumer": "worker.signals:DeadLetteringConsumer",
+        "enable_utc": True,
+        "timezone": "UTC",
+        # Beat keeps its last-run times beside the other embedded files.
+        "beat_schedule_filename": str((settings.home / "celerybeat-schedule").resolve()),
+        "beat_schedule": {
+            "redrive-inbox": {
+                "task": "tokenwarden.redrive_events",
+                "schedule": timedelta(seconds=min(REDRIVE_EVERY_S, settings.redrive_after_s)),
+            },
+        },
+    }

@@ -1,0 +1,202 @@
+"""One typed settings object, read from ``TOKENWARDEN_*`` environment variables.
+
+With nothing set, every file lives in ``TOKENWARDEN_HOME``: an SQLite token store and a
+file-backed Celery broker, so the embedded default needs no server at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "TOKENWARDEN_"
+GITHUB_KEYS_URL = "https://api.github.com/meta/public_keys/secret_scanning"
+PRODUCER_KEY_FILE = "producer.key"
+SIGNING_SECRET_FILE = "notice-signing.secret"  # noqa: S105 - a file name
+
+
+class ConfigError(Exception):
+    """A setting has a value tokenwarden cannot use; the message names the variable."""
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    home: Path = Path(".tokenwarden")
+    database_url: str | None = None
+    broker_url: str | None = None
+    producer_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    notice_webhook_url: str | None = None
+    notice_signing_secret: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_url: str = "http://127.0.0.1:8000"
+    producer_key: str | None = None
+    github_keys_url: str = GITHUB_KEYS_URL
+    gitlab_revocation_token: str | None = None
+    reminder_days: Annotated[tuple[int, ...], NoDecode] = (60, 30, 7)
+    sweep_interval_s: int = 300
+    sweep_batch: int = 1000
+    redrive_after_s: float = 30.0
+
+    @field_validator("producer_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("reminder_days", mode="before")
+    @classmethod
+    def _days(cls, value: Any) -> Any:
+        days = _split_csv(value)
+        if isinstance(days, tuple) and not all(str(d).isdigit() and int(d) > 0 for d in days):
+            raise ValueError("must be positive whole numbers of days, e.g. 60,30,7")
+        return days
+
+    @field_validator("database_url", "broker_url", "notice_webhook_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith(("postgres://", "postgresql://")):
+            # Name the driver we ship, so a plain libpq-style URL just works.
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        if not value.startswith(("sqlite", "postgresql+psycopg://")):
+            raise ValueError("must be a postgresql:// or sqlite:/// URL")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError("must be a URL such as amqp://guest:guest@127.0.0.1:5672//")
+        return value
+
+    @field_validator("notice_webhook_url", "api_url", "github_keys_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("api_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 < value < 65536:
+            raise ValueError("must be a TCP port between 1 and 65535")
+        return value
+
+    @field_validator("sweep_interval_s", "sweep_batch", "redrive_after_s")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be a positive number")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        """True when both the store and the broker are the file-backed defaults."""
+        return self.database_url is None and self.broker_url is None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'tokenwarden.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.home / "broker").resolve()
+
+    def ensure_home(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self.home
+
+    def _home_secret(self, filename: str, make: str) -> str:
+        path = self.home / filename
+        if path.exists():
+            return path.read_text().strip()
+        self.ensure_home()
+        path.touch(mode=0o600)
+        path.write_text(make + "\n")
+        return make
+
+    def accepted_producer_keys(self) -> tuple[str, ...]:
+        """Keys the producer API accepts: the variable, else the one ``run`` generated."""
+        if self.producer_keys:
+            return self.producer_keys
+        path = self.home / PRODUCER_KEY_FILE
+        return (path.read_text().strip(),) if path.exists() else ()
+
+    def generated_producer_key(self) -> str:
+        return self._home_secret(PRODUCER_KEY_FILE, "twp_" + secrets.token_urlsafe(32))
+
+    def client_producer_key(self) -> str | None:
+        if self.producer_key:
+            return self.producer_key
+        path = self.home / PRODUCER_KEY_FILE
+        return path.read_text().strip() if path.exists() else None
+
+    def signing_secret(self) -> str:
+        if self.notice_signing_secret:
+            return self.notice_signing_secret
+        made = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        return self._home_secret(SIGNING_SECRET_FILE, made)
+
+
+SECRET_FIELDS = frozenset(
+    {"producer_keys", "producer_key", "notice_signing_secret", "gitlab_revocation_token"}
+)
+
+
+def _shown(field: str, value: Any) -> str:
+    """The offending value, fit for an error line: never a secret, never a password."""
+    if field in SECRET_FIELDS or not isinstance(value, str | int):
+        return ""
+    text = str(value)
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        authority, slash, path = rest.partition("/")
+        if "@" in authority:
+            text = f"{scheme}://***@{authority.rsplit('@', 1)[1]}{slash}{path}"
+    return f" (got {text!r})"
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{ENV_PREFIX}{field.upper()}: {message}{_shown(field, first.get('input'))}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment; raise :class:`ConfigError` with a one-line reason on a bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,285 @@
+"""The producer API: events in, stored in the inbox, their ids onto the queue.
+
+``uvicorn --factory producer.api:create_app`` serves it with the environment's settings.
+
+A ``202`` means the events are committed to the inbox. Publishing their ids comes after the
+commit and may fail (the broker is down): the events are then still stored, and the worker's
+periodic re-drive publishes them, so the producer is told ``202`` all the same and must not
+send them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Final
+
+import structlog
+from fastapi import FastAPI, Request, Security
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Engine, text
+from starlette.concurrency import run_in_threadpool
+
+from config.settings import Settings, get_settings
+from producer import intake
+from producer.intake import Refused, mask
+from producer.metrics import ApiMetrics, RequestMetrics
+from producer.schemas import (
+    MAX_BODY_BYTES,
+    Accepted,
+    Conflicting,
+    Health,
+    InvalidEvents,
+    Problem,
+    Readiness,
+    request_body,
+)
+from worker import clock
+from worker.db import engine_for, transaction
+from worker.events import CloudEvent
+from worker.inbox import Conflict, Stored, store_events
+from worker.publish import PublishError, publish_event_ids
+
+log = structlog.get_logger(__name__)
+
+RETRY_AFTER_S: Final = 5
+READY_TIMEOUT_S: Final = 3.0
+# Ids named in one log line; a batch of a thousand would make the line unreadable.
+LOGGED_IDS: Final = 20
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="producerKey",
+    description="A producer key from TOKENWARDEN_PRODUCER_KEYS.",
+)
+
+
+_EVENT_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    202: {"model": Accepted, "description": "Stored in the inbox; published or soon re-driven."},
+    401: {
+        "model": Problem,
+        "description": "No valid producer key.",
+        "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    },
+    409: {"model": Conflicting, "description": "An event id was already used for other content."},
+    413: {"model": Problem, "description": f"The body is larger than {MAX_BODY_BYTES} bytes."},
+    415: {"model": Problem, "description": "Not a JSON or CloudEvents JSON content type."},
+    422: {"model": InvalidEvents, "description": "Invalid events; none of the batch was stored."},
+    503: {
+        "model": Problem,
+        "description": "The token store is unavailable; nothing was stored.",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before sending the same events again.",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
+}
+
+
+class _Service:
+    """What the routes share: settings, the store, the broker and the metrics."""
+
+    def __init__(self, settings: Settings, celery_app: Any) -> None:
+        self.settings = settings
+        self.celery_app = celery_app
+        self.database_url = settings.resolved_database_url
+        self.metrics = ApiMetrics(self.engine)
+
+    def engine(self) -> Engine:
+        # Created on first use, so an app on a store that is down still starts and says so.
+        return engine_for(self.database_url)
+
+    def store(self, events: Sequence[CloudEvent]) -> Stored:
+        with transaction(self.engine()) as session:
+            return store_events(session, events, now=clock.now())
+
+    def check_database(self) -> None:
+        with self.engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def check_broker(self) -> None:
+        with self.celery_app.connection_for_write(connect_timeout=READY_TIMEOUT_S) as connection:
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=READY_TIMEOUT_S
+            )
+
+    async def accept(
+        self, request: Request, credentials: HTTPAuthorizationCredentials | None
+    ) -> list[str]:
+        """The ids of the events in ``request``, once they are stored; else :class:`Refused`."""
+        # The key first: nobody without one learns anything about what we would accept.
+        _authenticate(credentials, self.settings.accepted_producer_keys())
+        intake.check_declared_length(request.headers.get("content-length"))
+        intake.check_media_type(request.headers.get("content-type"))
+        body = await intake.read_capped(request.stream())
+        events = intake.validate(intake.decode(body))
+        try:
+            stored = await run_in_threadpool(self.store, events)
+        except Conflict as conflict:
+            raise Refused(409, mask(str(conflict)), ids=[mask(i) for i in conflict.ids]) from None
+        except Exception as error:
+            # Whatever the database layer raised (down, locked, not migrated), nothing was
+            # stored and a resend is safe: tell the producer to retry, never a 500.
+            raise Refused(
+                503,
+                f"the token store is unavailable ({type(error).__name__}); nothing was stored",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+                cause=f"{type(error).__name__}: {_first_line(error)}",
+            ) from None
+        published, problem = True, None
+        if stored.to_publish:
+            try:
+                await run_in_threadpool(publish_event_ids, self.celery_app, stored.to_publish)
+            except PublishError as error:
+                published, problem = False, _first_line(error)
+        unique = {event.id: event.type for event in events}
+        for kind, number in Tally(unique.values()).items():
+            self.metrics.events_accepted.labels(type=kind).inc(number)
+        (log.info if published else log.warning)(
+            "events.accepted",
+            count=len(stored.accepted),
+            ids=stored.accepted[:LOGGED_IDS],
+            published=len(stored.to_publish) if published else 0,
+            publish_error=problem,
+        )
+        return stored.accepted
+
+    async def readiness(self) -> Readiness:
+        database, broker = await asyncio.gather(
+            _probe("database", self.check_database), _probe("broker", self.check_broker)
+        )
+        ready = database == broker == "ok"
+        return Readiness(
+            status="ready" if ready else "unavailable", database=database, broker=broker
+        )
+
+
+def create_app(settings: Settings | None = None, *, celery_app: Any | None = None) -> FastAPI:
+    """The producer API on ``settings`` (the environment's by default)."""
+    settings = settings or get_settings()
+    owns_celery = celery_app is None
+    if celery_app is None:
+        from worker.app import make_celery
+
+        celery_app = make_celery(settings)
+    service = _Service(settings, celery_app)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_celery:
+            service.celery_app.close()
+
+    app = FastAPI(
+        title="tokenwarden producer API",
+        summary="Membership, leak and revocation events for the token lifecycle worker.",
+        version="1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)
+
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        response_model=Accepted,
+        responses=_EVENT_RESPONSES,
+        openapi_extra={"requestBody": request_body()},
+        summary="Send one event or a batch",
+        tags=["events"],
+    )
+    async def post_events(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    ) -> JSONResponse:
+        """Store the events in the inbox, then put their ids on the queue."""
+        accepted = await service.accept(request, credentials)
+        return JSONResponse({"accepted": accepted}, status_code=202)
+
+    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Alive")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "The store or the broker is down."}},
+        tags=["operations"],
+        summary="Database and broker reachable",
+    )
+    async def readyz() -> JSONResponse:
+        readiness = await service.readiness()
+        status = 200 if readiness.status == "ready" else 503
+        return JSONResponse(readiness.model_dump(), status_code=status)
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        tags=["operations"],
+        summary="Prometheus metrics",
+    )
+    def prometheus() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _refused(request: Request, refusal: Refused) -> JSONResponse:
+    details: dict[str, Any] = {"cause": refusal.cause} if refusal.cause else {}
+    if refusal.errors:
+        details["invalid"] = len(refusal.errors)
+    (log.error if refusal.status >= 500 else log.info)(
+        "events.refused",
+        status=refusal.status,
+        reason=refusal.detail,
+        client=request.client.host if request.client else None,
+        **details,
+    )
+    return JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)
+
+
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.error("api.failed", path=request.url.path, exc_info=error)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def _authenticate(credentials: HTTPAuthorizationCredentials | None, keys: Sequence[str]) -> None:
+    """Accept a known key; compare with every key each time, so timing tells nothing."""
+    given = (credentials.credentials if credentials else "").encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode())
+    if credentials is not None and matched:
+        return
+    detail = (
+        "send a producer key as 'Authorization: Bearer KEY'"
+        if keys
+        else "no producer key is configured: set TOKENWARDEN_PRODUCER_KEYS"
+    )
+    raise Refused(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _probe(name: str, check: Callable[[], None]) -> str:
+    try:
+        await asyncio.wait_for(run_in_threadpool(check), timeout=READY_TIMEOUT_S + 1)
+    except TimeoutError:
+        log.warning("readiness.failed", dependency=name, error="timed out")
+        return "timed out"
+    except Exception as error:
+        log.warning("readiness.failed", dependency=name, error=_first_line(error))
+        return f"unreachable ({type(error).__name__})"
+    return "ok"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return mask(lines[0]) if lines else type(error).__name__

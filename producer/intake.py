@@ -1,0 +1,220 @@
+"""Turning a ``POST /v1/events`` request into valid events, or the reason it cannot be.
+
+Nothing here echoes an input value that could be a token: every reason passes through
+:func:`mask` first, and a leak's ``data.token`` is hashed before anything else looks at it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from producer.schemas import EVENT_MEDIA_TYPES, MAX_BATCH, MAX_BODY_BYTES
+from worker.events import CloudEvent, InvalidEvent, hide_leaked_text, parse_event
+from worker.tokens import TOKEN_PATTERN, mask_tokens
+
+# Events are small and flat; a cap on nesting keeps every later step (validation, hashing,
+# storing) clear of Python's recursion limit.
+MAX_DEPTH: Final = 32
+# A reason may quote what it refuses (an unknown type); a long input must not make it long.
+MAX_REASON: Final = 300
+
+
+def mask(text: str) -> str:
+    """``text`` with anything shaped like a token masked, as the log renderer masks it."""
+    return mask_tokens(text)
+
+
+def _quoted(text: str) -> str:
+    """``text`` masked, then cut short, fit to send back and to log."""
+    masked = mask(text)
+    return masked if len(masked) <= MAX_REASON else masked[: MAX_REASON - 1] + "…"
+
+
+class Refused(Exception):
+    """The request cannot be used; ``status`` and the body fields are what the caller is told."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+        cause: str | None = None,
+        **fields: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers or {}
+        # What went wrong on our side, for the log line only.
+        self.cause = cause
+        self.fields = fields
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"detail": self.detail, **self.fields}
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return body
+
+
+def check_declared_length(content_length: str | None) -> None:
+    """Refuse a body announced as too large before reading a byte of it."""
+    if content_length is None:
+        return
+    try:
+        declared = int(content_length)
+    except ValueError:
+        return  # the read below enforces the cap anyway
+    if declared > MAX_BODY_BYTES:
+        raise Refused(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+
+
+def check_media_type(content_type: str | None) -> None:
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type not in EVENT_MEDIA_TYPES:
+        shown = f" {_quoted(media_type)!r}" if media_type else ""
+        raise Refused(
+            415,
+            f"unsupported content type{shown}: send one of {', '.join(EVENT_MEDIA_TYPES)}",
+        )
+
+
+async def read_capped(chunks: AsyncIterator[bytes]) -> bytes:
+    """The body, refused as soon as it passes the cap whatever Content-Length said."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise Refused(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    return bytes(body)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode(body: bytes) -> list[Any]:
+    """The body's events as a list (one event is a batch of one)."""
+    try:
+        document = json.loads(body, parse_constant=_no_constants)
+    except RecursionError:
+        raise _unusable("the body is nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, bad UTF-8, an integer too long
+        message = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+        raise _unusable(f"the body is not JSON: {mask(message)}") from None
+    if _too_deep(document):
+        raise _unusable(f"the body is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(document, dict):
+        return [document]
+    if not isinstance(document, list):
+        raise _unusable("the body must be one CloudEvent object or a JSON array of them")
+    if not document:
+        raise _unusable("the batch is empty: send 1 to 1000 events")
+    if len(document) > MAX_BATCH:
+        raise _unusable(f"the batch has {len(document)} events; at most {MAX_BATCH} at once")
+    return document
+
+
+def _too_deep(document: Any) -> bool:
+    pending: list[tuple[Any, int]] = [(document, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(value, dict):
+            pending.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
+    return False
+
+
+def _unusable(detail: str) -> Refused:
+    return Refused(422, detail, errors=[])
+
+
+def validate(raws: list[Any]) -> list[CloudEvent]:
+    """Every event, or a refusal naming each invalid one (so nothing of the batch is kept)."""
+    events: list[CloudEvent] = []
+    problems: list[dict[str, Any]] = []
+    for index, raw in enumerate(raws):
+        try:
+            events.append(_one(raw))
+        except InvalidEvent as invalid:
+            problems.append(
+                {"index": index, "id": _shown(invalid.event_id), "reason": _quoted(invalid.reason)}
+            )
+    if not problems:
+        return events
+    if len(raws) == 1:
+        detail = f"invalid event: {problems[0]['reason']}"
+    else:
+        detail = f"{len(problems)} of {len(raws)} events are invalid; none was accepted"
+    raise Refused(422, detail, errors=problems)
+
+
+def _shown(event_id: Any) -> str | None:
+    """An invalid event's id as it can be echoed back: text, valid Unicode, masked."""
+    # hide_leaked_text names the raw id whatever its type; only a string is an id.
+    if not isinstance(event_id, str) or _unstorable(event_id):
+        return None
+    return mask(event_id)
+
+
+def _one(raw: Any) -> CloudEvent:
+    if not isinstance(raw, dict):
+        raise InvalidEvent("an event must be a JSON object")
+    event_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    if event_id is not None and TOKEN_PATTERN.search(event_id):
+        # Masking an id would make different ids equal; the producer must choose another.
+        raise InvalidEvent("id: must not contain anything shaped like a token", event_id)
+    # Only these reach database columns (or, for data.token, the hash); extension attributes
+    # count towards the digest alone.
+    problem = _unstorable([raw.get(name) for name in ("id", "source", "type", "data")])
+    if problem:
+        raise InvalidEvent(problem, event_id)
+    # Hash a leak's text first, so that masking the rest can never alter the text we hash.
+    cleaned = _masked(hide_leaked_text(raw))
+    try:
+        return parse_event(cleaned)
+    except OverflowError:
+        # A time at the very edge of the calendar cannot be moved to UTC.
+        raise InvalidEvent("time: out of range", event_id) from None
+
+
+def _masked(value: Any) -> Any:
+    """Token-shaped text outside ``data.token`` (say, in ``source_url``) masked, not stored."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {mask(k) if isinstance(k, str) else k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why a string in ``value`` cannot go into the token store, if one cannot."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = _unstorable(key) or _unstorable(item)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list):
+        for item in value:
+            problem = _unstorable(item)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "strings cannot contain NUL characters"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "strings must be valid Unicode (a lone surrogate is not)"
+    return None

@@ -1,0 +1,212 @@
+"""A live tokenwarden stack for end-to-end tests: real API, worker and scheduler processes
+on a real broker and database, driven over HTTP and checked in the database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from config.settings import Settings
+from worker import db
+from worker.issuing import IssuedToken, create_token
+from worker.members import add_member
+from worker.models import TokenKind
+from worker.supervise import command, wait_for_http
+from worker.verification import Verdict, verify_token
+
+T = TypeVar("T")
+KEY = "twp_test_key"
+
+
+def event(
+    type_: str, data: dict[str, Any], *, at: datetime | None = None, id_: str | None = None
+) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": id_ or f"evt-{uuid.uuid4().hex[:12]}",
+        "source": "test://e2e",
+        "type": type_,
+        "time": (at or datetime.now(UTC)).isoformat(),
+        "data": data,
+    }
+
+
+@dataclass
+class LiveStack:
+    home: Path
+    env: dict[str, str]
+    database_url: str
+    port: int
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def engine(self) -> Engine:
+        return db.engine_for(self.database_url)
+
+    def start(self, *roles: str) -> None:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for role in roles:
+            argv = {
+                "api": command("api", "--port", str(self.port)),
+                "worker": command("worker", "--concurrency", "2"),
+                "beat": command("beat"),
+            }[role]
+            with (logs / f"{role}.log").open("ab") as out:
+                self.processes[role] = subprocess.Popen(
+                    argv,
+                    env=self.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.home,
+                    start_new_session=True,
+                )
+        if "api" in roles and not wait_for_http(f"{self.api_url}/healthz", 30):
+            raise AssertionError(f"the API did not start:\n{self.log('api')}")
+
+    def kill(self, role: str, signum: int = signal.SIGKILL) -> None:
+        process = self.processes.pop(role)
+        # The role's whole process group: a prefork worker's children die with it.
+        os.killpg(process.pid, signum)
+        process.wait(timeout=30)
+
+    def stop(self) -> None:
+        for role in list(self.processes):
+            process = self.processes[role]
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for role, process in list(self.processes.items()):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            del self.processes[role]
+
+    def log(self, role: str) -> str:
+        path = self.home / "logs" / f"{role}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self) -> str:
+        return "".join(self.log(role) for role in ("api", "worker", "beat"))
+
+    def post(self, body: Any, *, key: str | None = KEY, **headers: str) -> httpx.Response:
+        sent = {"Content-Type": "application/json", **headers}
+        if key is not None:
+            sent["Authorization"] = f"Bearer {key}"
+        return httpx.post(f"{self.api_url}/v1/events", json=body, headers=sent, timeout=30)
+
+    def send(self, *events: dict[str, Any]) -> list[str]:
+        response = self.post(list(events) if len(events) != 1 else events[0])
+        assert response.status_code == 202, response.text
+        accepted: list[str] = response.json()["accepted"]
+        return accepted
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with db.transaction(self.engine) as session:
+            yield session
+
+    def member(
+        self, org_id: str, user_id: str, role: str = "user", at: datetime | None = None
+    ) -> None:
+        now = datetime.now(UTC)
+        with self.session() as session:
+            add_member(
+                session,
+                org_id=org_id,
+                user_id=user_id,
+                role=role,
+                email=None,
+                at=at or now,
+                now=now,
+                source="test",
+            )
+
+    def token(
+        self,
+        kind: TokenKind,
+        org_id: str,
+        owner: str,
+        *,
+        created_by: str | None = None,
+        at: datetime | None = None,
+    ) -> IssuedToken:
+        now = at or datetime.now(UTC)
+        with self.session() as session:
+            if kind is TokenKind.PERSONAL:
+                return create_token(
+                    session,
+                    kind=kind,
+                    org_id=org_id,
+                    name="e2e",
+                    expires_at=now + timedelta(days=30),
+                    now=now,
+                    user_id=owner,
+                )
+            return create_token(
+                session,
+                kind=kind,
+                org_id=org_id,
+                name="e2e",
+                expires_at=now + timedelta(days=30),
+                now=now,
+                app_id=owner,
+                created_by=created_by or "someone",
+            )
+
+    def verify(self, text: str) -> Verdict:
+        with self.session() as session:
+            return verify_token(session, text, now=datetime.now(UTC), source="test")
+
+    def wait_for(
+        self, what: Callable[[], T], *, timeout: float = 15.0, message: str = "condition"
+    ) -> T:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = what()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {message}\n{self.logs()[-4000:]}")
+            time.sleep(0.05)
+
+
+def stack_env(home: Path, extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWARDEN_")}
+    env.update(
+        {
+            "TOKENWARDEN_HOME": str(home),
+            "TOKENWARDEN_PRODUCER_KEYS": KEY,
+            "TOKENWARDEN_REDRIVE_AFTER_S": "2",
+            **extra,
+        }
+    )
+    return env
+
+
+def purge_queue(settings: Settings) -> None:
+    """Drop what an earlier run left on a shared broker's queue."""
+    from worker.app import make_celery
+
+    app = make_celery(settings)
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=3)
+        app.control.purge(connection=connection)

@@ -1,0 +1,259 @@
+"""End to end: a real API, worker and scheduler on a real broker and database.
+
+Runs on the embedded default (SQLite and the file-backed broker) everywhere, and on Postgres
+with RabbitMQ and with Redis when those services are named (see conftest).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from kombu.connection import Connection
+from sqlalchemy import func, select, text
+
+from config.celery import QUEUE
+from config.settings import Settings
+from tests.conftest import fresh_postgres_database, service_url
+from tests.stack import LiveStack, event, purge_queue, stack_env
+from worker.models import AuditEntry, DeadLetter, EventStatus, InboxEvent, TokenKind
+from worker.supervise import free_port
+
+pytestmark = pytest.mark.slow
+
+STACKS = [
+    "embedded",
+    pytest.param("rabbitmq", marks=[pytest.mark.postgres, pytest.mark.rabbitmq]),
+    pytest.param("redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
+]
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def live(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveStack]:
+    home = tmp_path_factory.mktemp(f"live-{request.param}")
+    if request.param == "embedded":
+        yield from _run(home, {})
+        return
+    broker = service_url(request.param)
+    assert broker is not None
+    with fresh_postgres_database() as url:
+        extra = {"TOKENWARDEN_DATABASE_URL": url, "TOKENWARDEN_BROKER_URL": broker}
+        try:
+            purge_queue(Settings(home=home, database_url=url, broker_url=broker))
+        except Exception as error:  # a named service that is down fails the run
+            pytest.fail(f"{request.param} at {broker} is unreachable: {error}", pytrace=False)
+        yield from _run(home, extra)
+
+
+def _run(home: Path, extra: dict[str, str]) -> Iterator[LiveStack]:
+    env = stack_env(home, extra)
+    settings = Settings(home=home, database_url=extra.get("TOKENWARDEN_DATABASE_URL"))
+    stack = LiveStack(
+        home=home, env=env, database_url=settings.resolved_database_url, port=free_port()
+    )
+    from worker import db
+
+    db.upgrade(stack.database_url)
+    stack.start("api", "worker", "beat")
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def ids() -> tuple[str, str]:
+    suffix = uuid.uuid4().hex[:8]
+    return f"org-{suffix}", f"user-{suffix}"
+
+
+def test_leaver_loses_personal_tokens_and_keeps_application_tokens(live: LiveStack) -> None:
+    org, user = ids()
+    other_org = org + "-other"
+    live.member(org, user)
+    live.member(other_org, user)
+    pat = live.token(TokenKind.PERSONAL, org, user)
+    aat = live.token(TokenKind.APPLICATION, org, "deployer", created_by=user)
+    other_pat = live.token(TokenKind.PERSONAL, other_org, user)
+    assert live.verify(pat.token).usable
+
+    live.send(event("membership.removed", {"org_id": org, "user_id": user}))
+
+    live.wait_for(
+        lambda: live.verify(pat.token).reason == "revoked",
+        timeout=10,
+        message="the leaver's PAT to be revoked",
+    )
+    assert live.verify(aat.token).usable
+    assert live.verify(other_pat.token).usable
+    with live.session() as session:
+        revoke = session.scalars(
+            select(AuditEntry).where(AuditEntry.token_id == pat.id, AuditEntry.action == "revoke")
+        ).one()
+    assert (revoke.reason, revoke.source) == ("member_removed", "test://e2e")
+    assert revoke.event_id is not None
+
+
+def test_role_change_is_seen_by_verify(live: LiveStack) -> None:
+    org, user = ids()
+    live.member(org, user, role="user")
+    pat = live.token(TokenKind.PERSONAL, org, user)
+    live.send(event("membership.role_changed", {"org_id": org, "user_id": user, "role": "admin"}))
+    live.wait_for(
+        lambda: live.verify(pat.token).principal.get("role") == "admin",
+        timeout=10,
+        message="the new role",
+    )
+
+
+def test_late_removal_spares_the_token_issued_after_rejoining(live: LiveStack) -> None:
+    org, user = ids()
+    now = datetime.now(UTC)
+    live.member(org, user, at=now - timedelta(hours=2))
+    old_pat = live.token(TokenKind.PERSONAL, org, user, at=now - timedelta(minutes=90))
+    left_at = now - timedelta(minutes=60)
+    live.member(org, user, at=now - timedelta(minutes=30))  # the re-join, applied first
+    new_pat = live.token(TokenKind.PERSONAL, org, user, at=now - timedelta(minutes=10))
+
+    [late] = live.send(event("membership.removed", {"org_id": org, "user_id": user}, at=left_at))
+
+    live.wait_for(lambda: _status(live, late) == EventStatus.DONE, message="the late event")
+    assert live.verify(new_pat.token).usable
+    assert live.verify(old_pat.token).reason == "revoked"
+    with live.session() as session:
+        stale = session.scalars(
+            select(AuditEntry).where(AuditEntry.event_id == late, AuditEntry.action == "stale")
+        ).all()
+    assert len(stale) == 1
+
+
+def test_the_same_event_three_times_revokes_once(live: LiveStack) -> None:
+    org, user = ids()
+    live.member(org, user)
+    pat = live.token(TokenKind.PERSONAL, org, user)
+    removal = event("membership.removed", {"org_id": org, "user_id": user})
+    for _ in range(3):
+        assert live.send(removal) == [removal["id"]]
+    live.wait_for(lambda: _status(live, removal["id"]) == EventStatus.DONE, message="done")
+    assert live.post([removal, removal]).status_code == 202
+    with live.session() as session:
+        audits = session.scalar(
+            select(func.count())
+            .select_from(AuditEntry)
+            .where(AuditEntry.token_id == pat.id, AuditEntry.action == "revoke")
+        )
+        attempts = session.scalar(select(InboxEvent.attempts).where(InboxEvent.id == removal["id"]))
+    assert audits == 1
+    assert attempts == 1
+
+
+def test_unusable_messages_are_dead_lettered_and_the_worker_carries_on(live: LiveStack) -> None:
+    org, user = ids()
+    live.member(org, user)
+    pat = live.token(TokenKind.PERSONAL, org, user)
+    missing = f"evt-missing-{uuid.uuid4().hex[:8]}"
+    _publish_raw(live, json.dumps([[[missing]], {}, {}]), task="tokenwarden.process_events")
+    _publish_raw(live, "{not json", task="tokenwarden.process_events")
+    live.send(event("membership.removed", {"org_id": org, "user_id": user}))
+    live.wait_for(lambda: live.verify(pat.token).reason == "revoked", message="the good event")
+    with live.session() as session:
+        reasons = list(session.scalars(select(DeadLetter.reason)))
+        by_id = session.scalars(select(DeadLetter).where(DeadLetter.event_id == missing)).all()
+    assert by_id, reasons
+    assert any("json" in reason.lower() or "decode" in reason.lower() for reason in reasons)
+
+
+def test_a_worker_killed_mid_event_loses_nothing(live: LiveStack) -> None:
+    org, user = ids()
+    live.member(org, user)
+    pat = live.token(TokenKind.PERSONAL, org, user)
+    # No scheduler while the lock is held: its re-drive messages would pile up behind it.
+    live.kill("worker", signal.SIGKILL)
+    live.kill("beat", signal.SIGTERM)
+    removal = event("membership.removed", {"org_id": org, "user_id": user})
+    live.send(removal)
+    # Hold a lock the event needs, so the next worker takes the message and then blocks
+    # inside the task; that is when it dies.
+    with live.engine.connect() as blocker:
+        blocker.begin()  # on SQLite this takes the write lock (BEGIN IMMEDIATE)
+        if live.engine.dialect.name == "postgresql":
+            blocker.execute(
+                text("SELECT 1 FROM events WHERE id = :id FOR UPDATE"), {"id": removal["id"]}
+            )
+        live.start("worker")
+        live.wait_for(lambda: _queue_empty(live), timeout=20, message="the worker to take it")
+        live.kill("worker", signal.SIGKILL)
+        blocker.rollback()
+    assert live.verify(pat.token).usable  # nothing applied: the worker died mid-task
+    live.start("worker", "beat")
+    live.wait_for(
+        lambda: live.verify(pat.token).reason == "revoked",
+        timeout=30,
+        message="the event to be applied after the restart",
+    )
+    assert _status(live, removal["id"]) == EventStatus.DONE
+
+
+def _status(live: LiveStack, event_id: str) -> str | None:
+    with live.session() as session:
+        return session.scalar(select(InboxEvent.status).where(InboxEvent.id == event_id))
+
+
+def _broker_url(live: LiveStack) -> str:
+    return live.env.get("TOKENWARDEN_BROKER_URL") or "filesystem://"
+
+
+def _connection(live: LiveStack) -> Connection:
+    from config.celery import transport_options
+
+    settings = Settings(home=live.home, broker_url=live.env.get("TOKENWARDEN_BROKER_URL"))
+    return Connection(  # type: ignore[no-untyped-call]
+        _broker_url(live), transport_options=transport_options(settings)
+    )
+
+
+def _publish_raw(live: LiveStack, body: str, *, task: str) -> None:
+    """Put a message straight on the queue, as a misbehaving producer would."""
+    with _connection(live) as connection:
+        producer = connection.Producer()
+        producer.publish(
+            body,
+            routing_key=QUEUE,
+            exchange="",
+            content_type="application/json",
+            content_encoding="utf-8",
+            serializer=None,
+            headers={
+                "id": str(uuid.uuid4()),
+                "task": task,
+                "lang": "py",
+                "argsrepr": "",
+                "kwargsrepr": "",
+                "retries": 0,
+                "eta": None,
+                "expires": None,
+            },
+            declare=[],
+        )
+
+
+def _queue_empty(live: LiveStack) -> bool:
+    broker = _broker_url(live)
+    if broker.startswith("redis://"):
+        import redis
+
+        # kombu keeps a Redis queue as a list named after it; gone when empty.
+        return int(redis.Redis.from_url(broker).llen(QUEUE)) == 0
+    with _connection(live) as connection:
+        channel = connection.channel()
+        try:
+            _, count, _ = channel.queue_declare(QUEUE, passive=True)
+        finally:
+            channel.close()
+    return int(count) == 0

@@ -1,0 +1,412 @@
+"""Events applied to the token store: who loses which token, in what order, audited how."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
+
+from tests.conftest import Store
+from worker import inbox
+from worker.errors import Refused
+from worker.events import InvalidEvent, parse_event
+from worker.handlers import apply_event
+from worker.issuing import IssuedToken, create_token
+from worker.members import add_member
+from worker.models import AuditEntry, EventStatus, InboxEvent, Membership, Token, TokenKind
+from worker.tokens import hash_token
+from worker.verification import verify_token
+
+SOURCE = "hr://workday"
+
+
+def join(session: Session, org_id: str, user_id: str, *, at: datetime, role: str = "user") -> None:
+    assert add_member(
+        session,
+        org_id=org_id,
+        user_id=user_id,
+        role=role,
+        email=None,
+        at=at,
+        now=at,
+        source="test",
+    )
+
+
+def pat(session: Session, org_id: str, user_id: str, *, created: datetime) -> IssuedToken:
+    return create_token(
+        session,
+        kind=TokenKind.PERSONAL,
+        org_id=org_id,
+        user_id=user_id,
+        name=f"{user_id}-{org_id}",
+        expires_at=created + timedelta(days=365),
+        now=created,
+    )
+
+
+def aat(session: Session, org_id: str, *, created_by: str, created: datetime) -> IssuedToken:
+    return create_token(
+        session,
+        kind=TokenKind.APPLICATION,
+        org_id=org_id,
+        app_id="ci-bot",
+        created_by=created_by,
+        name="deploys",
+        expires_at=created + timedelta(days=365),
+        now=created,
+    )
+
+
+def stored(
+    session: Session, type_: str, data: dict[str, Any], *, time: datetime, event_id: str = ""
+) -> InboxEvent:
+    """The event as the API stores it: validated, canonical, a pending inbox row."""
+    raw = {
+        "specversion": "1.0",
+        "id": event_id or f"evt-{secrets.token_hex(4)}",
+        "source": SOURCE,
+        "type": type_,
+        "time": time.isoformat(),
+        "data": data,
+    }
+    parsed = parse_event(raw)
+    inbox.store_events(session, [parsed], now=time)
+    row = session.get(InboxEvent, parsed.id)
+    assert row is not None
+    return row
+
+
+def apply(
+    session: Session, type_: str, data: dict[str, Any], *, time: datetime, now: datetime
+) -> dict[str, Any]:
+    return apply_event(session, stored(session, type_, data, time=time), now=now)
+
+
+def reason_of(session: Session, token_id: str) -> str | None:
+    return session.execute(select(Token.revoke_reason).where(Token.id == token_id)).scalar_one()
+
+
+def audit_rows(session: Session, **where: Any) -> list[AuditEntry]:
+    query = select(AuditEntry).order_by(AuditEntry.id)
+    for name, value in where.items():
+        query = query.where(getattr(AuditEntry, name) == value)
+    return list(session.scalars(query))
+
+
+@contextmanager
+def token_updates(store: Store) -> Iterator[list[str]]:
+    """The UPDATE statements on the tokens table issued inside the block."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE TOKENS"):
+            seen.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+
+
+def test_a_leaver_loses_their_pats_in_that_org_and_nothing_else(
+    session: Session, store: Store, now: datetime
+) -> None:
+    t0 = now - timedelta(days=30)
+    join(session, "acme", "u-42", at=t0)
+    join(session, "globex", "u-42", at=t0)
+    first = pat(session, "acme", "u-42", created=t0 + timedelta(hours=1))
+    second = pat(session, "acme", "u-42", created=t0 + timedelta(hours=2))
+    elsewhere = pat(session, "globex", "u-42", created=t0 + timedelta(hours=1))
+    app_token = aat(session, "acme", created_by="u-42", created=t0 + timedelta(hours=1))
+    left = stored(
+        session,
+        "membership.removed",
+        {"org_id": "acme", "user_id": "u-42"},
+        time=now - timedelta(minutes=5),
+        event_id="evt-leave",
+    )
+
+    with token_updates(store) as updates:
+        result = apply_event(session, left, now=now)
+
+    assert len(updates) == 1, "one statement revokes every PAT of the leaver"
+    assert sorted(result["revoked"]) == sorted([first.id, second.id])
+    assert reason_of(session, first.id) == reason_of(session, second.id) == "member_removed"
+    assert reason_of(session, elsewhere.id) is None
+    assert reason_of(session, app_token.id) is None
+    (revoked_row,) = audit_rows(session, token_id=first.id, action="revoke")
+    assert (revoked_row.reason, revoked_row.source, revoked_row.event_id) == (
+        "member_removed",
+        SOURCE,
+        "evt-leave",
+    )
+    assert (revoked_row.org_id, revoked_row.user_id, revoked_row.at) == ("acme", "u-42", now)
+    (member_row,) = audit_rows(session, event_id="evt-leave", action="member")
+    assert member_row.reason == "removed"
+    membership = session.get(Membership, ("acme", "u-42"))
+    assert membership is not None
+    assert not membership.active
+    assert verify_token(session, first.token, now=now).reason == "revoked"
+    assert verify_token(session, app_token.token, now=now).usable
+    assert verify_token(session, elsewhere.token, now=now).usable
+
+
+def test_a_role_change_is_what_verification_reports_and_revokes_nothing(
+    session: Session, now: datetime
+) -> None:
+    t0 = now - timedelta(days=3)
+    join(session, "acme", "u-7", at=t0)
+    token = pat(session, "acme", "u-7", created=t0 + timedelta(minutes=1))
+
+    result = apply(
+        session,
+        "membership.role_changed",
+        {"org_id": "acme", "user_id": "u-7", "role": "admin"},
+        time=now - timedelta(minutes=1),
+        now=now,
+    )
+
+    assert result == {"applied": True, "revoked": []}
+    verdict = verify_token(session, token.token, now=now)
+    assert verdict.usable
+    assert verdict.principal["role"] == "admin"
+
+
+def test_a_role_change_before_the_membership_is_known_makes_a_member(
+    session: Session, now: datetime
+) -> None:
+    changed_at = now - timedelta(minutes=10)
+    apply(
+        session,
+        "membership.role_changed",
+        {"org_id": "acme", "user_id": "u-8", "role": "admin"},
+        time=changed_at,
+        now=now,
+    )
+    # The membership.added it overtook arrives afterwards, older: it is stale.
+    added = apply(
+        session,
+        "membership.added",
+        {"org_id": "acme", "user_id": "u-8", "role": "user"},
+        time=changed_at - timedelta(minutes=1),
+        now=now,
+    )
+
+    membership = session.get(Membership, ("acme", "u-8"))
+    assert membership is not None
+    assert (membership.active, membership.role, membership.active_since) == (
+        True,
+        "admin",
+        changed_at,
+    )
+    assert added["applied"] is False
+    assert pat(session, "acme", "u-8", created=now).kind is TokenKind.PERSONAL
+
+
+def test_a_late_removal_spares_the_pat_issued_after_the_rejoin(
+    session: Session, now: datetime
+) -> None:
+    joined, left, rejoined = (now - timedelta(days=d) for d in (10, 6, 2))
+    join(session, "acme", "u-5", at=joined)
+    old = pat(session, "acme", "u-5", created=joined + timedelta(hours=1))
+    join(session, "acme", "u-5", at=rejoined)  # delivered before the removal
+    new = pat(session, "acme", "u-5", created=rejoined + timedelta(hours=1))
+
+    result = apply(
+        session,
+        "membership.removed",
+        {"org_id": "acme", "user_id": "u-5"},
+        time=left,
+        now=now,
+    )
+
+    assert result["revoked"] == [old.id]
+    assert reason_of(session, old.id) == "member_removed"
+    assert reason_of(session, new.id) is None
+    membership = session.get(Membership, ("acme", "u-5"))
+    assert membership is not None
+    assert membership.active, "the stale removal does not undo the later re-join"
+    assert membership.last_event_at == rejoined
+    (stale,) = audit_rows(session, action="stale", user_id="u-5")
+    assert stale.reason == "membership.removed"
+
+
+def test_a_stale_membership_added_changes_nothing(session: Session, now: datetime) -> None:
+    removed_at = now - timedelta(hours=1)
+    apply(
+        session,
+        "membership.removed",
+        {"org_id": "acme", "user_id": "u-9"},
+        time=removed_at,
+        now=now,
+    )
+
+    result = apply(
+        session,
+        "membership.added",
+        {"org_id": "acme", "user_id": "u-9", "role": "admin"},
+        time=removed_at - timedelta(minutes=1),
+        now=now,
+    )
+
+    assert result["applied"] is False
+    membership = session.get(Membership, ("acme", "u-9"))
+    assert membership is not None
+    assert (membership.active, membership.last_event_at) == (False, removed_at)
+    with pytest.raises(Refused):
+        pat(session, "acme", "u-9", created=now)
+    assert [row.action for row in audit_rows(session, user_id="u-9")] == ["member", "stale"]
+
+
+def test_a_deactivated_user_loses_every_pat_in_every_org_but_no_aat(
+    session: Session, store: Store, now: datetime
+) -> None:
+    t0 = now - timedelta(days=30)
+    deactivated_at = now - timedelta(days=1)
+    tokens = {}
+    for org in ("acme", "globex", "initech"):
+        join(session, org, "u-1", at=t0)
+        tokens[org] = pat(session, org, "u-1", created=t0 + timedelta(hours=1))
+    app_token = aat(session, "acme", created_by="u-1", created=t0 + timedelta(hours=1))
+    join(session, "acme", "u-2", at=t0)
+    other_user = pat(session, "acme", "u-2", created=t0 + timedelta(hours=1))
+    # initech already saw a newer event (the user is a member there after the deactivation),
+    # and a PAT was issued since: the deactivation arriving late spares that one.
+    apply(
+        session,
+        "membership.role_changed",
+        {"org_id": "initech", "user_id": "u-1", "role": "admin"},
+        time=deactivated_at + timedelta(hours=2),
+        now=now,
+    )
+    since = pat(session, "initech", "u-1", created=deactivated_at + timedelta(hours=3))
+
+    with token_updates(store) as updates:
+        result = apply(
+            session, "user.deactivated", {"user_id": "u-1"}, time=deactivated_at, now=now
+        )
+
+    assert len(updates) == 1
+    assert sorted(result["revoked"]) == sorted(token.id for token in tokens.values())
+    for token in tokens.values():
+        assert reason_of(session, token.id) == "user_deactivated"
+    assert reason_of(session, since.id) is None
+    assert reason_of(session, app_token.id) is None
+    assert reason_of(session, other_user.id) is None
+    active = {
+        m.org_id: m.active
+        for m in session.scalars(select(Membership).where(Membership.user_id == "u-1"))
+    }
+    assert active == {"acme": False, "globex": False, "initech": True}
+    assert len(audit_rows(session, action="revoke", reason="user_deactivated")) == 3
+
+
+def test_the_same_event_applied_twice_revokes_and_audits_once(
+    session: Session, now: datetime
+) -> None:
+    t0 = now - timedelta(days=2)
+    join(session, "acme", "u-3", at=t0)
+    token = pat(session, "acme", "u-3", created=t0 + timedelta(minutes=5))
+    left = stored(
+        session,
+        "membership.removed",
+        {"org_id": "acme", "user_id": "u-3"},
+        time=now - timedelta(hours=1),
+    )
+
+    first = apply_event(session, left, now=now)
+    second = apply_event(session, left, now=now + timedelta(seconds=5))
+
+    assert (first["revoked"], second["revoked"]) == ([token.id], [])
+    assert len(audit_rows(session, token_id=token.id, action="revoke")) == 1
+    assert len(audit_rows(session, event_id=left.id)) == 2  # the revocation, the removal
+
+
+def test_a_revoke_request_deletes_the_token_once_and_refuses_an_unknown_one(
+    session: Session, now: datetime
+) -> None:
+    join(session, "acme", "u-4", at=now - timedelta(days=1))
+    token = pat(session, "acme", "u-4", created=now - timedelta(hours=1))
+    data = {"token_id": token.id, "actor": "admin-1"}
+
+    first = apply(session, "token.revoke_requested", data, time=now, now=now)
+    again = apply(session, "token.revoke_requested", data, time=now, now=now)
+    unknown = apply(session, "token.revoke_requested", {"token_id": "tok_nope"}, time=now, now=now)
+
+    assert first == {"revoked": [token.id], "unknown_token": False}
+    assert again == {"revoked": [], "unknown_token": False}
+    assert unknown == {"revoked": [], "unknown_token": True}
+    assert reason_of(session, token.id) == "deleted"
+    (revoked,) = audit_rows(session, token_id=token.id, action="revoke")
+    assert revoked.actor == "admin-1"
+    (refused,) = audit_rows(session, action="refuse", reason="unknown_token")
+    assert refused.token_id == "tok_nope"
+
+
+def test_a_leak_revokes_any_kind_by_hash_or_id_once(session: Session, now: datetime) -> None:
+    join(session, "acme", "u-6", at=now - timedelta(days=1))
+    personal = pat(session, "acme", "u-6", created=now - timedelta(hours=2))
+    application = aat(session, "acme", created_by="u-6", created=now - timedelta(hours=2))
+    by_text = {"token": application.token, "source_url": "https://gist.example/x"}
+    by_id = {"token_id": personal.id, "reporter": "scanner"}
+
+    results = [
+        apply(session, "token.leak_suspected", by_text, time=now, now=now),
+        apply(session, "token.leak_suspected", by_id, time=now, now=now),
+        apply(session, "token.leak_suspected", by_text, time=now, now=now),
+        apply(session, "token.leak_suspected", by_id, time=now, now=now),
+    ]
+    unknown = apply(
+        session,
+        "token.leak_suspected",
+        {"token_hash": hash_token("sm_pat_not-a-real-one")},
+        time=now,
+        now=now,
+    )
+
+    assert [r["revoked"] for r in results] == [[application.id], [personal.id], [], []]
+    assert unknown == {"revoked": [], "unknown_token": True}
+    assert reason_of(session, application.id) == reason_of(session, personal.id) == "leaked"
+    (app_row,) = audit_rows(session, token_id=application.id, action="revoke")
+    assert app_row.detail == {"source_url": "https://gist.example/x"}
+    (pat_row,) = audit_rows(session, token_id=personal.id, action="revoke")
+    assert (pat_row.detail, pat_row.actor) == ({"reporter": "scanner"}, "scanner")
+    assert len(audit_rows(session, action="revoke")) == 2
+
+
+@pytest.mark.parametrize(
+    ("type_", "data", "reason"),
+    [
+        ("membership.removed", {"org_id": "acme"}, "data.user_id"),
+        ("membership.added", {"org_id": "a", "user_id": "u", "role": "owner"}, "data.role"),
+        ("user.deleted", {"user_id": "u"}, "unknown event type"),
+    ],
+)
+def test_an_event_whose_data_does_not_validate_is_invalid(
+    session: Session, now: datetime, type_: str, data: dict[str, Any], reason: str
+) -> None:
+    row = InboxEvent(
+        id="evt-bad",
+        type=type_,
+        source=SOURCE,
+        time=now,
+        data=data,
+        digest="0" * 64,
+        status=EventStatus.PENDING.value,
+        attempts=0,
+        received_at=now,
+    )
+
+    with pytest.raises(InvalidEvent) as raised:
+        apply_event(session, row, now=now)
+
+    assert reason in raised.value.reason
+    assert raised.value.event_id == "evt-bad"

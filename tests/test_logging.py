@@ -1,0 +1,237 @@
+"""What an operator sees in the logs: one JSON shape for every logger, and no tokens in it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import structlog
+
+from config.logging import bind_task_context, clear_task_context, configure_logging
+from worker.models import TokenKind
+from worker.tokens import generate
+
+UVICORN = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    uvicorn = {
+        name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate)
+        for name in UVICORN
+    }
+    config = structlog.get_config()
+    yield
+    clear_task_context()
+    # Only our handler: pytest adds and removes its own capture handlers around each phase.
+    for handler in [h for h in root.handlers if h.get_name() == "tokenwarden"]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler.get_name() == "tokenwarden" and handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    for name, (old_handlers, propagate) in uvicorn.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = old_handlers
+        logger.propagate = propagate
+    structlog.configure(**config)
+
+
+def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def configured(**kwargs: Any) -> io.StringIO:
+    stream = io.StringIO()
+    configure_logging(stream=stream, **kwargs)
+    return stream
+
+
+def assert_masked(output: str, token: str) -> None:
+    assert token not in output
+    assert token[7:] not in output
+    assert token[:7] + "***" in output
+
+
+def test_json_line_has_event_level_timestamp_fields_and_task_context() -> None:
+    stream = configured()  # a StringIO is not a terminal, so JSON without asking
+    log = structlog.get_logger("worker.revocation")
+
+    bind_task_context(task_id="t-1", task_name="tasks.revoke", event_id="e-9")
+    log.info("token revoked", token_id=42, reason="leaked")
+    clear_task_context()
+    log.info("sweep finished")
+
+    first, second = json_lines(stream)
+    assert first["event"] == "token revoked"
+    assert first["level"] == "info"
+    assert first["logger"] == "worker.revocation"
+    assert (first["token_id"], first["reason"]) == (42, "leaked")
+    assert (first["task_id"], first["task_name"], first["event_id"]) == (
+        "t-1",
+        "tasks.revoke",
+        "e-9",
+    )
+    stamp = datetime.fromisoformat(first["timestamp"])
+    assert stamp.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - stamp) < timedelta(minutes=1)
+    assert second["event"] == "sweep finished"
+    assert not {"task_id", "task_name", "event_id"} & second.keys()
+
+
+def test_stdlib_records_come_out_in_the_same_shape() -> None:
+    stream = configured(json=True)
+    bind_task_context(task_id="t-2")
+
+    logging.getLogger("celery.worker").warning("lost connection to broker, retrying")
+
+    (line,) = json_lines(stream)
+    assert line["event"] == "lost connection to broker, retrying"
+    assert line["level"] == "warning"
+    assert line["logger"] == "celery.worker"
+    assert line["task_id"] == "t-2"
+    assert datetime.fromisoformat(line["timestamp"]).utcoffset() == timedelta(0)
+
+
+def test_level_filters_both_kinds_of_logger() -> None:
+    stream = configured(json=True, level="warning")
+
+    structlog.get_logger("worker").info("quiet")
+    logging.getLogger("alembic.runtime").info("quiet too")
+    structlog.get_logger("worker").warning("loud")
+
+    assert [line["event"] for line in json_lines(stream)] == ["loud"]
+
+
+def test_tokens_are_masked_in_message_fields_and_nested_values() -> None:
+    stream = configured(json=True)
+    personal, application = generate(TokenKind.PERSONAL), generate(TokenKind.APPLICATION)
+    log = structlog.get_logger("worker.issuing")
+
+    log.info(f"issued {personal}")
+    log.info("issued", token=application)
+    log.info("payload", body={"items": [{"secret": personal}], "pair": (1, application)})
+    log.info("keyed", by_token={personal: "owner"})
+    log.info("got %s", application)
+
+    output = stream.getvalue()
+    for token in (personal, application):
+        assert_masked(output, token)
+    lines = json_lines(stream)
+    assert lines[0]["event"] == "issued sm_pat_***"
+    assert lines[1]["token"] == "sm_aat_***"
+    assert lines[2]["body"] == {"items": [{"secret": "sm_pat_***"}], "pair": [1, "sm_aat_***"]}
+    assert lines[3]["by_token"] == {"sm_pat_***": "owner"}
+    assert lines[4]["event"] == "got sm_aat_***"
+
+
+def test_tokens_are_masked_in_exceptions() -> None:
+    stream = configured(json=True)
+    token = generate(TokenKind.PERSONAL)
+    log = structlog.get_logger("worker.verification")
+
+    try:
+        raise ValueError(f"unknown token {token}")
+    except ValueError as exc:
+        log.exception("verification failed")
+        log.warning("verification failed", error=exc)
+        logging.getLogger("celery.app.trace").error("task raised", exc_info=True)
+
+    assert_masked(stream.getvalue(), token)
+    structlog_line, field_line, stdlib_line = json_lines(stream)
+    assert structlog_line["level"] == "error"
+    assert "ValueError: unknown token sm_pat_***" in structlog_line["exception"]
+    assert field_line["error"] == "ValueError('unknown token sm_pat_***')"
+    assert "ValueError: unknown token sm_pat_***" in stdlib_line["exception"]
+
+
+def test_tokens_are_masked_in_stdlib_format_args() -> None:
+    stream = configured(json=True)
+    token = generate(TokenKind.APPLICATION)
+
+    logging.getLogger("uvicorn.error").info("got %s", token)
+
+    assert_masked(stream.getvalue(), token)
+    (line,) = json_lines(stream)
+    assert (line["event"], line["logger"]) == ("got sm_aat_***", "uvicorn.error")
+
+
+def test_values_without_tokens_are_untouched() -> None:
+    stream = configured(json=True)
+    when = datetime(2024, 5, 1, tzinfo=UTC)
+
+    structlog.get_logger().info("sweep", count=3, ratio=0.5, done=True, cursor=None, at=when)
+
+    (line,) = json_lines(stream)
+    assert (line["count"], line["ratio"], line["done"], line["cursor"]) == (3, 0.5, True, None)
+    assert line["at"] == repr(when)
+    assert line["event"] == "sweep"
+
+
+def test_console_mode_renders_a_readable_redacted_line() -> None:
+    stream = configured(json=False)
+    token = generate(TokenKind.PERSONAL)
+
+    structlog.get_logger("worker.revocation").warning("revoked", token=token, count=2)
+    logging.getLogger("uvicorn.access").info("GET /verify?token=%s 200", token)
+
+    output = stream.getvalue()
+    assert_masked(output, token)
+    first, second = output.splitlines()
+    assert "revoked" in first
+    assert "warning" in first
+    assert "token=sm_pat_***" in first
+    assert "count=2" in first
+    assert not first.lstrip().startswith("{")
+    assert "GET /verify?token=sm_pat_*** 200" in second
+
+
+def test_terminal_stream_gets_the_console_renderer() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    configure_logging(stream=stream)
+
+    structlog.get_logger().info("hello", answer=42)
+
+    output = stream.getvalue()
+    assert "hello" in output
+    assert "answer=42" in output
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(output)
+
+
+def test_configuring_twice_does_not_duplicate_lines() -> None:
+    first = configured(json=True)
+    second = configured(json=True)
+
+    structlog.get_logger().info("once")
+    logging.getLogger("celery.beat").info("once too")
+
+    assert first.getvalue() == ""
+    assert [line["event"] for line in json_lines(second)] == ["once", "once too"]
+    ours = [h for h in logging.getLogger().handlers if h.get_name() == "tokenwarden"]
+    assert len(ours) == 1
+
+
+def test_uvicorn_loggers_defer_to_the_root_handler() -> None:
+    stray = logging.StreamHandler(io.StringIO())
+    logging.getLogger("uvicorn.access").addHandler(stray)
+    logging.getLogger("uvicorn.access").propagate = False
+
+    stream = configured(json=True)
+    logging.getLogger("uvicorn.access").info("GET / 200")
+
+    assert [line["event"] for line in json_lines(stream)] == ["GET / 200"]
+    assert stray.stream.getvalue() == ""

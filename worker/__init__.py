@@ -1,0 +1,1 @@
+"""The tokenwarden domain: token store, token format, verification and revocation."""

@@ -1,0 +1,19 @@
+"""The Celery app: ``celery -A worker.app worker``."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.celery import celery_config
+from config.settings import Settings, get_settings
+
+TASK_MODULES = ["tasks.events", "worker.signals"]
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("tokenwarden", include=TASK_MODULES)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+app = make_celery(get_settings())

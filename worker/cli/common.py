@@ -1,0 +1,108 @@
+"""What every command shares: settings, the store, output in text or JSON, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from typing import Any, NoReturn, TypeVar
+
+import click
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from config.settings import ConfigError, Settings, get_settings
+from worker import db
+from worker.errors import Refused
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_REFUSED = 1  # verify: the token is not usable
+EXIT_USAGE = 2  # a request refused: nothing changed
+
+
+def fail(message: str) -> NoReturn:
+    """Print a one-line reason and exit 2; nothing was changed."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigError as error:
+        fail(str(error))
+
+
+def store(current: Settings | None = None) -> Engine:
+    """The token store's engine; the embedded SQLite file is created and migrated on first use."""
+    current = current or settings()
+    url = current.resolved_database_url
+    try:
+        engine = db.engine_for(url)
+        if current.database_url is None:
+            db.ensure_schema(engine, url)
+        elif not db.schema_is_current(engine):
+            fail("the token store's schema is not up to date: run `tokenwarden db upgrade`")
+    except ConfigError as error:
+        fail(str(error))
+    except Exception as error:
+        fail(f"cannot use the token store ({db.describe_url(url)}): {_first_line(error)}")
+    return engine
+
+
+@contextmanager
+def transaction(current: Settings | None = None) -> Iterator[Session]:
+    """A session in one transaction; a domain refusal becomes a one-line error, exit 2."""
+    engine = store(current)
+    try:
+        with db.transaction(engine) as session:
+            yield session
+    except Refused as refused:
+        fail(refused.message)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def json_option(function: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(function)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, default=_default, sort_keys=False))
+
+
+def echo_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        if index == 0:
+            click.echo("  ".join("-" * width for width in widths))
+
+
+def parse_instant(value: str, *, option: str) -> datetime:
+    """An ISO 8601 date or date-time; naive values are UTC, a bare date is its midnight UTC."""
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"{option}: not an ISO 8601 date or time: {value!r}")
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def short_time(value: datetime | None) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%SZ")

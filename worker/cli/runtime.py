@@ -1,0 +1,185 @@
+"""``tokenwarden run``, ``worker``, ``beat`` and ``api``: the long-running roles."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from config.settings import Settings
+from worker import db
+from worker.cli.common import echo_table, fail, settings, store
+from worker.supervise import Stack, command, wait_for_http
+
+
+def _configure_logging(level: str) -> None:
+    from config.logging import configure_logging
+
+    configure_logging(level=level.upper())
+
+
+def _require_schema(current: Settings) -> None:
+    store(current)  # fails with a one-line reason when the schema is missing or old
+
+
+@click.command()
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes (default: one per core).",
+)
+@click.option("--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork")
+@click.option("--log-level", default="info", show_default=True)
+def worker(concurrency: int | None, pool: str, log_level: str) -> None:
+    """Run the Celery worker that applies events."""
+    current = settings()
+    _require_schema(current)
+    _configure_logging(log_level)
+    from worker.app import app
+
+    argv = [
+        "worker",
+        "--loglevel",
+        log_level,
+        "--pool",
+        pool,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    app.worker_main(argv)
+
+
+@click.command()
+@click.option("--log-level", default="info", show_default=True)
+def beat(log_level: str) -> None:
+    """Run the scheduler (the inbox re-drive, and the other periodic jobs)."""
+    current = settings()
+    _require_schema(current)
+    current.ensure_home()
+    _configure_logging(log_level)
+    from worker.app import app
+
+    app.start(["beat", "--loglevel", log_level])
+
+
+@click.command()
+@click.option("--host", default=None, help="Bind address (default TOKENWARDEN_API_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default TOKENWARDEN_API_PORT).")
+@click.option("--log-level", default="info", show_default=True)
+def api(host: str | None, port: int | None, log_level: str) -> None:
+    """Run the producer API."""
+    import uvicorn
+
+    from producer.api import create_app
+
+    current = settings()
+    _require_schema(current)
+    _configure_logging(log_level)
+    uvicorn.run(
+        create_app(current),
+        host=host or current.api_host,
+        port=port or current.api_port,
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+    )
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the start-up facts as JSON.")
+def run(as_json: bool) -> None:
+    """API, worker and scheduler in one go, on whatever the configuration names."""
+    current = settings()
+    url = current.resolved_database_url
+    try:
+        db.upgrade(url)
+    except Exception as error:
+        fail(f"cannot prepare the token store ({db.describe_url(url)}): {error}".splitlines()[0])
+    key = None if current.producer_keys else current.generated_producer_key()
+    base = f"http://{current.api_host}:{current.api_port}"
+    stack = Stack(
+        {"api": command("api"), "worker": command("worker"), "scheduler": command("beat")}
+    )
+    stack.start()
+    if not wait_for_http(f"{base}/healthz"):
+        stack.stop()
+        fail(f"the producer API did not come up on {base}")
+    facts = {
+        "api": base,
+        "docs": f"{base}/docs",
+        "database": db.describe_url(url),
+        "broker": current.broker_url or f"filesystem ({current.broker_folder})",
+        "producer_key": key,
+    }
+    if as_json:
+        click.echo(json.dumps(facts))
+    else:
+        click.echo(_banner(facts, current))
+    sys.stdout.flush()
+    sys.exit(stack.wait_until_stopped())
+
+
+def _banner(facts: dict[str, str | None], current: Settings) -> str:
+    where = "embedded default: no server needed" if current.embedded else "configured services"
+    key = facts["producer_key"] or "<one of TOKENWARDEN_PRODUCER_KEYS>"
+    lines = [
+        f"tokenwarden is running ({where})",
+        f"  producer API  {facts['api']}   (OpenAPI docs: {facts['docs']})",
+        f"  token store   {facts['database']}",
+        f"  broker        {facts['broker']}",
+    ]
+    if facts["producer_key"]:
+        lines.append(f"  producer key  {facts['producer_key']}")
+    lines += [
+        "",
+        "Send an event:",
+        f"  curl -X POST {facts['api']}/v1/events -H 'Authorization: Bearer {key}' \\",
+        "       -H 'Content-Type: application/json' \\",
+        '       -d \'{"specversion":"1.0","id":"evt-1","source":"hr://example",'
+        '"type":"membership.removed","time":"2026-11-27T19:00:00Z",'
+        '"data":{"org_id":"acme","user_id":"bob"}}\'',
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--keep", is_flag=True, help="Keep the throw-away home folder for a look.")
+@click.option("--json", "as_json", is_flag=True, help="Print the steps as JSON.")
+def demo(keep: bool, as_json: bool) -> None:
+    """A narrated end-to-end story on a throw-away embedded home; exit 0 if every step held."""
+    from worker.demo import run_demo
+
+    held, steps, home = run_demo((lambda _line: None) if as_json else click.echo, keep=keep)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": held,
+                    "home": str(home) if keep else None,
+                    "steps": [vars(step) for step in steps],
+                }
+            )
+        )
+    else:
+        click.echo("")
+        echo_table(
+            [(s.what, s.expected, s.seen, "ok" if s.held else "FAILED") for s in steps],
+            ["step", "expected", "seen", ""],
+        )
+        click.echo("")
+        click.echo("Every step held." if held else "Some steps did not hold.")
+        if keep:
+            click.echo(f"The demo's home is kept at {home}")
+    sys.exit(0 if held else 1)
+
+
+def register(group: click.Group) -> None:
+    for each in (run, demo, worker, beat, api):
+        group.add_command(each)

@@ -1,0 +1,214 @@
+"""``tokenwarden token``: issue, list, verify and revoke tokens."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+
+import click
+
+from worker import clock
+from worker.cli.common import (
+    EXIT_REFUSED,
+    echo_json,
+    echo_table,
+    fail,
+    json_option,
+    parse_instant,
+    short_time,
+    transaction,
+)
+from worker.issuing import create_token, list_tokens, parse_kind
+from worker.models import Token, TokenKind
+from worker.revocation import revoke_token
+from worker.tokens import ExtractError, from_header, from_url
+from worker.verification import verify_token
+
+
+@click.group()
+def token() -> None:
+    """Personal and application access tokens."""
+
+
+@token.command()
+@click.option("--kind", required=True, type=click.Choice(["personal", "application"]))
+@click.option("--org", "org_id", required=True, help="Organization the token works for.")
+@click.option("--user", "user_id", default=None, help="Owner of a personal token.")
+@click.option("--app", "app_id", default=None, help="Application of an application token.")
+@click.option("--created-by", default=None, help="User creating an application token.")
+@click.option("--name", required=True, help="What the token is for.")
+@click.option("--expires-at", required=True, help="ISO 8601 expiry; cannot be changed later.")
+@json_option
+def create(
+    kind: str,
+    org_id: str,
+    user_id: str | None,
+    app_id: str | None,
+    created_by: str | None,
+    name: str,
+    expires_at: str,
+    as_json: bool,
+) -> None:
+    """Issue a token and print it once: it cannot be shown again."""
+    parsed = parse_kind(kind)
+    if parsed is TokenKind.PERSONAL and app_id:
+        fail("--app is for application tokens; a personal token belongs to --user")
+    if parsed is TokenKind.APPLICATION and user_id:
+        fail("--user is for personal tokens; an application token takes --app and --created-by")
+    expiry = parse_instant(expires_at, option="--expires-at")
+    with transaction() as session:
+        issued = create_token(
+            session,
+            kind=parsed,
+            org_id=org_id,
+            name=name,
+            expires_at=expiry,
+            now=clock.now(),
+            user_id=user_id,
+            app_id=app_id,
+            created_by=created_by,
+        )
+    if as_json:
+        echo_json(
+            {
+                "id": issued.id,
+                "token": issued.token,
+                "kind": issued.kind.value,
+                "expires_at": issued.expires_at,
+            }
+        )
+        return
+    click.echo(f"{issued.kind.value} token {issued.id} for {org_id}, expires {expiry.isoformat()}")
+    click.echo("Copy it now; it will not be shown again:")
+    click.echo(issued.token)
+
+
+@token.command("list")
+@click.option("--org", "org_id", default=None, help="Only this organization.")
+@click.option("--user", "user_id", default=None, help="Only tokens owned or created by this user.")
+@json_option
+def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
+    """Tokens with their state and reason; never a secret."""
+    with transaction() as session:
+        tokens = list_tokens(session, org_id=org_id, user_id=user_id)
+    if as_json:
+        echo_json(
+            [
+                {
+                    "id": t.id,
+                    "kind": t.kind,
+                    "org_id": t.org_id,
+                    "user_id": t.user_id,
+                    "app_id": t.app_id,
+                    "created_by": t.created_by,
+                    "name": t.name,
+                    "hint": t.last4,
+                    "created_at": t.created_at,
+                    "expires_at": t.expires_at,
+                    "state": t.state,
+                    "revoked_at": t.revoked_at,
+                    "reason": t.revoke_reason,
+                }
+                for t in tokens
+            ]
+        )
+        return
+    echo_table(
+        [
+            (
+                t.id,
+                t.kind,
+                t.org_id,
+                t.user_id or f"app:{t.app_id}",
+                t.name,
+                f"…{t.last4}",
+                short_time(t.expires_at),
+                t.state,
+                t.revoke_reason,
+            )
+            for t in tokens
+        ],
+        ["id", "kind", "org", "owner", "name", "hint", "expires", "state", "reason"],
+    )
+
+
+@token.command()
+@click.option("--token", "text", default=None, help="The token itself.")
+@click.option("--url", default=None, help="A URL carrying the token in any accepted form.")
+@click.option("--header", default=None, help="A header line: 'x-auth-token: TOKEN'.")
+@json_option
+def verify(text: str | None, url: str | None, header: str | None, as_json: bool) -> None:
+    """Exit 0 and print the principal when the token is usable; exit 1 and why not."""
+    given = [value for value in (text, url, header) if value is not None]
+    if len(given) != 1:
+        fail("give exactly one of --token, --url or --header")
+    try:
+        candidate = (
+            text
+            if text is not None
+            else from_url(url)
+            if url is not None
+            else from_header(header or "")
+        )
+    except ExtractError as error:
+        _refused({"usable": False, "reason": "malformed", "detail": str(error)}, as_json)
+    with transaction() as session:
+        verdict = verify_token(session, candidate, now=clock.now(), source="cli")
+    result = verdict.as_dict()
+    if not verdict.usable:
+        _refused(result, as_json)
+    if as_json:
+        echo_json(result)
+        return
+    who = verdict.principal
+    owner = (
+        f"user {who['user_id']} (role {who['role']})"
+        if "user_id" in who
+        else f"application {who['app_id']}"
+    )
+    click.echo(f"usable: {who['kind']} token {who['token_id']} of {owner} in {who['org_id']}")
+
+
+def _refused(result: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        echo_json(result)
+    else:
+        detail = f" ({result['detail']})" if result.get("detail") else ""
+        token_id = f" token {result['token_id']}" if result.get("token_id") else ""
+        click.echo(f"refused:{token_id} {result['reason']}{detail}")
+    sys.exit(EXIT_REFUSED)
+
+
+@token.command()
+@click.argument("token_id")
+@click.option("--confirm", default=None, help="Type DELETE to confirm.")
+@click.option("--actor", default=None, help="Who asks (default: the login name).")
+@json_option
+def revoke(token_id: str, confirm: str | None, actor: str | None, as_json: bool) -> None:
+    """Delete (revoke) a token: it stops working at once. Needs --confirm DELETE."""
+    if confirm != "DELETE":
+        fail("revoking a token needs --confirm DELETE (exactly that word)")
+    actor = actor or getpass.getuser()
+    with transaction() as session:
+        known = session.get(Token, token_id)
+        if known is None:
+            fail(f"no token with id {token_id!r}")
+        revoked = revoke_token(
+            session,
+            token_id=token_id,
+            reason="deleted",
+            source="cli",
+            now=clock.now(),
+            actor=actor,
+        )
+        state = known.state if revoked is None else "revoked"
+    if as_json:
+        echo_json({"id": token_id, "revoked": revoked is not None, "state": state})
+    elif revoked is None:
+        click.echo(f"{token_id} was already {state}; nothing changed")
+    else:
+        click.echo(f"{token_id} revoked; it no longer works")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(token)

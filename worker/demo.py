@@ -1,0 +1,193 @@
+"""``tokenwarden demo``: the story of a leaver, told on a throw-away embedded stack."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from worker import db
+from worker.issuing import IssuedToken, create_token
+from worker.members import add_member
+from worker.models import TokenKind
+from worker.supervise import Stack, child_env, command, free_port, wait_for_http
+from worker.verification import Verdict, verify_token
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Step:
+    what: str
+    expected: str
+    seen: str
+    held: bool
+
+
+@dataclass
+class Demo:
+    home: Path
+    api_url: str
+    key: str
+    say: Say
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.home / 'tokenwarden.db'}"
+
+    @contextmanager
+    def session(self) -> Iterator[Any]:
+        with db.transaction(db.engine_for(self.url)) as session:
+            yield session
+
+    def check(self, what: str, expected: str, seen: str) -> bool:
+        held = expected == seen
+        self.steps.append(Step(what, expected, seen, held))
+        self.say(
+            f"   {'ok ' if held else 'FAILED'} {what}: {seen}"
+            + ("" if held else f" (expected {expected})")
+        )
+        return held
+
+    def member(self, org: str, user: str, role: str, email: str) -> None:
+        now = datetime.now(UTC)
+        with self.session() as session:
+            add_member(
+                session,
+                org_id=org,
+                user_id=user,
+                role=role,
+                email=email,
+                at=now,
+                now=now,
+                source="demo",
+            )
+
+    def issue(self, kind: TokenKind, org: str, owner: str, name: str) -> IssuedToken:
+        now = datetime.now(UTC)
+        owners = (
+            {"user_id": owner}
+            if kind is TokenKind.PERSONAL
+            else {"app_id": owner, "created_by": "bob"}
+        )
+        with self.session() as session:
+            return create_token(
+                session,
+                kind=kind,
+                org_id=org,
+                name=name,
+                expires_at=now + timedelta(days=90),
+                now=now,
+                source="demo",
+                **owners,
+            )
+
+    def verify(self, token: IssuedToken) -> Verdict:
+        with self.session() as session:
+            return verify_token(session, token.token, now=datetime.now(UTC), source="demo")
+
+    def state(self, token: IssuedToken) -> str:
+        verdict = self.verify(token)
+        return "usable" if verdict.usable else f"refused ({verdict.reason})"
+
+    def post(self, type_: str, data: dict[str, str]) -> httpx.Response:
+        body = {
+            "specversion": "1.0",
+            "id": f"demo-{uuid.uuid4().hex[:10]}",
+            "source": "hr://demo",
+            "type": type_,
+            "time": datetime.now(UTC).isoformat(),
+            "data": data,
+        }
+        return httpx.post(
+            f"{self.api_url}/v1/events",
+            json=body,
+            timeout=10,
+            headers={"Authorization": f"Bearer {self.key}"},
+        )
+
+
+def run_demo(say: Say, *, keep: bool = False) -> tuple[bool, list[Step], Path]:
+    """Run the story; return whether every step held, the steps and the home folder."""
+    home = Path(tempfile.mkdtemp(prefix="tokenwarden-demo-"))
+    port = free_port()
+    key = "twp_demo_" + secrets.token_urlsafe(16)
+    env = child_env(
+        TOKENWARDEN_HOME=str(home),
+        TOKENWARDEN_PRODUCER_KEYS=key,
+        TOKENWARDEN_API_PORT=str(port),
+        TOKENWARDEN_REDRIVE_AFTER_S="5",
+    )
+    for variable in ("TOKENWARDEN_DATABASE_URL", "TOKENWARDEN_BROKER_URL"):
+        env.pop(variable, None)
+    demo = Demo(home=home, api_url=f"http://127.0.0.1:{port}", key=key, say=say)
+    db.upgrade(demo.url)
+    logs = (home / "stack.log").open("ab")
+    stack = Stack(
+        {
+            "api": command("api"),
+            "worker": command("worker", "-c", "1"),
+            "scheduler": command("beat"),
+        },
+        env=env,
+        output=logs,
+    )
+    say(f"Starting the API, a worker and the scheduler on a throw-away home ({home}).")
+    stack.start()
+    try:
+        if not wait_for_http(f"{demo.api_url}/healthz", 60):
+            demo.check("the stack starts", "up", "down")
+            return False, demo.steps, home
+        _story(demo)
+    finally:
+        stack.stop()
+        logs.close()
+        if not keep:
+            shutil.rmtree(home, ignore_errors=True)
+    return all(step.held for step in demo.steps), demo.steps, home
+
+
+def _story(demo: Demo) -> None:
+    say = demo.say
+    say("1. alice (admin) and bob (user) are members of acme; bob is also in globex.")
+    demo.member("acme", "alice", "admin", "alice@acme.example")
+    demo.member("acme", "bob", "user", "bob@acme.example")
+    demo.member("globex", "bob", "user", "bob@globex.example")
+    say("2. bob creates a personal token for acme, an application token for acme's deploy")
+    say("   bot, and a personal token for globex.")
+    pat = demo.issue(TokenKind.PERSONAL, "acme", "bob", "bob's laptop")
+    aat = demo.issue(TokenKind.APPLICATION, "acme", "deploy-bot", "deploys")
+    globex = demo.issue(TokenKind.PERSONAL, "globex", "bob", "bob at globex")
+    for name, token in (("bob's acme PAT", pat), ("acme's AAT", aat), ("bob's globex PAT", globex)):
+        demo.check(f"{name} …{token.token[-4:]}", "usable", demo.state(token))
+
+    say("3. HR says bob left acme: a membership.removed event goes to the producer API.")
+    response = demo.post("membership.removed", {"org_id": "acme", "user_id": "bob"})
+    demo.check("the API accepts the event", "202", str(response.status_code))
+    started = time.monotonic()
+    while time.monotonic() - started < 10 and demo.verify(pat).usable:
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    say(f"   the worker applied it {took * 1000:.0f} ms after the API accepted it")
+
+    say("4. What still works?")
+    demo.check("bob's acme PAT", "refused (revoked)", demo.state(pat))
+    demo.check("acme's AAT (bob created it, but it belongs to the app)", "usable", demo.state(aat))
+    demo.check("bob's globex PAT (another organization)", "usable", demo.state(globex))
+    with demo.session() as session:
+        from worker.audit import trail
+
+        revoked = [e for e in trail(session, token_id=pat.id) if e.action == "revoke"]
+    seen = f"{revoked[0].reason} from {revoked[0].source}" if revoked else "none"
+    demo.check("the audit trail explains it", "member_removed from hr://demo", seen)

@@ -1,0 +1,175 @@
+"""The event inbox: every accepted event is a row before any queue carries its id.
+
+A ``202`` from the API means the rows are committed. The queue then carries only ids; a
+worker applies each pending event once (the row lock and the status make a second delivery
+a no-op), and the re-drive republishes rows that no worker finished, so an event survives a
+broker that is down, a broker that loses its queue, and a worker killed mid-task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from worker.events import CloudEvent, canonical, digest
+from worker.models import DeadLetter, EventStatus, InboxEvent
+
+BODY_EXCERPT = 2000
+
+
+class Conflict(Exception):
+    """Event ids already used for other content."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        super().__init__(f"event id already used with other content: {', '.join(ids)}")
+        self.ids = list(ids)
+
+
+@dataclass(frozen=True)
+class Stored:
+    accepted: list[str] = field(default_factory=list)
+    # Ids to put on the queue: new rows, and old ones still pending (a resend after an outage).
+    to_publish: list[str] = field(default_factory=list)
+
+
+def store_events(session: Session, events: Sequence[CloudEvent], *, now: datetime) -> Stored:
+    """Add the events to the inbox; the same id with the same content is accepted again."""
+    wanted: dict[str, tuple[CloudEvent, str]] = {}
+    clashes: list[str] = []
+    for event in events:
+        fingerprint = digest(event)
+        seen = wanted.get(event.id)
+        if seen is not None and seen[1] != fingerprint:
+            clashes.append(event.id)
+        wanted.setdefault(event.id, (event, fingerprint))
+    existing = {
+        row.id: row
+        for row in session.execute(
+            select(InboxEvent.id, InboxEvent.digest, InboxEvent.status).where(
+                InboxEvent.id.in_(list(wanted))
+            )
+        )
+    }
+    clashes += [i for i, row in existing.items() if row.digest != wanted[i][1]]
+    if clashes:
+        raise Conflict(sorted(set(clashes)))
+    new = [
+        {
+            "id": event.id,
+            "type": event.type,
+            "source": event.source,
+            "time": event.time,
+            "data": canonical(event)["data"],
+            "digest": fingerprint,
+            "status": EventStatus.PENDING.value,
+            "attempts": 0,
+            "received_at": now,
+            # Counted as published now: the caller publishes right after commit, and the
+            # re-drive steps in only if that did not happen.
+            "published_at": now,
+        }
+        for i, (event, fingerprint) in wanted.items()
+        if i not in existing
+    ]
+    if new:
+        session.execute(insert(InboxEvent), new)
+    pending = [i for i, row in existing.items() if row.status == EventStatus.PENDING]
+    return Stored(accepted=list(wanted), to_publish=[row["id"] for row in new] + pending)
+
+
+def due_for_redrive(
+    session: Session, *, now: datetime, older_than: timedelta, limit: int = 1000
+) -> list[str]:
+    """Pending events not published for ``older_than``; marks them published now."""
+    cutoff = now - older_than
+    ids = list(
+        session.scalars(
+            select(InboxEvent.id)
+            .where(
+                InboxEvent.status == EventStatus.PENDING,
+                or_(InboxEvent.published_at.is_(None), InboxEvent.published_at < cutoff),
+            )
+            .order_by(InboxEvent.time, InboxEvent.id)
+            .limit(limit)
+        )
+    )
+    if ids:
+        session.execute(update(InboxEvent).where(InboxEvent.id.in_(ids)).values(published_at=now))
+    return ids
+
+
+def claim(session: Session, event_ids: Sequence[str]) -> list[InboxEvent]:
+    """Lock the still-pending events among ``event_ids``, oldest event time first."""
+    return list(
+        session.scalars(
+            select(InboxEvent)
+            .where(InboxEvent.id.in_(list(event_ids)), InboxEvent.status == EventStatus.PENDING)
+            .order_by(InboxEvent.time, InboxEvent.id)
+            .with_for_update()
+        )
+    )
+
+
+def finish(
+    session: Session,
+    event: InboxEvent,
+    *,
+    status: EventStatus,
+    now: datetime,
+    reason: str | None = None,
+    result: dict[str, Any] | None = None,
+) -> None:
+    event.status = status.value
+    event.reason = reason[:1000] if reason else None
+    event.result = result
+    event.attempts += 1
+    event.finished_at = now
+
+
+def dead_letter(
+    session: Session,
+    *,
+    reason: str,
+    now: datetime,
+    event_id: str | None = None,
+    task: str | None = None,
+    body: str | None = None,
+) -> None:
+    """Keep a queue message that cannot be used, with the reason; its body is cut short."""
+    session.execute(
+        insert(DeadLetter).values(
+            at=now,
+            reason=reason[:1000],
+            event_id=event_id,
+            task=task,
+            body=body[:BODY_EXCERPT] if body else None,
+        )
+    )
+
+
+def list_events(
+    session: Session, *, status: str | None = None, limit: int = 100
+) -> list[InboxEvent]:
+    query = select(InboxEvent).order_by(InboxEvent.received_at.desc(), InboxEvent.id).limit(limit)
+    if status:
+        query = query.where(InboxEvent.status == status)
+    return list(session.scalars(query))
+
+
+def list_dead_letters(session: Session, *, limit: int = 100) -> list[DeadLetter]:
+    return list(session.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)))
+
+
+def counts(session: Session) -> dict[tuple[str, str], int]:
+    """Events by (type, status), for metrics."""
+    rows = session.execute(
+        select(InboxEvent.type, InboxEvent.status, func.count()).group_by(
+            InboxEvent.type, InboxEvent.status
+        )
+    )
+    return {(kind, status): number for kind, status, number in rows}

@@ -1,0 +1,245 @@
+"""The token store: memberships, tokens and the audit trail.
+
+The schema is created and changed only by the Alembic migrations in ``migrations/``; these
+models describe it for queries. Times are stored as UTC on both SQLite and Postgres.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from worker.clock import as_utc
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in Python; UTC in the database whatever its time zone support."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(DateTime(timezone=False))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = as_utc(value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Role(enum.StrEnum):
+    ADMIN = "admin"
+    USER = "user"
+
+
+class TokenKind(enum.StrEnum):
+    PERSONAL = "personal"
+    APPLICATION = "application"
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+
+    org_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    email: Mapped[str | None] = mapped_column(String(320))
+    active: Mapped[bool] = mapped_column(Boolean)
+    # Start of the current active period: a late removal spares tokens issued from then on.
+    active_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Time of the newest event applied to this row; an older event is stale.
+    last_event_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index(None, "user_id"),)
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    org_id: Mapped[str] = mapped_column(String(200))
+    user_id: Mapped[str | None] = mapped_column(String(200))
+    app_id: Mapped[str | None] = mapped_column(String(200))
+    created_by: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    last4: Mapped[str] = mapped_column(String(4))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoke_reason: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (
+        Index(None, "org_id", "user_id"),
+        Index(None, "user_id"),
+        # Live tokens by expiry: what the sweep and the reminders walk.
+        Index(
+            "ix_tokens_live_expiry",
+            "expires_at",
+            "id",
+            postgresql_where=text("revoked_at IS NULL"),
+            sqlite_where=text("revoked_at IS NULL"),
+        ),
+    )
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "expired" if self.revoke_reason == "expired" else "revoked"
+        return "active"
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    action: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(64))
+    token_id: Mapped[str | None] = mapped_column(String(40))
+    org_id: Mapped[str | None] = mapped_column(String(200))
+    user_id: Mapped[str | None] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(500))
+    actor: Mapped[str | None] = mapped_column(String(200))
+    event_id: Mapped[str | None] = mapped_column(String(200))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    __table_args__ = (
+        Index(None, "token_id"),
+        Index(None, "org_id", "user_id"),
+        Index(None, "user_id"),
+        Index(None, "event_id"),
+    )
+
+
+class EventStatus(enum.StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class InboxEvent(Base):
+    """One accepted CloudEvent; stored before the queue carries its id (the outbox pattern)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(500))
+    time: Mapped[datetime] = mapped_column(UTCDateTime())
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    digest: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(1000))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # Pending events by last publication: what the re-drive walks.
+        Index(
+            "ix_events_pending",
+            "published_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index(None, "status", "received_at"),
+    )
+
+
+class DeadLetter(Base):
+    """A queue message the worker could not use, kept with the reason."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    reason: Mapped[str] = mapped_column(String(1000))
+    event_id: Mapped[str | None] = mapped_column(String(200))
+    task: Mapped[str | None] = mapped_column(String(200))
+    body: Mapped[str | None] = mapped_column(String(4000))
+
+
+class NoticeStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Notice(Base):
+    """One message a person must hear about, written in the transaction that caused it.
+
+    The id is the Standard Webhooks ``webhook-id`` of every delivery attempt, and ``body``
+    the exact bytes posted, so a receiver can drop a duplicate delivery.
+    """
+
+    __tablename__ = "notices"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    org_id: Mapped[str | None] = mapped_column(String(200))
+    recipients: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # When the next attempt may start; also the lease a delivering worker holds.
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    event_id: Mapped[str | None] = mapped_column(String(200))
+    # Keeps a cause from producing the same notice twice (e.g. one reminder bucket per token).
+    dedupe_key: Mapped[str | None] = mapped_column(String(300), unique=True)
+
+    __table_args__ = (
+        Index(
+            "ix_notices_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index(None, "status", "created_at"),
+    )

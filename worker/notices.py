@@ -1,0 +1,208 @@
+"""Notices: what a person must hear about a token, queued in an outbox row.
+
+A notice row is written in the same transaction as the revocation that causes it, so the
+two commit or roll back together; a task delivers it afterwards. The body is fixed at
+creation (the exact bytes every attempt posts), and never holds a token, only its id, name
+and last four characters.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker.models import Membership, Notice, NoticeStatus, Role, Token, TokenKind
+
+log = structlog.get_logger(__name__)
+
+LEAKED = "token.leaked"
+OFFBOARDED = "member.offboarded"
+EXPIRING = "token.expiring"
+EXPIRED = "token.expired"
+
+NEXT_STEPS = {
+    LEAKED: (
+        "This token was revoked because it was reported as leaked, and it no longer works. "
+        "Create a new token, put it wherever the old one was used, and remove the leaked "
+        "copy from the place it was found."
+    ),
+    OFFBOARDED: (
+        "These personal access tokens stopped working because their owner left the "
+        "organization. An integration that used one needs a new token; an application "
+        "access token keeps working when people leave."
+    ),
+    EXPIRING: (
+        "These tokens will stop working at their expiry, which cannot be extended. Create "
+        "replacements before then and move the integrations that use them."
+    ),
+    EXPIRED: (
+        "These tokens have expired and no longer work. Create replacements for any that "
+        "are still needed."
+    ),
+}
+
+
+def new_notice_id() -> str:
+    return "ntc_" + secrets.token_hex(12)
+
+
+def describe(token: Token) -> dict[str, Any]:
+    """A token as a notice names it: never the token itself."""
+    owner = (
+        {"user_id": token.user_id}
+        if token.kind == TokenKind.PERSONAL
+        else {"app_id": token.app_id, "created_by": token.created_by}
+    )
+    return {
+        "id": token.id,
+        "name": token.name,
+        "kind": token.kind,
+        "org_id": token.org_id,
+        "last4": token.last4,
+        "expires_at": token.expires_at.isoformat(),
+        **owner,
+    }
+
+
+def admins(session: Session, org_id: str) -> list[dict[str, Any]]:
+    rows = session.scalars(
+        select(Membership)
+        .where(
+            Membership.org_id == org_id,
+            Membership.active.is_(True),
+            Membership.role == Role.ADMIN.value,
+        )
+        .order_by(Membership.user_id)
+    )
+    return [{"user_id": m.user_id, "email": m.email} for m in rows]
+
+
+def owner(session: Session, token: Token) -> list[dict[str, Any]]:
+    """Who owns a token: a PAT's user, or an AAT's organization's active admins."""
+    if token.kind == TokenKind.PERSONAL and token.user_id:
+        member = session.get(Membership, (token.org_id, token.user_id))
+        return [{"user_id": token.user_id, "email": member.email if member else None}]
+    return admins(session, token.org_id)
+
+
+def queue(
+    session: Session,
+    *,
+    kind: str,
+    org_id: str | None,
+    recipients: Sequence[dict[str, Any]],
+    data: dict[str, Any],
+    now: datetime,
+    event_id: str | None = None,
+    dedupe_key: str | None = None,
+) -> str | None:
+    """Add a notice to the outbox; return its id, or None if ``dedupe_key`` was used before."""
+    notice_id = new_notice_id()
+    body = json.dumps(
+        {
+            "type": kind,
+            "timestamp": now.isoformat(),
+            "data": {
+                "notice_id": notice_id,
+                "recipients": list(recipients),
+                **data,
+                "next_steps": NEXT_STEPS[kind],
+            },
+        },
+        separators=(",", ":"),
+    )
+    row = Notice(
+        id=notice_id,
+        kind=kind,
+        org_id=org_id,
+        recipients=list(recipients),
+        body=body,
+        status=NoticeStatus.PENDING.value,
+        attempts=0,
+        created_at=now,
+        next_attempt_at=now,
+        event_id=event_id,
+        dedupe_key=dedupe_key,
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        log.info("notice.duplicate", kind=kind, dedupe_key=dedupe_key)
+        return None
+    log.info(
+        "notice.queued",
+        notice_id=notice_id,
+        kind=kind,
+        org_id=org_id,
+        recipients=len(recipients),
+        event_id=event_id,
+    )
+    return notice_id
+
+
+def leak_notice(
+    session: Session,
+    token: Token,
+    *,
+    now: datetime,
+    source: str,
+    source_url: str | None,
+    reporter: str | None,
+    event_id: str | None,
+) -> str | None:
+    return queue(
+        session,
+        kind=LEAKED,
+        org_id=token.org_id,
+        recipients=owner(session, token),
+        data={
+            "reason": "leaked",
+            "source": source,
+            "source_url": source_url,
+            "reporter": reporter,
+            "revoked_at": now.isoformat(),
+            "tokens": [describe(token)],
+        },
+        now=now,
+        event_id=event_id,
+        dedupe_key=f"leaked:{token.id}",
+    )
+
+
+def offboarding_notice(
+    session: Session,
+    *,
+    org_id: str,
+    user_id: str,
+    tokens: Iterable[Token],
+    now: datetime,
+    source: str,
+    event_id: str | None,
+) -> str | None:
+    described = [describe(token) for token in tokens]
+    if not described:
+        return None
+    return queue(
+        session,
+        kind=OFFBOARDED,
+        org_id=org_id,
+        recipients=admins(session, org_id),
+        data={
+            "reason": "member_removed",
+            "source": source,
+            "user_id": user_id,
+            "revoked_at": now.isoformat(),
+            "tokens": described,
+        },
+        now=now,
+        event_id=event_id,
+    )

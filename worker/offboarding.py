@@ -1,0 +1,469 @@
+"""Offboarding: role changes, removals, deactivations, revocation requests and leak reports.
+
+Each function applies one event as of its time ``at`` and stamps what it changes with ``now``.
+
+Ordering: a membership row keeps the time of the newest event applied to it
+(``last_event_at``); an event older than that is stale and leaves the membership alone. A stale
+removal still revokes the personal tokens that the leaver held at ``at`` (created at or before
+it, or before the current active period began), but never one issued at or after a later
+re-join. Memberships are read ``FOR UPDATE`` so two workers applying events about the same
+membership take turns instead of both acting on what they read first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import ColumnElement, and_, false, or_, select, true, update
+from sqlalchemy.orm import Session
+
+from worker import audit, members
+from worker.members import parse_role
+from worker.models import Membership, Role, Token, TokenKind
+from worker.revocation import revoke_token
+
+log = structlog.get_logger(__name__)
+
+MEMBER_REMOVED = "member_removed"
+USER_DEACTIVATED = "user_deactivated"
+DELETED = "deleted"
+LEAKED = "leaked"
+# audit.token_id is as wide as tokens.id; a longer requested id cannot name a token.
+TOKEN_ID_MAX = 40
+
+
+@dataclass(frozen=True)
+class TokenOutcome:
+    """What a request about one token did: ``token_id`` is None when no such token exists."""
+
+    token_id: str | None
+    revoked: bool
+
+
+def change_role(
+    session: Session,
+    *,
+    org_id: str,
+    user_id: str,
+    role: str,
+    at: datetime,
+    now: datetime,
+    source: str,
+    event_id: str | None,
+    actor: str | None = None,
+) -> bool:
+    """Give ``user_id`` the role ``role`` in ``org_id`` as of ``at``; False when stale.
+
+    A role change implies membership, and may be delivered before ``membership.added``: an
+    unknown or inactive membership becomes active from ``at``. No token is revoked; a PAT acts
+    with whatever role the membership holds when it is verified.
+    """
+    parsed = parse_role(role).value
+    member, created = members.membership_for_update(
+        session, org_id=org_id, user_id=user_id, role=parsed, at=at, now=now
+    )
+    if member.last_event_at > at:
+        _audit_stale(
+            session,
+            member,
+            kind="membership.role_changed",
+            at=at,
+            now=now,
+            source=source,
+            actor=actor,
+            event_id=event_id,
+        )
+        return False
+    previous = None if created else member.role
+    changed = created or not member.active or member.role != parsed
+    if not member.active:
+        member.active = True
+        member.active_since = at
+    member.role = parsed
+    member.last_event_at = at
+    member.updated_at = now
+    if changed:
+        audit.record(
+            session,
+            action="member",
+            reason="role_changed",
+            source=source,
+            at=now,
+            org_id=org_id,
+            user_id=user_id,
+            actor=actor,
+            event_id=event_id,
+            detail={"role": parsed, "previous_role": previous},
+        )
+    return True
+
+
+def remove_member(
+    session: Session,
+    *,
+    org_id: str,
+    user_id: str,
+    at: datetime,
+    now: datetime,
+    source: str,
+    event_id: str | None,
+    actor: str | None = None,
+) -> list[str]:
+    """Record that ``user_id`` left ``org_id`` at ``at``; revoke their PATs there.
+
+    Returns the ids of the tokens revoked. Application tokens and the user's tokens in other
+    organizations are never touched. An unknown membership is recorded as inactive, so a
+    ``membership.added`` older than this removal arriving later is stale.
+    """
+    member, created = members.membership_for_update(
+        session, org_id=org_id, user_id=user_id, role=Role.USER.value, at=at, now=now
+    )
+    stale = member.last_event_at > at
+    ended = False
+    if stale:
+        _audit_stale(
+            session,
+            member,
+            kind="membership.removed",
+            at=at,
+            now=now,
+            source=source,
+            actor=actor,
+            event_id=event_id,
+        )
+        held = _held_at(at, member.active_since)
+    else:
+        ended = created or member.active
+        member.active = False
+        member.last_event_at = at
+        member.updated_at = now
+        held = true()
+    revoked = _revoke_personal_tokens(
+        session,
+        [Token.org_id == org_id, Token.user_id == user_id, held],
+        reason=MEMBER_REMOVED,
+        at=at,
+        now=now,
+        source=source,
+        actor=actor,
+        event_id=event_id,
+    )
+    # A replay of a removal already applied changes nothing, so it leaves no second row.
+    if not stale and ended:
+        audit.record(
+            session,
+            action="member",
+            reason="removed",
+            source=source,
+            at=now,
+            org_id=org_id,
+            user_id=user_id,
+            actor=actor,
+            event_id=event_id,
+            detail={"revoked": len(revoked)},
+        )
+    log.info(
+        "member.removed",
+        org_id=org_id,
+        user_id=user_id,
+        revoked=len(revoked),
+        stale=stale,
+        event_id=event_id,
+    )
+    return revoked
+
+
+def deactivate_user(
+    session: Session,
+    *,
+    user_id: str,
+    at: datetime,
+    now: datetime,
+    source: str,
+    event_id: str | None,
+    actor: str | None = None,
+) -> list[str]:
+    """Record that ``user_id`` was deactivated platform-wide at ``at``; revoke their PATs.
+
+    Per organization the rules of :func:`remove_member` hold: where the membership saw a
+    newer event, only the PATs held at ``at`` are revoked. Returns the revoked token ids.
+    """
+    # Lock in a fixed order, the same one every deactivation uses, so two of them cannot
+    # deadlock; a removal locks a single row, which cannot form a cycle with this.
+    memberships = session.scalars(
+        select(Membership)
+        .where(Membership.user_id == user_id)
+        .order_by(Membership.org_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).all()
+    stale = [m for m in memberships if m.last_event_at > at]
+    ended = [m.org_id for m in memberships if m.last_event_at <= at and m.active]
+    if len(stale) < len(memberships):
+        session.execute(
+            update(Membership)
+            .where(Membership.user_id == user_id, Membership.last_event_at <= at)
+            .values(active=False, last_event_at=at, updated_at=now)
+        )
+    # One statement for every organization: a token is spared only where its membership saw
+    # a newer event and the token was issued after ``at`` and within the current active period.
+    spared = (
+        select(Membership.org_id)
+        .where(
+            Membership.org_id == Token.org_id,
+            Membership.user_id == Token.user_id,
+            Membership.last_event_at > at,
+            Token.created_at > at,
+            or_(Membership.active_since.is_(None), Token.created_at >= Membership.active_since),
+        )
+        .exists()
+    )
+    revoked = _revoke_personal_tokens(
+        session,
+        [Token.user_id == user_id, ~spared],
+        reason=USER_DEACTIVATED,
+        at=at,
+        now=now,
+        source=source,
+        actor=actor,
+        event_id=event_id,
+    )
+    member_rows = [
+        _audit_row(
+            action="member",
+            reason="deactivated",
+            at=now,
+            source=source,
+            org_id=org_id,
+            user_id=user_id,
+            actor=actor,
+            event_id=event_id,
+            detail=None,
+        )
+        for org_id in ended
+    ]
+    stale_rows = [
+        _audit_row(
+            action="stale",
+            reason="user.deactivated",
+            at=now,
+            source=source,
+            org_id=m.org_id,
+            user_id=user_id,
+            actor=actor,
+            event_id=event_id,
+            detail=_stale_detail(at, m.last_event_at),
+        )
+        for m in stale
+    ]
+    audit.record_many(session, member_rows + stale_rows)
+    log.info(
+        "user.deactivated",
+        user_id=user_id,
+        revoked=len(revoked),
+        memberships=len(ended),
+        stale=len(stale),
+        event_id=event_id,
+    )
+    return revoked
+
+
+def request_revocation(
+    session: Session,
+    *,
+    token_id: str,
+    at: datetime,
+    now: datetime,
+    source: str,
+    event_id: str | None,
+    actor: str | None = None,
+) -> TokenOutcome:
+    """Delete (revoke) one token on request; an unknown or already revoked token is a no-op.
+
+    An unknown id is audited as a refusal rather than treated as a bad event: the token may
+    have been named by mistake, and retrying would never make it exist.
+    """
+    token = revoke_token(
+        session,
+        token_id=token_id,
+        reason=DELETED,
+        source=source,
+        now=now,
+        actor=actor,
+        event_id=event_id,
+    )
+    if token is not None:
+        return TokenOutcome(token.id, revoked=True)
+    if session.scalar(select(Token.id).where(Token.id == token_id)) is not None:
+        return TokenOutcome(token_id, revoked=False)
+    audit.record(
+        session,
+        action="refuse",
+        reason="unknown_token",
+        source=source,
+        at=now,
+        token_id=token_id if len(token_id) <= TOKEN_ID_MAX else None,
+        actor=actor,
+        event_id=event_id,
+        detail={"requested_token_id": token_id, "event_time": at.isoformat()},
+    )
+    return TokenOutcome(None, revoked=False)
+
+
+def report_leak(
+    session: Session,
+    *,
+    token_hash: str | None = None,
+    token_id: str | None = None,
+    source_url: str | None = None,
+    reporter: str | None = None,
+    at: datetime,
+    now: datetime,
+    source: str,
+    event_id: str | None,
+) -> TokenOutcome:
+    """Revoke a leaked token, whatever its kind, named by the hash of its text or by its id.
+
+    A second report of the same token changes nothing. An unknown token is not audited: the
+    leak endpoints must not reveal whether a token exists, and the trail is readable by more
+    people than the event inbox.
+    """
+    if (token_hash is None) == (token_id is None):
+        raise ValueError("name the leaked token by exactly one of token_hash and token_id")
+    found = session.scalar(
+        select(Token.id).where(
+            Token.token_hash == token_hash if token_hash is not None else Token.id == token_id
+        )
+    )
+    if found is None:
+        log.info("leak.unknown_token", event_id=event_id, event_time=at.isoformat())
+        return TokenOutcome(None, revoked=False)
+    detail = {
+        key: value
+        for key, value in (("source_url", source_url), ("reporter", reporter))
+        if value is not None
+    }
+    token = revoke_token(
+        session,
+        token_id=found,
+        reason=LEAKED,
+        source=source,
+        now=now,
+        actor=reporter,
+        event_id=event_id,
+        detail=detail or None,
+    )
+    return TokenOutcome(found, revoked=token is not None)
+
+
+def _held_at(at: datetime, active_since: datetime | None) -> ColumnElement[bool]:
+    """PATs the member held at ``at``: issued by then, or before the current active period."""
+    before_rejoin = Token.created_at < active_since if active_since is not None else false()
+    return or_(Token.created_at <= at, before_rejoin)
+
+
+def _revoke_personal_tokens(
+    session: Session,
+    criteria: Sequence[ColumnElement[bool]],
+    *,
+    reason: str,
+    at: datetime,
+    now: datetime,
+    source: str,
+    actor: str | None,
+    event_id: str | None,
+) -> list[str]:
+    """Revoke the live PATs matching ``criteria`` in one statement; audit them in another."""
+    rows = session.execute(
+        update(Token)
+        .where(
+            Token.kind == TokenKind.PERSONAL.value,
+            Token.revoked_at.is_(None),
+            and_(*criteria),
+        )
+        .values(revoked_at=now, revoke_reason=reason)
+        .returning(Token.id, Token.org_id, Token.user_id)
+        # Keeps Token objects already loaded in this session in step, using the ids that
+        # RETURNING brings back rather than a second query.
+        .execution_options(synchronize_session="fetch")
+    ).all()
+    audit.record_many(
+        session,
+        [
+            _audit_row(
+                action="revoke",
+                reason=reason,
+                token_id=row.id,
+                org_id=row.org_id,
+                user_id=row.user_id,
+                at=now,
+                source=source,
+                actor=actor,
+                event_id=event_id,
+                detail={"event_time": at.isoformat()},
+            )
+            for row in rows
+        ],
+    )
+    return sorted(row.id for row in rows)
+
+
+def _audit_row(
+    *,
+    action: str,
+    reason: str,
+    at: datetime,
+    source: str,
+    org_id: str | None,
+    user_id: str | None,
+    actor: str | None,
+    event_id: str | None,
+    detail: dict[str, Any] | None,
+    token_id: str | None = None,
+) -> dict[str, Any]:
+    # Every row of one bulk insert needs the same keys, so all are spelled out.
+    return {
+        "at": at,
+        "action": action,
+        "reason": reason,
+        "source": source,
+        "token_id": token_id,
+        "org_id": org_id,
+        "user_id": user_id,
+        "actor": actor,
+        "event_id": event_id,
+        "detail": detail,
+    }
+
+
+def _stale_detail(at: datetime, applied: datetime) -> dict[str, Any]:
+    return {"event_time": at.isoformat(), "applied_time": applied.isoformat()}
+
+
+def _audit_stale(
+    session: Session,
+    member: Membership,
+    *,
+    kind: str,
+    at: datetime,
+    now: datetime,
+    source: str,
+    actor: str | None,
+    event_id: str | None,
+) -> None:
+    audit.record(
+        session,
+        action="stale",
+        reason=kind,
+        source=source,
+        at=now,
+        org_id=member.org_id,
+        user_id=member.user_id,
+        actor=actor,
+        event_id=event_id,
+        detail=_stale_detail(at, member.last_event_at),
+    )

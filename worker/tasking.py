@@ -1,0 +1,144 @@
+"""The base class of every tokenwarden task: a session in one transaction per run.
+
+Like warehouse's ``WarehouseTask``: the task function receives a ``Session`` as its first
+argument after ``self`` (callers never pass it); the run commits when the function returns,
+rolls back when it raises, and always closes the session. Work that must only happen once the
+transaction is committed (publishing to the broker) is registered with :meth:`after_commit`.
+
+Database errors that a retry can fix (a dropped connection, a lock or serialization failure)
+are retried with exponential backoff and jitter, for as long as they last: the event inbox
+must not lose an event because the database was briefly away. Anything else fails the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Final
+
+import structlog
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
+from prometheus_client import Counter, Histogram
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
+
+from config.settings import get_settings
+from worker import db
+
+log = structlog.get_logger(__name__)
+
+TASK_RUNS: Final = Counter(
+    "tokenwarden_tasks", "Task runs by task and outcome.", ["task", "outcome"]
+)
+TASK_SECONDS: Final = Histogram(
+    "tokenwarden_task_seconds", "Duration of a task run, commit included.", ["task"]
+)
+_AFTER_COMMIT: Final = "tokenwarden.after_commit"
+# Control flow of Celery itself, not a failure of the run.
+_NOT_FAILURES: Final = (Retry, Ignore, Reject)
+
+
+class TransientDatabaseError(Exception):
+    """A database failure that a retry can fix; the original error is its ``__cause__``."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for errors about the connection or concurrency, not about the data or the SQL."""
+    if isinstance(error, OperationalError | InterfaceError):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+def store_engine() -> Engine:
+    """The token store of the current settings (one engine and pool per process)."""
+    return db.engine_for(get_settings().resolved_database_url)
+
+
+class DatabaseTask(Task):  # type: ignore[misc]  # celery ships no type information
+    """Base class for tasks declared with ``bind=True``: ``def task(self, session, ...)``."""
+
+    autoretry_for = (TransientDatabaseError,)
+    retry_backoff = True
+    retry_backoff_max = 60
+    retry_jitter = True
+    # Transient by definition: keep trying, with the wait capped at retry_backoff_max.
+    max_retries = None
+    run: Callable[..., Any]
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Callers never pass the session: Celery's argument check (run when a task is sent)
+        # must expect one parameter fewer than the function declares.
+        header = getattr(self, "__header__", None)
+        if header is not None:
+            self.__header__ = functools.partial(header, object())
+        # Wrap ``run`` here, before Celery's autoretry wraps it (right after creating this
+        # instance), so a failing COMMIT is retried just like a failing query.
+        original = self.run
+
+        @functools.wraps(original)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return self._run_in_transaction(original, *args, **kwargs)
+
+        self.run = run
+
+    def engine(self) -> Engine:
+        return store_engine()
+
+    def after_commit(self, session: Session, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once this run's transaction has committed; never if it fails."""
+        session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+    def _run_in_transaction(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        name = self.name
+        TASK_RUNS.labels(name, "started").inc()
+        started = time.perf_counter()
+        # bound_contextvars puts back what was bound before (the task_prerun signal binds the
+        # same names), so Celery's own "succeeded" line still carries the task id.
+        with structlog.contextvars.bound_contextvars(task_id=self.request.id, task_name=name):
+            try:
+                with self._transaction() as session:
+                    result = function(session, *args, **kwargs)
+                    callbacks = session.info.pop(_AFTER_COMMIT, [])
+                for callback in callbacks:
+                    callback()
+            except Exception as error:
+                if is_transient(error):
+                    raise TransientDatabaseError(_first_line(error)) from error
+                if not isinstance(error, _NOT_FAILURES):
+                    TASK_RUNS.labels(name, "failed").inc()
+                raise
+            finally:
+                TASK_SECONDS.labels(name).observe(time.perf_counter() - started)
+        TASK_RUNS.labels(name, "succeeded").inc()
+        return result
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        # Commit when the block ends, roll back when it raises, close either way; the
+        # after-commit callbacks are read inside the block and run after the close, so a slow
+        # broker never holds a database connection.
+        with Session(self.engine(), expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.request.called_directly:
+            error = kwargs.get("exc")
+            log.warning(
+                "task.retry",
+                task_name=self.name,
+                attempt=self.request.retries + 1,
+                retry_in_s=kwargs.get("countdown"),
+                waiting_for=str(error) if error is not None else None,
+            )
+            TASK_RUNS.labels(self.name, "retried").inc()
+        return super().retry(*args, **kwargs)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
