@@ -7,7 +7,6 @@ from typing import Any
 
 from config.settings import Settings
 
-QUEUE = "tokenwarden"
 REDRIVE_EVERY_S = 10.0
 
 
@@ -55,8 +54,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A stuck task is interrupted rather than holding its message and row locks forever.
         "task_soft_time_limit": 60,
         "task_time_limit": 90,
-        # One queue for everything, named after the product rather than Celery's default.
-        "task_default_queue": QUEUE,
+        # One queue for everything; its name is a setting so that several deployments (or
+        # test runs) can share one broker.
+        "task_default_queue": settings.queue,
+        "task_default_exchange": settings.queue,
+        "task_default_routing_key": settings.queue,
         # Late acks with a small prefetch: a dying worker holds few messages hostage.
         "worker_prefetch_multiplier": 4,
         # Our logging setup (config.logging) renders Celery's records; do not replace it.

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     sweep_interval_s: int = 300
     sweep_batch: int = 1000
     redrive_after_s: float = 30.0
+    queue: str = "tokenwarden"
 
     @field_validator("producer_keys", mode="before")
     @classmethod
@@ -95,6 +96,13 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError("must be a queue name of letters, digits, '-', '_' or '.'")
+        return value
+
     @field_validator("api_port")
     @classmethod
     def _port(cls, value: int) -> int:
@@ -122,7 +130,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        # kombu wants a host name even for the folder-backed transport; it is not used.
+        return self.broker_url or "filesystem://localhost/"
 
     @property
     def broker_folder(self) -> Path:

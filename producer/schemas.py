@@ -104,7 +104,7 @@ def event_schema(kind: str) -> dict[str, Any]:
     return {
         "title": kind,
         "type": "object",
-        "required": ["specversion", "id", "source", "type", "time", "data"],
+        "required": ["specversion", "id", "source", "type", "data"],
         "properties": {
             "specversion": {"type": "string", "enum": ["1.0"]},
             "id": {
@@ -119,7 +119,10 @@ def event_schema(kind: str) -> dict[str, Any]:
             "time": {
                 "type": "string",
                 "format": "date-time",
-                "description": "When it happened, with a time zone (RFC 3339).",
+                "description": (
+                    "When it happened, with a time zone (RFC 3339); when absent, the time the "
+                    "API received the event. Decides the order in which events apply."
+                ),
             },
             "data": _data_schema(kind),
         },

@@ -53,6 +53,10 @@ class LiveStack:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
+    def queue(self) -> str:
+        return self.env["TOKENWARDEN_QUEUE"]
+
+    @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -196,17 +200,18 @@ def stack_env(home: Path, extra: Mapping[str, str]) -> dict[str, str]:
             "TOKENWARDEN_HOME": str(home),
             "TOKENWARDEN_PRODUCER_KEYS": KEY,
             "TOKENWARDEN_REDRIVE_AFTER_S": "2",
+        # A queue of its own, so runs sharing a broker never see each other's messages.
+        "TOKENWARDEN_QUEUE": f"tokenwarden-test-{uuid.uuid4().hex[:8]}",
             **extra,
         }
     )
     return env
 
 
-def purge_queue(settings: Settings) -> None:
-    """Drop what an earlier run left on a shared broker's queue."""
+def check_broker(settings: Settings) -> None:
+    """Fail unless the broker named by ``settings`` answers."""
     from worker.app import make_celery
 
     app = make_celery(settings)
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=3)
-        app.control.purge(connection=connection)

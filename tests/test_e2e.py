@@ -17,10 +17,9 @@ import pytest
 from kombu.connection import Connection
 from sqlalchemy import func, select, text
 
-from config.celery import QUEUE
 from config.settings import Settings
 from tests.conftest import fresh_postgres_database, service_url
-from tests.stack import LiveStack, event, purge_queue, stack_env
+from tests.stack import LiveStack, check_broker, event, stack_env
 from worker.models import AuditEntry, DeadLetter, EventStatus, InboxEvent, TokenKind
 from worker.supervise import free_port
 
@@ -46,7 +45,7 @@ def live(
     with fresh_postgres_database() as url:
         extra = {"TOKENWARDEN_DATABASE_URL": url, "TOKENWARDEN_BROKER_URL": broker}
         try:
-            purge_queue(Settings(home=home, database_url=url, broker_url=broker))
+            check_broker(Settings(home=home, database_url=url, broker_url=broker))
         except Exception as error:  # a named service that is down fails the run
             pytest.fail(f"{request.param} at {broker} is unreachable: {error}", pytrace=False)
         yield from _run(home, extra)
@@ -66,6 +65,9 @@ def _run(home: Path, extra: dict[str, str]) -> Iterator[LiveStack]:
         yield stack
     finally:
         stack.stop()
+        if "TOKENWARDEN_BROKER_URL" in extra:
+            with _connection(stack) as connection:
+                connection.default_channel.queue_delete(stack.queue)
 
 
 def ids() -> tuple[str, str]:
@@ -206,7 +208,7 @@ def _status(live: LiveStack, event_id: str) -> str | None:
 
 
 def _broker_url(live: LiveStack) -> str:
-    return live.env.get("TOKENWARDEN_BROKER_URL") or "filesystem://"
+    return live.env.get("TOKENWARDEN_BROKER_URL") or "filesystem://localhost/"
 
 
 def _connection(live: LiveStack) -> Connection:
@@ -224,7 +226,7 @@ def _publish_raw(live: LiveStack, body: str, *, task: str) -> None:
         producer = connection.Producer()
         producer.publish(
             body,
-            routing_key=QUEUE,
+            routing_key=live.queue,
             exchange="",
             content_type="application/json",
             content_encoding="utf-8",
@@ -249,11 +251,11 @@ def _queue_empty(live: LiveStack) -> bool:
         import redis
 
         # kombu keeps a Redis queue as a list named after it; gone when empty.
-        return int(redis.Redis.from_url(broker).llen(QUEUE)) == 0
+        return int(redis.Redis.from_url(broker).llen(live.queue)) == 0
     with _connection(live) as connection:
         channel = connection.channel()
         try:
-            _, count, _ = channel.queue_declare(QUEUE, passive=True)
+            _, count, _ = channel.queue_declare(live.queue, passive=True)
         finally:
             channel.close()
     return int(count) == 0

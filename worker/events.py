@@ -99,7 +99,8 @@ class CloudEvent(BaseModel):
     id: Id
     source: Annotated[str, StringConstraints(min_length=1, max_length=500)]
     type: str
-    time: datetime
+    # Optional in CloudEvents; an event without one happened when the API received it.
+    time: datetime | None = None
     data: dict[str, Any]
 
     @field_validator("type")
@@ -111,7 +112,9 @@ class CloudEvent(BaseModel):
 
     @field_validator("time")
     @classmethod
-    def _aware(cls, value: datetime) -> datetime:
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
         if value.tzinfo is None:
             raise ValueError("time needs a time zone, e.g. 2026-11-27T19:00:00Z")
         return as_utc(value)
@@ -171,7 +174,7 @@ def parse_event(raw: Any) -> CloudEvent:
 def canonical(event: CloudEvent) -> dict[str, Any]:
     """The stored form of an event: JSON-safe, UTC time, never a token's text."""
     stored = event.model_dump(mode="json")
-    stored["time"] = event.time.isoformat()
+    stored["time"] = event.time.isoformat() if event.time else None
     return stored
 
 

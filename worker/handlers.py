@@ -66,7 +66,7 @@ def apply_event(session: Session, event: InboxEvent, *, now: datetime) -> dict[s
             "data": event.data,
         }
     )
-    at, source, event_id = cloud.time, cloud.source, cloud.id
+    at, source, event_id = cloud.time or event.time, cloud.source, cloud.id
     match cloud.payload():
         case MembershipAdded() as data:
             applied = members.add_member(

@@ -63,7 +63,7 @@ def store_events(session: Session, events: Sequence[CloudEvent], *, now: datetim
             "id": event.id,
             "type": event.type,
             "source": event.source,
-            "time": event.time,
+            "time": event.time or now,
             "data": canonical(event)["data"],
             "digest": fingerprint,
             "status": EventStatus.PENDING.value,

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from config.settings import get_settings
 from worker import db
+from worker.publish import publish_new_notices, take_new_notices
 
 log = structlog.get_logger(__name__)
 
@@ -104,8 +105,10 @@ class DatabaseTask(Task):  # type: ignore[misc]  # celery ships no type informat
                 with self._transaction() as session:
                     result = function(session, *args, **kwargs)
                     callbacks = session.info.pop(_AFTER_COMMIT, [])
+                    notices = take_new_notices(session)
                 for callback in callbacks:
                     callback()
+                publish_new_notices(self.app, notices)
             except Exception as error:
                 if is_transient(error):
                     raise TransientDatabaseError(_first_line(error)) from error

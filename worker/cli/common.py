@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from config.settings import ConfigError, Settings, get_settings
 from worker import db
 from worker.errors import Refused
+from worker.publish import publish_new_notices, take_new_notices
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,8 +61,13 @@ def transaction(current: Settings | None = None) -> Iterator[Session]:
     try:
         with db.transaction(engine) as session:
             yield session
+            notices = take_new_notices(session)
     except Refused as refused:
         fail(refused.message)
+    if notices:
+        from worker.app import app
+
+        publish_new_notices(app, notices)
 
 
 def _first_line(error: BaseException) -> str:

@@ -142,8 +142,7 @@ def _banner(facts: dict[str, str | None], current: Settings) -> str:
         f"  curl -X POST {facts['api']}/v1/events -H 'Authorization: Bearer {key}' \\",
         "       -H 'Content-Type: application/json' \\",
         '       -d \'{"specversion":"1.0","id":"evt-1","source":"hr://example",'
-        '"type":"membership.removed","time":"2026-11-27T19:00:00Z",'
-        '"data":{"org_id":"acme","user_id":"bob"}}\'',
+        '"type":"membership.removed","data":{"org_id":"acme","user_id":"bob"}}\'',
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
