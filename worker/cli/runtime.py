@@ -41,6 +41,7 @@ def worker(concurrency: int | None, pool: str, log_level: str) -> None:
     from worker.app import app
 
     argv = [
+        "--quiet",
         "worker",
         "--loglevel",
         log_level,
@@ -52,7 +53,7 @@ def worker(concurrency: int | None, pool: str, log_level: str) -> None:
     ]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
-    app.worker_main(argv)
+    app.start(argv)
 
 
 @click.command()
@@ -65,7 +66,7 @@ def beat(log_level: str) -> None:
     _configure_logging(log_level)
     from worker.app import app
 
-    app.start(["beat", "--loglevel", log_level])
+    app.start(["--quiet", "beat", "--loglevel", log_level])
 
 
 @click.command()
