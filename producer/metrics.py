@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Final
 
 import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker import clock
 from worker.db import transaction
-from worker.inbox import counts
+from worker.inbox import counts, recent_apply_seconds
 from worker.models import DeadLetter, Token
 
 log = structlog.get_logger(__name__)
@@ -27,6 +29,7 @@ log = structlog.get_logger(__name__)
 # A path that matched no route is counted under one label, so a scanner probing random URLs
 # cannot grow the number of time series without bound.
 UNMATCHED: Final = "unmatched"
+APPLY_WINDOW: Final = timedelta(minutes=15)
 
 
 class StoreCollector(Collector):
@@ -48,6 +51,7 @@ class StoreCollector(Collector):
                     .group_by(Token.revoke_reason)
                 ).all()
                 dead = session.scalar(select(func.count()).select_from(DeadLetter)) or 0
+                applied = recent_apply_seconds(session, now=clock.now(), window=APPLY_WINDOW)
         except Exception as error:
             # A scrape must still answer (and say the store is down) when the database is not.
             log.warning("metrics.store_unavailable", error=type(error).__name__)
@@ -70,6 +74,20 @@ class StoreCollector(Collector):
         yield revocations
         yield GaugeMetricFamily(
             "tokenwarden_dead_letters", "Queue messages the worker could not use.", value=dead
+        )
+        # The worker's processes each keep their own counters; the inbox rows tell how long
+        # events took from acceptance to done, whichever process applied them.
+        timing = SummaryMetricFamily(
+            "tokenwarden_recent_event_apply_seconds",
+            "Seconds from acceptance to applied, for events received in the last 15 minutes.",
+            count_value=len(applied),
+            sum_value=sum(applied),
+        )
+        yield timing
+        yield GaugeMetricFamily(
+            "tokenwarden_recent_event_apply_seconds_max",
+            "Slowest acceptance-to-applied time in the last 15 minutes.",
+            value=max(applied, default=0.0),
         )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from kombu.connection import Connection
 from sqlalchemy import func, select, text
@@ -259,3 +260,47 @@ def _queue_empty(live: LiveStack) -> bool:
         finally:
             channel.close()
     return int(count) == 0
+
+
+def test_the_live_api_refuses_what_it_cannot_take(live: LiveStack) -> None:
+    org, user = ids()
+    good = event("membership.added", {"org_id": org, "user_id": user, "role": "user"})
+    assert live.post(good, key=None).status_code == 401
+    assert live.post(good, key="not-the-key").status_code == 401
+    assert live.post({**good, "type": "membership.joined"}).status_code == 422
+    assert live.post([good, {**good, "id": "other", "data": {}}]).status_code == 422
+    too_big = {**good, "data": {**good["data"], "email": "x" * (1024 * 1024)}}
+    assert live.post(too_big).status_code == 413
+    wrong_type = httpx.post(
+        f"{live.api_url}/v1/events",
+        content=json.dumps(good),
+        headers={"Authorization": "Bearer twp_test_key", "Content-Type": "text/plain"},
+    )
+    assert wrong_type.status_code == 415
+    assert live.send(good) == [good["id"]]
+    assert live.post({**good, "source": "elsewhere"}).status_code == 409
+    live.wait_for(lambda: _status(live, good["id"]) == EventStatus.DONE, message="applied")
+    with live.session() as session:
+        stored = session.scalar(
+            select(func.count())
+            .select_from(InboxEvent)
+            .where(InboxEvent.data["org_id"].as_string() == org)
+        )
+    assert stored == 1  # the refused requests stored nothing
+
+
+def test_metrics_show_what_the_worker_did(live: LiveStack) -> None:
+    org, user = ids()
+    live.member(org, user)
+    live.token(TokenKind.PERSONAL, org, user)
+    [done] = live.send(event("membership.removed", {"org_id": org, "user_id": user}))
+    live.wait_for(lambda: _status(live, done) == EventStatus.DONE, message="applied")
+    text = httpx.get(f"{live.api_url}/metrics", timeout=10).text
+    assert 'tokenwarden_revoked_tokens{reason="member_removed"}' in text
+    assert 'tokenwarden_events{status="done",type="membership.removed"}' in text
+    count = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("tokenwarden_recent_event_apply_seconds_count")
+    )
+    assert float(count.split()[-1]) >= 1

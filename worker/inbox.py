@@ -165,6 +165,18 @@ def list_dead_letters(session: Session, *, limit: int = 100) -> list[DeadLetter]
     return list(session.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)))
 
 
+def recent_apply_seconds(session: Session, *, now: datetime, window: timedelta) -> list[float]:
+    """Seconds from receipt to done for events received within ``window`` of ``now``."""
+    rows = session.execute(
+        select(InboxEvent.received_at, InboxEvent.finished_at).where(
+            InboxEvent.status == EventStatus.DONE,
+            InboxEvent.received_at >= now - window,
+            InboxEvent.finished_at.is_not(None),
+        )
+    )
+    return [(finished - received).total_seconds() for received, finished in rows if finished]
+
+
 def counts(session: Session) -> dict[tuple[str, str], int]:
     """Events by (type, status), for metrics."""
     rows = session.execute(
