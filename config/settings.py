@@ -178,17 +178,23 @@ SECRET_FIELDS = frozenset(
 )
 
 
+def without_password(url: str) -> str:
+    """``url`` with its user information masked, fit for a log line or a banner."""
+    if "://" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        user = authority.rsplit("@", 1)[0].split(":", 1)[0]
+        return f"{scheme}://{user}:***@{authority.rsplit('@', 1)[1]}{slash}{path}"
+    return url
+
+
 def _shown(field: str, value: Any) -> str:
     """The offending value, fit for an error line: never a secret, never a password."""
     if field in SECRET_FIELDS or not isinstance(value, str | int):
         return ""
-    text = str(value)
-    if "://" in text:
-        scheme, _, rest = text.partition("://")
-        authority, slash, path = rest.partition("/")
-        if "@" in authority:
-            text = f"{scheme}://***@{authority.rsplit('@', 1)[1]}{slash}{path}"
-    return f" (got {text!r})"
+    return f" (got {without_password(str(value))!r})"
 
 
 def _describe(error: ValidationError) -> str:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from config.settings import Settings
+from config.settings import Settings, without_password
 from worker import db
 from worker.cli.common import echo_table, fail, settings, store
 from worker.supervise import Stack, command, wait_for_http
@@ -115,7 +115,9 @@ def run(as_json: bool) -> None:
         "api": base,
         "docs": f"{base}/docs",
         "database": db.describe_url(url),
-        "broker": current.broker_url or f"filesystem ({current.broker_folder})",
+        "broker": without_password(current.broker_url)
+        if current.broker_url
+        else f"filesystem ({current.broker_folder})",
         "producer_key": key,
     }
     if as_json:
