@@ -15,28 +15,35 @@ import hmac
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeVar
 
 import structlog
-from fastapi import FastAPI, Request, Security
+from fastapi import FastAPI, Header, Request, Security
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 
 from config.settings import Settings, get_settings
-from producer import intake
+from producer import github, gitlab, intake
+from producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER, GitHubKeys
 from producer.intake import Refused, mask
 from producer.metrics import ApiMetrics, RequestMetrics
 from producer.schemas import (
     MAX_BODY_BYTES,
     Accepted,
     Conflicting,
+    GitHubFeedback,
+    GitHubReport,
+    GitLabReport,
     Health,
     InvalidEvents,
     Problem,
     Readiness,
+    RevocableTokenTypes,
+    github_request_body,
+    gitlab_request_body,
     request_body,
 )
 from worker import clock
@@ -47,6 +54,8 @@ from worker.publish import PublishError, publish_event_ids
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 RETRY_AFTER_S: Final = 5
 READY_TIMEOUT_S: Final = 3.0
 # Ids named in one log line; a batch of a thousand would make the line unreadable.
@@ -56,6 +65,14 @@ _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="producerKey",
     description="A producer key from TOKENWARDEN_PRODUCER_KEYS.",
+)
+_gitlab_token = APIKeyHeader(
+    name="Authorization",
+    auto_error=False,
+    scheme_name="gitlabRevocationToken",
+    description=(
+        "TOKENWARDEN_GITLAB_REVOCATION_TOKEN, sent as is (as GitLab does) or as 'Bearer TOKEN'."
+    ),
 )
 
 
@@ -83,14 +100,53 @@ _EVENT_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
+_RETRY_AFTER_HEADER: Final = {
+    "Retry-After": {
+        "description": "Seconds to wait before sending the same request again.",
+        "schema": {"type": "integer"},
+    }
+}
+_GITHUB_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    200: {"description": "One label per reported token, in the order sent."},
+    400: {"model": Problem, "description": "A signature header is missing."},
+    401: {"model": Problem, "description": "Unknown key identifier, or a bad signature."},
+    413: {"model": Problem, "description": f"The body is larger than {MAX_BODY_BYTES} bytes."},
+    422: {"model": Problem, "description": "Not a JSON array of reports; nothing was stored."},
+    503: {
+        "model": Problem,
+        "description": "GitHub's keys or the token store are unavailable; nothing was stored.",
+        "headers": _RETRY_AFTER_HEADER,
+    },
+}
+_GITLAB_UNAUTHORIZED: Final[dict[str, Any]] = {
+    "model": Problem,
+    "description": "No valid revocation token, or none is configured.",
+    "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+}
+_GITLAB_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    204: {"description": "Every token accepted for eventual revocation (whatever it was)."},
+    401: _GITLAB_UNAUTHORIZED,
+    413: {"model": Problem, "description": f"The body is larger than {MAX_BODY_BYTES} bytes."},
+    422: {"model": Problem, "description": "Not a JSON array of tokens; nothing was stored."},
+    503: {
+        "model": Problem,
+        "description": "The token store is unavailable; nothing was stored.",
+        "headers": _RETRY_AFTER_HEADER,
+    },
+}
+
+
 class _Service:
     """What the routes share: settings, the store, the broker and the metrics."""
 
-    def __init__(self, settings: Settings, celery_app: Any) -> None:
+    def __init__(
+        self, settings: Settings, celery_app: Any, github_keys: GitHubKeys | None = None
+    ) -> None:
         self.settings = settings
         self.celery_app = celery_app
         self.database_url = settings.resolved_database_url
         self.metrics = ApiMetrics(self.engine)
+        self.github_keys = github_keys or GitHubKeys(settings.github_keys_url)
 
     def engine(self) -> Engine:
         # Created on first use, so an app on a store that is down still starts and says so.
@@ -99,6 +155,15 @@ class _Service:
     def store(self, events: Sequence[CloudEvent]) -> Stored:
         with transaction(self.engine()) as session:
             return store_events(session, events, now=clock.now())
+
+    def store_github(
+        self, events: Sequence[CloudEvent], token_hashes: Sequence[str]
+    ) -> tuple[Stored, set[str]]:
+        """Store the events and tell which hashes name usable tokens, in one transaction."""
+        now = clock.now()
+        with transaction(self.engine()) as session:
+            usable = github.usable_hashes(session, token_hashes, now=now)
+            return store_events(session, events, now=now), usable
 
     def check_database(self) -> None:
         with self.engine().connect() as connection:
@@ -120,8 +185,13 @@ class _Service:
         intake.check_media_type(request.headers.get("content-type"))
         body = await intake.read_capped(request.stream())
         events = intake.validate(intake.decode(body))
+        stored = await self._guarded(self.store, events)
+        return await self._publish(events, stored)
+
+    async def _guarded(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` on the thread pool, its database failures turned into refusals."""
         try:
-            stored = await run_in_threadpool(self.store, events)
+            return await run_in_threadpool(work, *args)
         except Conflict as conflict:
             raise Refused(409, mask(str(conflict)), ids=[mask(i) for i in conflict.ids]) from None
         except Exception as error:
@@ -133,6 +203,9 @@ class _Service:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
                 cause=f"{type(error).__name__}: {_first_line(error)}",
             ) from None
+
+    async def _publish(self, events: Sequence[CloudEvent], stored: Stored) -> list[str]:
+        """Put the stored ids on the queue; a broker that is down leaves them to the re-drive."""
         published, problem = True, None
         if stored.to_publish:
             try:
@@ -151,6 +224,63 @@ class _Service:
         )
         return stored.accepted
 
+    async def github_reports(
+        self, request: Request, identifier: str | None, signature: str | None
+    ) -> list[dict[str, str]]:
+        """GitHub's feedback on the signed reports in ``request``, once they are stored."""
+        if not identifier or not signature:
+            raise Refused(
+                400, f"send the {IDENTIFIER_HEADER} and {SIGNATURE_HEADER} headers of GitHub"
+            )
+        intake.check_declared_length(request.headers.get("content-length"))
+        body = await intake.read_capped(request.stream())
+        try:
+            key = await run_in_threadpool(self.github_keys.key, identifier)
+        except github.KeysUnavailable as error:
+            raise Refused(
+                503,
+                "GitHub's public keys cannot be fetched now; nothing was stored",
+                headers={"Retry-After": str(error.retry_after)},
+                cause=mask(error.cause),
+            ) from None
+        except github.UnknownKey:
+            raise Refused(401, f"unknown {IDENTIFIER_HEADER}") from None
+        if not github.signature_valid(key, body, signature):
+            raise Refused(401, "the signature does not match the body")
+        checked = github.check_reports(github.decode_reports(body, GitHubReport))
+        events = [item.event for item in checked if item.event is not None]
+        usable: set[str] = set()
+        if events:
+            hashes = [event.data["token_hash"] for event in events]
+            stored, usable = await self._guarded(self.store_github, events, hashes)
+            await self._publish(events, stored)
+        answer = github.feedback(checked, usable)
+        log.info(
+            "leaks.reported",
+            reporter=github.EVENT_SOURCE,
+            reports=len(checked),
+            malformed=len(checked) - len(events),
+            true_positives=sum(item["label"] == github.TRUE_POSITIVE for item in answer),
+        )
+        return answer
+
+    async def gitlab_reports(self, request: Request, authorization: str | None) -> None:
+        """Store a leak event for each revocable token in ``request``."""
+        gitlab.authenticate(authorization, self.settings.gitlab_revocation_token)
+        intake.check_declared_length(request.headers.get("content-length"))
+        body = await intake.read_capped(request.stream())
+        reports = github.decode_reports(body, GitLabReport)
+        events = gitlab.leak_events(reports)
+        if events:
+            stored = await self._guarded(self.store, events)
+            await self._publish(events, stored)
+        log.info(
+            "leaks.reported",
+            reporter=gitlab.EVENT_SOURCE,
+            reports=len(reports),
+            dropped=len(reports) - len(events),
+        )
+
     async def readiness(self) -> Readiness:
         database, broker = await asyncio.gather(
             _probe("database", self.check_database), _probe("broker", self.check_broker)
@@ -161,15 +291,23 @@ class _Service:
         )
 
 
-def create_app(settings: Settings | None = None, *, celery_app: Any | None = None) -> FastAPI:
-    """The producer API on ``settings`` (the environment's by default)."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    celery_app: Any | None = None,
+    github_keys: GitHubKeys | None = None,
+) -> FastAPI:
+    """The producer API on ``settings`` (the environment's by default).
+
+    ``github_keys`` replaces the cache of GitHub's signing keys (tests give it their clock).
+    """
     settings = settings or get_settings()
     owns_celery = celery_app is None
     if celery_app is None:
         from worker.app import make_celery
 
         celery_app = make_celery(settings)
-    service = _Service(settings, celery_app)
+    service = _Service(settings, celery_app, github_keys)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -203,6 +341,65 @@ def create_app(settings: Settings | None = None, *, celery_app: Any | None = Non
         """Store the events in the inbox, then put their ids on the queue."""
         accepted = await service.accept(request, credentials)
         return JSONResponse({"accepted": accepted}, status_code=202)
+
+    @app.post(
+        "/v1/secret-scanning/github",
+        response_model=list[GitHubFeedback],
+        responses=_GITHUB_RESPONSES,
+        openapi_extra={"requestBody": github_request_body()},
+        summary="GitHub secret scanning partner alerts",
+        tags=["leaks"],
+    )
+    async def github_secret_scanning(
+        request: Request,
+        identifier: Annotated[
+            str | None,
+            Header(
+                alias=IDENTIFIER_HEADER,
+                description="Which of GitHub's public keys signed the body (required).",
+            ),
+        ] = None,
+        signature: Annotated[
+            str | None,
+            Header(
+                alias=SIGNATURE_HEADER,
+                description="Base64 ECDSA P-256 SHA-256 signature of the raw body (required).",
+            ),
+        ] = None,
+    ) -> JSONResponse:
+        """Verify GitHub's signature, store a leak event per well-formed token, label each."""
+        return JSONResponse(await service.github_reports(request, identifier, signature))
+
+    @app.get(
+        "/v1/revocable_token_types",
+        response_model=RevocableTokenTypes,
+        responses={401: _GITLAB_UNAUTHORIZED},
+        summary="GitLab Token Revocation API: token types",
+        tags=["leaks"],
+    )
+    async def revocable_token_types(
+        authorization: Annotated[str | None, Security(_gitlab_token)],
+    ) -> RevocableTokenTypes:
+        """The finding types GitLab should send to POST /v1/revoke_tokens."""
+        gitlab.authenticate(authorization, settings.gitlab_revocation_token)
+        return RevocableTokenTypes(types=list(gitlab.REVOCABLE_TYPES))
+
+    @app.post(
+        "/v1/revoke_tokens",
+        status_code=204,
+        response_class=Response,
+        responses=_GITLAB_RESPONSES,
+        openapi_extra={"requestBody": gitlab_request_body()},
+        summary="GitLab Token Revocation API: revoke leaked tokens",
+        tags=["leaks"],
+    )
+    async def revoke_tokens(
+        request: Request,
+        authorization: Annotated[str | None, Security(_gitlab_token)],
+    ) -> Response:
+        """Store a leak event for each well-formed token of a listed type; 204 whatever they are."""
+        await service.gitlab_reports(request, authorization)
+        return Response(status_code=204)
 
     @app.get("/healthz", response_model=Health, tags=["operations"], summary="Alive")
     async def healthz() -> Health:

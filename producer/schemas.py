@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.events import DATA_MODELS
 
@@ -58,6 +58,49 @@ class Readiness(BaseModel):
     status: Literal["ready", "unavailable"]
     database: str = Field(description='"ok", or why the token store did not answer.')
     broker: str = Field(description='"ok", or why the broker refused a connection.')
+
+
+class GitHubReport(BaseModel):
+    """One match of GitHub's secret scanning partner programme, as GitHub sends it."""
+
+    # GitHub may add fields to its payload; they are not ours to refuse.
+    model_config = ConfigDict(extra="ignore")
+
+    token: str = Field(description="The matched text; hashed on arrival, never stored or logged.")
+    type: str = Field(description="The secret type GitHub matched, echoed in the feedback.")
+    url: str = Field(description="Where GitHub found the match.")
+    source: str | None = Field(
+        default=None,
+        description='Where on GitHub it was found ("content", "commit", "gist", "npm", …).',
+    )
+
+
+class GitHubFeedback(BaseModel):
+    token_hash: str = Field(
+        pattern="^[0-9a-f]{64}$", description="SHA-256 of the reported text, in hex."
+    )
+    token_type: str = Field(description="The type GitHub sent for this match.")
+    label: Literal["true_positive", "false_positive"] = Field(
+        description=(
+            "true_positive: one of our tokens, neither revoked nor expired when reported; "
+            "false_positive otherwise. Every well-formed token goes to the worker either way."
+        )
+    )
+
+
+class GitLabReport(BaseModel):
+    """One token of GitLab's Token Revocation API request."""
+
+    # GitLab sends more than the documented fields (a vulnerability, say); they are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(description="One of the types GET /v1/revocable_token_types lists.")
+    token: str = Field(description="The leaked text; hashed on arrival, never stored or logged.")
+    location: str | None = Field(default=None, description="Where GitLab found it.")
+
+
+class RevocableTokenTypes(BaseModel):
+    types: list[str] = Field(description="The type values POST /v1/revoke_tokens acts on.")
 
 
 def _constrain_strings(schema: dict[str, Any]) -> dict[str, Any]:
@@ -155,3 +198,50 @@ def request_body() -> dict[str, Any]:
             "application/cloudevents-batch+json": {"schema": batch, "example": [example]},
         },
     }
+
+
+def _array_body(model: type[BaseModel], description: str, example: list[Any]) -> dict[str, Any]:
+    """A ``requestBody`` of a JSON array of ``model``, read raw by the route."""
+    items = model.model_json_schema()
+    items.pop("title", None)
+    return {
+        "required": True,
+        "description": f"{description} At most {MAX_BODY_BYTES} bytes.",
+        "content": {
+            "application/json": {
+                "schema": {"type": "array", "items": items},
+                "example": example,
+            }
+        },
+    }
+
+
+def github_request_body() -> dict[str, Any]:
+    """The ``requestBody`` of ``POST /v1/secret-scanning/github``."""
+    return _array_body(
+        GitHubReport,
+        "GitHub's matches, signed over these exact bytes.",
+        [
+            {
+                "token": "sm_pat_...",
+                "type": "tokenwarden_personal_access_token",
+                "url": "https://github.com/octo/repo/blob/0a1b2c/.env",
+                "source": "content",
+            }
+        ],
+    )
+
+
+def gitlab_request_body() -> dict[str, Any]:
+    """The ``requestBody`` of ``POST /v1/revoke_tokens``."""
+    return _array_body(
+        GitLabReport,
+        "Leaked tokens found by GitLab secret detection.",
+        [
+            {
+                "type": "gitleaks_rule_id_tokenwarden_personal_access_token",
+                "token": "sm_pat_...",
+                "location": "https://gitlab.example/group/repo/-/blob/0a1b2c/.env",
+            }
+        ],
+    )

@@ -1,0 +1,318 @@
+"""GitHub's secret scanning partner programme: signed leak reports in, feedback out.
+
+GitHub POSTs a JSON array of matches and signs the raw body (ECDSA P-256 over SHA-256); the
+``Github-Public-Key-Identifier`` header names the key among those GitHub publishes at
+``TOKENWARDEN_GITHUB_KEYS_URL``. The keys are fetched once and kept for the life of the process.
+An identifier we do not know may mean that GitHub rotated its keys, so it triggers one fetch,
+but at most one per :data:`REFETCH_FLOOR_S`: whoever sends made-up identifiers cannot make us
+hammer GitHub, whose API allows an unauthenticated client 60 requests an hour.
+
+Every well-formed match (prefix, length and checksum: no database is needed to tell) becomes a
+``token.leak_suspected`` event whether the token is ours or not, so the work done, and with it
+the time taken, does not depend on what the store holds; the worker finds out. The labels of
+the answer reveal more, but only to a caller holding GitHub's signing key.
+
+The leak event and JSON-array helpers here serve the GitLab endpoint too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from typing import Any, Final, TypeVar
+
+import httpx
+import structlog
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from producer.intake import Refused
+from producer.schemas import GitHubReport
+from worker.events import CloudEvent, parse_event
+from worker.models import Token
+from worker.tokens import hash_token, kind_of, mask_tokens
+
+log = structlog.get_logger(__name__)
+
+IDENTIFIER_HEADER: Final = "Github-Public-Key-Identifier"
+SIGNATURE_HEADER: Final = "Github-Public-Key-Signature"
+EVENT_SOURCE: Final = "github"
+FETCH_TIMEOUT_S: Final = 5.0
+# Least time between two fetches that an unknown key identifier may cause.
+REFETCH_FLOOR_S: Final = 60.0
+# After a failed fetch, requests are told to come back rather than each trying again at once.
+FAILED_FETCH_BACKOFF_S: Final = 5.0
+LEAK_TYPE: Final = "token.leak_suspected"
+# The widths of TokenLeakSuspected's source_url and reporter.
+URL_MAX: Final = 2000
+REPORTER_MAX: Final = 200
+
+TRUE_POSITIVE: Final = "true_positive"
+FALSE_POSITIVE: Final = "false_positive"
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class KeysUnavailable(Exception):
+    """GitHub's public keys could not be fetched; ``retry_after`` is in whole seconds."""
+
+    def __init__(self, cause: str, retry_after: int) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+class UnknownKey(Exception):
+    """No key of GitHub's has this identifier, even after a fetch (or one was too recent)."""
+
+
+class _PublicKey(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    key_identifier: str
+    key: str
+    is_current: bool = False
+
+
+class _KeysDocument(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    public_keys: list[_PublicKey]
+
+
+class GitHubKeys:
+    """GitHub's signing keys by identifier, fetched on demand and cached for the process.
+
+    Thread-safe: the API looks keys up from its thread pool, and a lock makes concurrent
+    requests for an unknown identifier share one fetch. ``clock`` is monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = FETCH_TIMEOUT_S,
+        refetch_floor_s: float = REFETCH_FLOOR_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.refetch_floor_s = refetch_floor_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        # Replaced whole on each fetch, never changed in place, so a read needs no lock; a key
+        # GitHub withdrew disappears with the next fetch.
+        self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
+        self._attempted_at: float | None = None
+        self._failed = False
+
+    def key(self, identifier: str) -> ec.EllipticCurvePublicKey:
+        """The key named ``identifier``; :class:`UnknownKey` or :class:`KeysUnavailable`."""
+        found = self._keys.get(identifier)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._keys.get(identifier)
+            if found is not None:  # another request fetched it while this one waited
+                return found
+            self._refresh()
+            found = self._keys.get(identifier)
+            if found is None:
+                raise UnknownKey(identifier)
+            return found
+
+    def _refresh(self) -> None:
+        now = self.clock()
+        if self._attempted_at is not None:
+            since = now - self._attempted_at
+            if self._failed and since < FAILED_FETCH_BACKOFF_S:
+                wait = math.ceil(FAILED_FETCH_BACKOFF_S - since)
+                raise KeysUnavailable("the last fetch failed moments ago", max(wait, 1))
+            if not self._failed and since < self.refetch_floor_s:
+                return  # fetched recently: an unknown identifier now is no rotation
+        self._attempted_at, self._failed = now, True
+        try:
+            keys = self._fetch()
+        except KeysUnavailable as error:
+            log.warning("github.keys_unavailable", url=self.url, error=error.cause)
+            raise
+        self._keys, self._failed = keys, False
+        log.info("github.keys_fetched", url=self.url, keys=len(keys))
+
+    def _fetch(self) -> dict[str, ec.EllipticCurvePublicKey]:
+        retry = math.ceil(FAILED_FETCH_BACKOFF_S)
+        try:
+            with httpx.Client(timeout=self.timeout) as client:
+                response = client.get(self.url, headers={"Accept": "application/json"})
+                response.raise_for_status()
+                document = _KeysDocument.model_validate_json(response.content)
+        except httpx.HTTPStatusError as error:
+            raise KeysUnavailable(f"HTTP {error.response.status_code}", retry) from None
+        except httpx.HTTPError as error:
+            raise KeysUnavailable(f"{type(error).__name__}: {error}", retry) from None
+        except ValidationError:
+            raise KeysUnavailable("not a document of GitHub's public keys", retry) from None
+        keys: dict[str, ec.EllipticCurvePublicKey] = {}
+        for entry in document.public_keys:
+            key = _p256_key(entry.key)
+            if key is None:
+                log.warning("github.key_skipped", key_identifier=entry.key_identifier)
+            else:
+                keys[entry.key_identifier] = key
+        if not keys:
+            raise KeysUnavailable("the document holds no usable P-256 key", retry)
+        return keys
+
+
+def _p256_key(pem: str) -> ec.EllipticCurvePublicKey | None:
+    try:
+        key = load_pem_public_key(pem.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key
+    return None
+
+
+def signature_valid(key: ec.EllipticCurvePublicKey, body: bytes, signature: str) -> bool:
+    """Whether ``signature`` (base64 of an ASN.1 DER ECDSA signature) signs ``body``."""
+    try:
+        der = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):  # ValueError: text that is not even ASCII
+        return False
+    try:
+        key.verify(der, body, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+@cache
+def _array_of(model: type[Model]) -> TypeAdapter[list[Model]]:
+    # Built once per model: building an adapter costs more than validating a small batch.
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
+
+
+def decode_reports(body: bytes, model: type[Model]) -> list[Model]:
+    """The body as a JSON array of ``model``, else a 422 that never quotes the input."""
+    try:
+        document = json.loads(body, parse_constant=_no_constants)
+    except RecursionError:
+        raise Refused(422, "the body is nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, bad UTF-8
+        message = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8 text"
+        raise Refused(422, f"the body is not JSON: {message}") from None
+    if not isinstance(document, list):
+        raise Refused(422, "the body must be a JSON array of reports")
+    try:
+        return _array_of(model).validate_python(document)
+    except ValidationError as error:
+        first = error.errors(include_input=False, include_url=False)[0]
+        index, *field = first["loc"]
+        where = f"report {index}" + (f": {'.'.join(str(part) for part in field)}" if field else "")
+        raise Refused(422, mask_tokens(f"{where}: {first['msg']}")) from None
+
+
+def storable(text: str, limit: int) -> str:
+    """``text`` fit for the inbox: token-shaped parts masked, no NUL, valid UTF-8, cut short."""
+    masked = mask_tokens(text).replace("\x00", "\ufffd")
+    # A lone surrogate survives JSON decoding but neither Postgres nor a JSON response takes it.
+    return masked.encode("utf-8", "replace").decode("utf-8")[:limit]
+
+
+def leak_event(
+    *, source: str, token_hash: str, source_url: str | None, reporter: str
+) -> CloudEvent:
+    """A ``token.leak_suspected`` event whose id follows from its content.
+
+    The same report sent again (a retry, a redelivery) gets the same id and the same content,
+    so the inbox takes it once. The id covers everything that varies in ``data``: two reports
+    that differ only in, say, the reporter are two events, never one id with two contents.
+    """
+    url = storable(source_url, URL_MAX) if source_url is not None else None
+    who = storable(reporter, REPORTER_MAX)
+    fingerprint = json.dumps([token_hash, url, who]).encode()
+    event_id = f"leak-{source}-{hashlib.sha256(fingerprint).hexdigest()[:32]}"
+    data: dict[str, Any] = {"token_hash": token_hash, "reporter": who}
+    if url is not None:
+        data["source_url"] = url
+    return parse_event(
+        {"specversion": "1.0", "id": event_id, "source": source, "type": LEAK_TYPE, "data": data}
+    )
+
+
+def usable_hashes(session: Session, token_hashes: Collection[str], *, now: datetime) -> set[str]:
+    """Which of ``token_hashes`` name a token neither revoked nor expired, in one query.
+
+    Membership is not consulted: the PAT of someone who left but not yet revoked is a live
+    secret all the same (it would work again on a re-join), so it counts as a true positive.
+    """
+    if not token_hashes:
+        return set()
+    return set(
+        session.scalars(
+            select(Token.token_hash).where(
+                Token.token_hash.in_(sorted(set(token_hashes))),
+                Token.revoked_at.is_(None),
+                Token.expires_at > now,
+            )
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One report, hashed; ``event`` is None when the text cannot be one of our tokens."""
+
+    token_hash: str
+    token_type: str
+    event: CloudEvent | None
+
+
+def check_reports(reports: Sequence[GitHubReport]) -> list[Checked]:
+    """Hash every report, and make an event of each well-formed one (no database needed)."""
+    checked = []
+    for report in reports:
+        token_hash = hash_token(report.token)
+        event = None
+        if kind_of(report.token) is not None:
+            event = leak_event(
+                source=EVENT_SOURCE,
+                token_hash=token_hash,
+                source_url=report.url,
+                reporter=f"github:{report.source}" if report.source else "github",
+            )
+        checked.append(Checked(token_hash, storable(report.type, REPORTER_MAX), event))
+    return checked
+
+
+def feedback(checked: Sequence[Checked], usable: Collection[str]) -> list[dict[str, str]]:
+    """GitHub's feedback format: one label per report, in the order GitHub sent them."""
+    return [
+        {
+            "token_hash": item.token_hash,
+            "token_type": item.token_type,
+            "label": TRUE_POSITIVE
+            if item.event is not None and item.token_hash in usable
+            else FALSE_POSITIVE,
+        }
+        for item in checked
+    ]

@@ -1,0 +1,70 @@
+"""GitLab's Token Revocation API, so a GitLab instance's secret detection reports leaks here.
+
+GitLab first asks ``GET /v1/revocable_token_types`` and sends only findings whose type is in
+that list, a type being the analyzer's primary identifier, ``type`` and ``value`` joined by
+``_``, lowercased, spaces made ``_``. A GitLab admin maps our tokens with two custom
+secret-detection rules whose ids are ``tokenwarden_personal_access_token`` and
+``tokenwarden_application_access_token``; the upstream gitleaks ``settlemint-*`` rules match a
+16-character body only and never one of our tokens, so they are not listed.
+
+``POST /v1/revoke_tokens`` answers ``204`` to every well-formed, authenticated request, whatever
+the tokens turn out to be: an unknown type or a malformed token is dropped without a database
+look-up, and every well-formed one of a known type becomes a leak event, ours or not, so the
+answer and its timing reveal nothing about the store.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from typing import Final
+
+from producer.github import leak_event
+from producer.intake import Refused
+from producer.schemas import GitLabReport
+from worker.events import CloudEvent
+from worker.tokens import hash_token, kind_of
+
+EVENT_SOURCE: Final = "gitlab"
+REPORTER: Final = "gitlab"
+# Either kind of token is revoked under either type: the token's own prefix says what it is.
+REVOCABLE_TYPES: Final = (
+    "gitleaks_rule_id_tokenwarden_personal_access_token",
+    "gitleaks_rule_id_tokenwarden_application_access_token",
+)
+
+
+def authenticate(authorization: str | None, configured: str | None) -> None:
+    """Accept the shared secret, sent raw (as GitLab does) or as ``Bearer <secret>``.
+
+    Both forms are compared, each in constant time, whatever the header holds; with no secret
+    configured (or a blank one) nothing is accepted, not even an empty header.
+    """
+    secret = (configured or "").strip()
+    given = authorization or ""
+    scheme, _, rest = given.partition(" ")
+    bearer = rest.strip() if scheme.lower() == "bearer" else ""
+    matched = hmac.compare_digest(given.encode(), secret.encode())
+    matched |= hmac.compare_digest(bearer.encode(), secret.encode())
+    if secret and authorization and matched:
+        return
+    detail = (
+        "send the revocation token in the Authorization header"
+        if secret
+        else "no revocation token is configured: set TOKENWARDEN_GITLAB_REVOCATION_TOKEN"
+    )
+    raise Refused(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def leak_events(reports: Sequence[GitLabReport]) -> list[CloudEvent]:
+    """An event for each well-formed token of a type we listed; the rest are dropped."""
+    return [
+        leak_event(
+            source=EVENT_SOURCE,
+            token_hash=hash_token(report.token),
+            source_url=report.location,
+            reporter=REPORTER,
+        )
+        for report in reports
+        if report.type in REVOCABLE_TYPES and kind_of(report.token) is not None
+    ]
