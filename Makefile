@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test lint
+.PHONY: install run demo test lint bench bench-short
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,20 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# Benchmarks (bench/*.py; helper modules start with "_"): each prints a table and, last, one JSON
+# line; `make bench` exits non-zero when a target is missed, `make bench-short` only when a
+# script cannot run (tiny sizes, one run: what CI runs so the scripts cannot rot).
+# Pass options through BENCH_ARGS, e.g. BENCH_ARGS='--broker-url redis://127.0.0.1:6379/0'.
+BENCH_SCRIPTS := $(sort $(filter-out bench/common.py bench/_%.py,$(wildcard bench/*.py)))
+BENCH_ARGS ?=
+
+bench: $(STAMP)
+	@status=0; for script in $(BENCH_SCRIPTS); do \
+	  echo "== $$script"; $(BIN)/python $$script $(BENCH_ARGS) || status=1; \
+	done; exit $$status
+
+bench-short: $(STAMP)
+	@status=0; for script in $(BENCH_SCRIPTS); do \
+	  echo "== $$script --short"; $(BIN)/python $$script --short $(BENCH_ARGS) || status=1; \
+	done; exit $$status

@@ -5,9 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from celery.schedules import crontab
+
 from config.settings import Settings
 
 REDRIVE_EVERY_S = 10.0
+REMINDERS_AT_HOUR_UTC = 8
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -74,6 +77,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             "redrive-inbox": {
                 "task": "tokenwarden.redrive_events",
+                "schedule": timedelta(seconds=min(REDRIVE_EVERY_S, settings.redrive_after_s)),
+            },
+            # Expiry (tasks.expiry): the sweep resumes whatever the previous run left, and
+            # a lock in the database makes a second scheduler's run return at once.
+            "sweep-expired": {
+                "task": "tokenwarden.sweep_expired",
+                "schedule": timedelta(seconds=settings.sweep_interval_s),
+            },
+            # Reminders go out once a day at a fixed time (UTC); a rerun sends nothing twice.
+            "send-reminders": {
+                "task": "tokenwarden.send_reminders",
+                "schedule": crontab(hour=REMINDERS_AT_HOUR_UTC, minute=0),
+            },
+            # Notices whose message was lost, or whose worker died holding the lease.
+            "redrive-notices": {
+                "task": "tokenwarden.redrive_notices",
                 "schedule": timedelta(seconds=min(REDRIVE_EVERY_S, settings.redrive_after_s)),
             },
         },

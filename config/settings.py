@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     reminder_days: Annotated[tuple[int, ...], NoDecode] = (60, 30, 7)
     sweep_interval_s: int = 300
     sweep_batch: int = 1000
+    # Revoked and expired tokens are deleted this many days after they stopped working;
+    # None (the default) keeps them forever. Their audit rows are always kept.
+    retention_days: int | None = None
     redrive_after_s: float = 30.0
     queue: str = "tokenwarden"
 
@@ -65,7 +68,20 @@ class Settings(BaseSettings):
             raise ValueError("must be positive whole numbers of days, e.g. 60,30,7")
         return days
 
-    @field_validator("database_url", "broker_url", "notice_webhook_url", mode="before")
+    @field_validator("retention_days", mode="before")
+    @classmethod
+    def _retention(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str) and not value.strip().isdigit():
+            raise ValueError("must be a whole number of days, e.g. 365, or empty to keep tokens")
+        if value is not None and int(value) <= 0:
+            raise ValueError("must be a positive number of days, or empty to keep tokens")
+        return value
+
+    @field_validator(
+        "database_url", "broker_url", "notice_webhook_url", "gitlab_revocation_token", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -94,6 +110,20 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("notice_signing_secret")
+    @classmethod
+    def _signing_secret(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        body = value.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        except ValueError:
+            key = b""
+        if not value.startswith("whsec_") or len(key) < 16:
+            raise ValueError("must be a Standard Webhooks secret: whsec_ then base64 of 16+ bytes")
         return value
 
     @field_validator("queue")

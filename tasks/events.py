@@ -117,4 +117,8 @@ def _event_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
     for item in value:
         if not isinstance(item, str) or not 0 < len(item) <= ID_MAX_LENGTH:
             raise BadArguments(f"each event id must be a string of 1 to {ID_MAX_LENGTH} characters")
+        if "\x00" in item:
+            # No stored id has one (the API refuses them), and Postgres cannot even compare
+            # with one: the query would fail the run instead of dead-lettering the message.
+            raise BadArguments("an event id cannot contain a NUL character")
     return value

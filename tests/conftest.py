@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, make_url, text
 from sqlalchemy.orm import Session
+
+# In-process code (the Celery app, the CLI helpers) reads TOKENWARDEN_HOME at import: give the
+# whole run a throw-away home so nothing lands in the working tree.
+os.environ["TOKENWARDEN_HOME"] = tempfile.mkdtemp(prefix="tokenwarden-tests-")
 
 from worker import db
 from worker.models import Base

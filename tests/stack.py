@@ -200,8 +200,8 @@ def stack_env(home: Path, extra: Mapping[str, str]) -> dict[str, str]:
             "TOKENWARDEN_HOME": str(home),
             "TOKENWARDEN_PRODUCER_KEYS": KEY,
             "TOKENWARDEN_REDRIVE_AFTER_S": "2",
-        # A queue of its own, so runs sharing a broker never see each other's messages.
-        "TOKENWARDEN_QUEUE": f"tokenwarden-test-{uuid.uuid4().hex[:8]}",
+            # A queue of its own, so runs sharing a broker never see each other's messages.
+            "TOKENWARDEN_QUEUE": f"tokenwarden-test-{uuid.uuid4().hex[:8]}",
             **extra,
         }
     )

@@ -218,3 +218,11 @@ def test_settings_are_frozen() -> None:
 
     with pytest.raises(ValueError):
         settings.api_port = 9000
+
+
+@pytest.mark.parametrize("secret", ["abc", "whsec_", "whsec_not base64!", "whsec_YWJj"])
+def test_a_signing_secret_must_be_a_standard_webhooks_secret(secret: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(notice_signing_secret=secret)
+    assert str(raised.value).startswith("TOKENWARDEN_NOTICE_SIGNING_SECRET: ")
+    assert "(got" not in str(raised.value)  # a secret's value is never echoed

@@ -186,6 +186,7 @@ def test_senders_are_checked_against_the_arguments_without_the_session() -> None
 
 
 def test_the_beat_schedule_names_a_registered_task() -> None:
+    app.loader.import_default_modules()  # what a worker does at start: import TASK_MODULES
     for entry in app.conf.beat_schedule.values():
         assert entry["task"] in app.tasks
 

@@ -7,7 +7,7 @@ from celery import Celery
 from config.celery import celery_config
 from config.settings import Settings, get_settings
 
-TASK_MODULES = ["tasks.events", "worker.signals"]
+TASK_MODULES = ["tasks.events", "tasks.notices", "tasks.expiry", "worker.signals"]
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -2,34 +2,45 @@
 
 No transaction is held while the HTTP request runs (on SQLite that would stall every
 writer). Instead a worker leases the notice by moving ``next_attempt_at`` past the request's
-deadline in one conditional UPDATE; a worker that dies mid-delivery leaves the lease to
-expire, and the re-drive hands the notice to another.
+deadline in one conditional UPDATE, committed at once; posts; and records the outcome in a
+second short transaction. A worker that dies mid-delivery leaves the lease to expire, and
+the re-drive hands the notice to another. Every attempt carries the notice's id as its
+``webhook-id``, so a receiver can drop the rare second delivery of the same notice.
 """
 
 from __future__ import annotations
 
+import binascii
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
+from typing import Final
 
 import httpx
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
-from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
+from config.settings import Settings
+from worker import clock, db
 from worker.models import Notice, NoticeStatus
 
 log = structlog.get_logger(__name__)
 
-TIMEOUT_S = 10.0
-LEASE = timedelta(seconds=60)
+# The longest a request may wait for the receiver (connecting, and each read or write).
+TIMEOUT_S: Final = 10.0
+# How long one attempt holds a notice, at most; see lease_for().
+LEASE_S: Final = 60.0
+MIN_LEASE_S: Final = 2.0
+LEASE: Final = timedelta(seconds=LEASE_S)
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 600.0
 MAX_ATTEMPTS = 30  # about four hours of retries at the cap
-RETRYABLE = {408, 429}
-USER_AGENT = "tokenwarden-notices/1"
+RETRYABLE: Final = frozenset({408, 429})
+USER_AGENT: Final = "tokenwarden-notices/1"
+ERROR_LENGTH: Final = 300
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,70 @@ class Outcome:
     status: NoticeStatus
     error: str | None = None
     retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how notices are posted, and how long one attempt may take."""
+
+    url: str
+    secret: str
+    lease: timedelta = LEASE
+    timeout_s: float = TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one attempt left behind: the notice's status, and when the next attempt is due.
+
+    ``status`` is ``skipped`` when the notice was not taken (unknown, finished, not due yet,
+    or leased by another worker); ``retry_in_s`` is set when another attempt is due later.
+    """
+
+    notice_id: str
+    status: str
+    retry_in_s: float | None = None
+
+
+SKIPPED: Final = "skipped"
+
+
+def lease_for(redrive_after_s: float) -> timedelta:
+    """Twice the re-drive delay, within [MIN_LEASE_S, LEASE_S].
+
+    The lease bounds how long a dead worker delays its notice, so it follows the re-drive
+    setting down (a test stack re-drives after seconds) but never past a minute.
+    """
+    return timedelta(seconds=min(LEASE_S, max(MIN_LEASE_S, 2 * redrive_after_s)))
+
+
+def timeout_for(lease: timedelta) -> float:
+    # A request must end well inside its lease: past it, another worker may start the next
+    # attempt while this one is still talking to the receiver.
+    return min(TIMEOUT_S, lease.total_seconds() / 2)
+
+
+def target_from(settings: Settings) -> Target | None:
+    """The delivery target the settings name; None when notices must stay in the outbox.
+
+    That is the case without ``TOKENWARDEN_NOTICE_WEBHOOK_URL``, and with a signing secret
+    that cannot sign (a receiver would reject every attempt, so none is made).
+    """
+    if not settings.notice_webhook_url:
+        return None
+    secret = settings.signing_secret()
+    try:
+        Webhook(secret)
+    except (binascii.Error, ValueError, EmptyWebhookSecretError):
+        log.error(
+            "notices.unusable_secret",
+            detail="TOKENWARDEN_NOTICE_SIGNING_SECRET must be whsec_ followed by base64",
+        )
+        return None
+    lease = lease_for(settings.redrive_after_s)
+    return Target(
+        url=settings.notice_webhook_url, secret=secret, lease=lease, timeout_s=timeout_for(lease)
+    )
 
 
 def signed_headers(secret: str, notice_id: str, body: str, now: datetime) -> dict[str, str]:
@@ -51,28 +126,40 @@ def signed_headers(secret: str, notice_id: str, body: str, now: datetime) -> dic
     }
 
 
-def post(client: httpx.Client, url: str, secret: str, notice: Notice, now: datetime) -> Outcome:
-    headers = signed_headers(secret, notice.id, notice.body, now)
+def post(
+    client: httpx.Client,
+    target: Target,
+    *,
+    notice_id: str,
+    body: str,
+    now: datetime,
+) -> Outcome:
+    """One attempt; never raises for what the network or the receiver does."""
+    headers = signed_headers(target.secret, notice_id, body, now)
     try:
         response = client.post(
-            url, content=notice.body.encode(), headers=headers, timeout=TIMEOUT_S
+            target.url, content=body.encode(), headers=headers, timeout=target.timeout_s
         )
-    except httpx.HTTPError as error:
-        return Outcome(NoticeStatus.PENDING, f"{type(error).__name__}: {error}"[:300])
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
+        # A URL httpx cannot use stays pending too: fixing the setting lets it through.
+        return Outcome(NoticeStatus.PENDING, f"{type(error).__name__}: {error}"[:ERROR_LENGTH])
     code = response.status_code
     if 200 <= code < 300:
         return Outcome(NoticeStatus.SENT)
     reason = f"HTTP {code} {response.reason_phrase}".strip()
     if code >= 500 or code in RETRYABLE:
         return Outcome(NoticeStatus.PENDING, reason, _retry_after(response, now))
+    if 300 <= code < 400:
+        # A redirect is not followed: the signed body must go to the configured URL only.
+        return Outcome(NoticeStatus.FAILED, f"{reason}: redirects are not followed")
     return Outcome(NoticeStatus.FAILED, f"{reason}: the receiver refused the notice")
 
 
 def _retry_after(response: httpx.Response, now: datetime) -> float | None:
-    value = response.headers.get("retry-after")
+    value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
-    if value.strip().isdigit():
+    if value.isdigit():
         return float(value)
     try:
         return max(0.0, (parsedate_to_datetime(value) - now).total_seconds())
@@ -81,32 +168,61 @@ def _retry_after(response: httpx.Response, now: datetime) -> float | None:
 
 
 def backoff_s(attempts: int, retry_after_s: float | None = None) -> float:
-    """Exponential with full jitter, at least what the receiver asked for, capped."""
+    """Exponential with jitter, at least what the receiver asked for, capped."""
     ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1))
     delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
     return min(BACKOFF_CAP_S, max(delay, retry_after_s or 0.0))
 
 
-def lease(session: Session, notice_id: str, *, now: datetime) -> Notice | None:
-    """Take the notice for one attempt if it is pending and due; None if another has it."""
-    taken: Notice | None = session.scalar(
+@dataclass(frozen=True)
+class Leased:
+    """A notice taken for one attempt: what to post, and until when it is ours."""
+
+    id: str
+    body: str
+    until: datetime
+
+
+def lease(
+    session: Session, notice_id: str, *, now: datetime, duration: timedelta = LEASE
+) -> Leased | None:
+    """Take the notice for one attempt if it is pending and due; None if not (or taken).
+
+    One conditional UPDATE: of two workers racing for the same notice, the database lets
+    exactly one match the row.
+    """
+    until = now + duration
+    row = session.execute(
         update(Notice)
         .where(
             Notice.id == notice_id,
             Notice.status == NoticeStatus.PENDING.value,
             Notice.next_attempt_at <= now,
         )
-        .values(next_attempt_at=now + LEASE)
-        .returning(Notice)
-    )
-    return taken
+        .values(next_attempt_at=until)
+        .returning(Notice.id, Notice.body)
+        .execution_options(synchronize_session=False)
+    ).first()
+    return None if row is None else Leased(row.id, row.body, until)
 
 
-def record(session: Session, notice_id: str, outcome: Outcome, *, now: datetime) -> float | None:
-    """Store an attempt's outcome; return the delay before the next attempt, if any."""
-    notice = session.get(Notice, notice_id, with_for_update=True)
+def record(
+    session: Session,
+    notice_id: str,
+    outcome: Outcome,
+    *,
+    now: datetime,
+    leased_until: datetime | None = None,
+) -> Attempt:
+    """Store an attempt's outcome: the notice's status now, and the delay before the next.
+
+    ``leased_until`` is the end of the lease this attempt held: when the row shows a later
+    one, another worker took the notice after this attempt overran its lease, and that lease
+    is left alone rather than cut short.
+    """
+    notice = session.get(Notice, notice_id, with_for_update=True, populate_existing=True)
     if notice is None or notice.status != NoticeStatus.PENDING.value:
-        return None
+        return Attempt(notice_id, SKIPPED)
     notice.attempts += 1
     notice.last_error = outcome.error
     delay = None
@@ -117,6 +233,8 @@ def record(session: Session, notice_id: str, outcome: Outcome, *, now: datetime)
         notice.status = NoticeStatus.FAILED.value
         if outcome.status is not NoticeStatus.FAILED:
             notice.last_error = f"gave up after {notice.attempts} attempts: {outcome.error}"
+    elif leased_until is not None and notice.next_attempt_at > leased_until:
+        log.warning("notice.lease_overrun", notice_id=notice_id)
     else:
         delay = backoff_s(notice.attempts, outcome.retry_after_s)
         notice.next_attempt_at = now + timedelta(seconds=delay)
@@ -128,7 +246,23 @@ def record(session: Session, notice_id: str, outcome: Outcome, *, now: datetime)
         error=notice.last_error,
         retry_in_s=delay,
     )
-    return delay
+    return Attempt(notice_id, notice.status, delay)
+
+
+def deliver(engine: Engine, notice_id: str, *, target: Target, client: httpx.Client) -> Attempt:
+    """Lease, post and record one notice, each database step in its own short transaction.
+
+    The lease is committed before the request starts and the outcome after it ends, so no
+    transaction (and on SQLite no write lock) is held while the receiver takes its time.
+    """
+    with db.transaction(engine) as session:
+        leased = lease(session, notice_id, now=clock.now(), duration=target.lease)
+    if leased is None:
+        log.info("notice.not_taken", notice_id=notice_id)
+        return Attempt(notice_id, SKIPPED)
+    outcome = post(client, target, notice_id=leased.id, body=leased.body, now=clock.now())
+    with db.transaction(engine) as session:
+        return record(session, notice_id, outcome, now=clock.now(), leased_until=leased.until)
 
 
 def due(session: Session, *, now: datetime, limit: int = 500) -> list[str]:

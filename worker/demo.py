@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 
 from worker import db
+from worker.demo_peers import KEY_ID, Peers
 from worker.issuing import IssuedToken, create_token
 from worker.members import add_member
 from worker.models import TokenKind
@@ -40,6 +42,7 @@ class Demo:
     api_url: str
     key: str
     say: Say
+    peers: Peers
     steps: list[Step] = field(default_factory=list)
 
     @property
@@ -101,6 +104,16 @@ class Demo:
         verdict = self.verify(token)
         return "usable" if verdict.usable else f"refused ({verdict.reason})"
 
+    def wait(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def notice(self, kind: str) -> dict[str, Any] | None:
+        """The first signed notice of ``kind`` the receiver got (waiting a little for it)."""
+        self.wait(lambda: any(n.get("type") == kind for n in self.peers.notices))
+        return next((n for n in self.peers.notices if n.get("type") == kind), None)
+
     def post(self, type_: str, data: dict[str, str]) -> httpx.Response:
         body = {
             "specversion": "1.0",
@@ -123,15 +136,25 @@ def run_demo(say: Say, *, keep: bool = False) -> tuple[bool, list[Step], Path]:
     home = Path(tempfile.mkdtemp(prefix="tokenwarden-demo-"))
     port = free_port()
     key = "twp_demo_" + secrets.token_urlsafe(16)
+    peers = Peers()
+    peers.start()
     env = child_env(
         TOKENWARDEN_HOME=str(home),
         TOKENWARDEN_PRODUCER_KEYS=key,
         TOKENWARDEN_API_PORT=str(port),
         TOKENWARDEN_REDRIVE_AFTER_S="5",
+        TOKENWARDEN_GITHUB_KEYS_URL=f"{peers.base}/keys",
+        TOKENWARDEN_NOTICE_WEBHOOK_URL=f"{peers.base}/notices",
+        TOKENWARDEN_NOTICE_SIGNING_SECRET=peers.secret,
     )
-    for variable in ("TOKENWARDEN_DATABASE_URL", "TOKENWARDEN_BROKER_URL"):
+    for variable in (
+        "TOKENWARDEN_DATABASE_URL",
+        "TOKENWARDEN_BROKER_URL",
+        "TOKENWARDEN_PRODUCER_KEY",
+        "TOKENWARDEN_API_URL",
+    ):
         env.pop(variable, None)
-    demo = Demo(home=home, api_url=f"http://127.0.0.1:{port}", key=key, say=say)
+    demo = Demo(home=home, api_url=f"http://127.0.0.1:{port}", key=key, say=say, peers=peers)
     db.upgrade(demo.url)
     logs = (home / "stack.log").open("ab")
     stack = Stack(
@@ -152,6 +175,7 @@ def run_demo(say: Say, *, keep: bool = False) -> tuple[bool, list[Step], Path]:
         _story(demo)
     finally:
         stack.stop()
+        peers.stop()
         logs.close()
         if not keep:
             shutil.rmtree(home, ignore_errors=True)
@@ -191,3 +215,58 @@ def _story(demo: Demo) -> None:
         revoked = [e for e in trail(session, token_id=pat.id) if e.action == "revoke"]
     seen = f"{revoked[0].reason} from {revoked[0].source}" if revoked else "none"
     demo.check("the audit trail explains it", "member_removed from hr://demo", seen)
+    offboarded = demo.notice("member.offboarded")
+    demo.check(
+        "a signed offboarding notice reaches acme's admins",
+        "alice, listing …" + pat.token[-4:],
+        _addressed(offboarded),
+    )
+
+    say("5. acme's deploy token is pushed to a public repository; GitHub's secret scanning")
+    say("   finds it and reports it, signed with GitHub's key (a key pair the demo made).")
+    report = json.dumps(
+        [
+            {
+                "token": aat.token,
+                "type": "settlemint_application_access_token",
+                "url": "https://github.com/acme/site/blob/main/.env",
+                "source": "content",
+            }
+        ]
+    ).encode()
+    response = httpx.post(
+        f"{demo.api_url}/v1/secret-scanning/github",
+        content=report,
+        timeout=10,
+        headers={
+            "Content-Type": "application/json",
+            "Github-Public-Key-Identifier": KEY_ID,
+            "Github-Public-Key-Signature": demo.peers.sign(report),
+        },
+    )
+    label = response.json()[0]["label"] if response.status_code == 200 else response.status_code
+    demo.check("GitHub is told it was a real token", "true_positive", str(label))
+    demo.wait(lambda: not demo.verify(aat).usable)
+    demo.check("the leaked AAT", "refused (revoked)", demo.state(aat))
+    leaked = demo.notice("token.leaked")
+    demo.check(
+        "a signed leak notice reaches acme's admins",
+        "alice, listing …" + aat.token[-4:],
+        _addressed(leaked),
+    )
+    where = (leaked or {}).get("data", {}).get("source_url")
+    demo.check(
+        "the notice says where it leaked", "https://github.com/acme/site/blob/main/.env", str(where)
+    )
+    demo.check(
+        "every notice's signature checked out", "0 rejected", f"{demo.peers.rejected} rejected"
+    )
+
+
+def _addressed(notice: dict[str, Any] | None) -> str:
+    if notice is None:
+        return "no notice"
+    data = notice.get("data", {})
+    who = ", ".join(r["user_id"] for r in data.get("recipients", []))
+    hints = ", ".join("…" + t["last4"] for t in data.get("tokens", []))
+    return f"{who}, listing {hints}"

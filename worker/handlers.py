@@ -1,10 +1,13 @@
 """Applying inbox events: one event to the domain, or a batch of them in one transaction.
 
-A batch runs inside the caller's transaction, each event in its own SAVEPOINT: an event that
-cannot be applied rolls back only its own changes and is marked dead with the reason, while
-the rest of the batch is applied and committed together (a commit per event would cap a
-worker at a fraction of what the broker delivers). An error that a retry can fix, such as a
-lost connection, is not the event's fault: it propagates so that the whole batch is retried.
+A batch runs inside the caller's transaction and is committed together (a commit per event
+would cap a worker at a fraction of what the broker delivers). It is first applied inside one
+SAVEPOINT for the whole batch; only if an event raises is that savepoint rolled back and the
+batch applied again with a SAVEPOINT per event, so that an event that cannot be applied rolls
+back only its own changes and is marked dead with the reason, while the rest are applied. (A
+savepoint per event on every batch cost two round trips and a flush per event.) An error that
+a retry can fix, such as a lost connection, is not the event's fault: it propagates so that
+the whole batch is retried.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from worker import inbox, members, offboarding
 from worker.events import (
+    CloudEvent,
     InvalidEvent,
     MembershipAdded,
     MembershipRemoved,
@@ -31,6 +35,7 @@ from worker.events import (
     parse_event,
 )
 from worker.models import EventStatus, InboxEvent
+from worker.publish import NEW_NOTICES
 from worker.tokens import mask_tokens
 
 log = structlog.get_logger(__name__)
@@ -56,7 +61,12 @@ def apply_event(session: Session, event: InboxEvent, *, now: datetime) -> dict[s
     Raises :class:`InvalidEvent` when the stored event does not validate (an unknown type,
     data of the wrong shape).
     """
-    cloud = parse_event(
+    return _dispatch(session, event, parse_stored(event), now=now)
+
+
+def parse_stored(event: InboxEvent) -> CloudEvent:
+    """The stored event, validated again; raises :class:`InvalidEvent`. Touches no table."""
+    return parse_event(
         {
             "specversion": "1.0",
             "id": event.id,
@@ -66,6 +76,11 @@ def apply_event(session: Session, event: InboxEvent, *, now: datetime) -> dict[s
             "data": event.data,
         }
     )
+
+
+def _dispatch(
+    session: Session, event: InboxEvent, cloud: CloudEvent, *, now: datetime
+) -> dict[str, Any]:
     at, source, event_id = cloud.time or event.time, cloud.source, cloud.id
     match cloud.payload():
         case MembershipAdded() as data:
@@ -164,13 +179,78 @@ def apply_pending(
     for event_id in outcome.missing:
         inbox.dead_letter(session, reason=NO_SUCH_EVENT, now=now, event_id=event_id, task=task)
         log.warning("event.dead_letter", event_id=event_id, reason=NO_SUCH_EVENT)
+    applied = _apply_together(session, claimed, now=now, retryable=retryable)
     for event in claimed:
         with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
-            if _apply_one(session, event, now=now, retryable=retryable):
-                outcome.done.append(event.id)
+            if applied is not None:
+                done = applied[event.id]
             else:
-                outcome.dead.append(event.id)
+                done = _apply_one(session, event, now=now, retryable=retryable)
+        (outcome.done if done else outcome.dead).append(event.id)
     return outcome
+
+
+class _Abandon(Exception):
+    """An event of the batch raised: roll the batch's savepoint back, go one by one."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(event_id)
+        self.event_id = event_id
+
+
+def _apply_together(
+    session: Session,
+    events: Sequence[InboxEvent],
+    *,
+    now: datetime,
+    retryable: Callable[[Exception], bool],
+) -> dict[str, bool] | None:
+    """Apply ``events`` in one savepoint and mark each; ``None`` if one raised (then nothing
+    of them is applied, and the caller applies them one savepoint each).
+
+    An event that does not validate is marked dead here: validating touches no table.
+    """
+    if len(events) < 2:
+        return None  # one savepoint either way, and the per-event path says why it failed
+    remembered = len(session.info.get(NEW_NOTICES, ()))
+    outcomes: list[tuple[InboxEvent, dict[str, Any] | None, str | None]] = []
+    try:
+        with session.begin_nested():
+            for event in events:
+                with structlog.contextvars.bound_contextvars(
+                    event_id=event.id, event_type=event.type
+                ):
+                    try:
+                        cloud = parse_stored(event)
+                    except InvalidEvent as error:
+                        outcomes.append((event, None, error.reason))
+                        continue
+                    try:
+                        outcomes.append((event, _dispatch(session, event, cloud, now=now), None))
+                    except Exception as error:
+                        if retryable(error):
+                            raise
+                        raise _Abandon(event.id) from error
+    except _Abandon as abandoned:
+        # The next attempt queues notices of its own.
+        _forget_notices_since(session, remembered)
+        # The per-event attempt that follows logs the failure itself, with its reason.
+        log.info("events.batch_split", events=len(events), failed_event_id=abandoned.event_id)
+        return None
+    applied: dict[str, bool] = {}
+    # The marks are written after the last event, so they flush together at commit (one
+    # statement for the batch) rather than one by one before each next event's queries.
+    for event, result, reason in outcomes:
+        with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
+            if reason is None:
+                assert result is not None
+                inbox.finish(session, event, status=EventStatus.DONE, now=now, result=result)
+                log.info("event.applied", revoked=len(result.get("revoked", ())))
+            else:
+                inbox.finish(session, event, status=EventStatus.DEAD, now=now, reason=reason)
+                log.warning("event.invalid", reason=reason)
+        applied[event.id] = reason is None
+    return applied
 
 
 def _apply_one(
@@ -180,6 +260,7 @@ def _apply_one(
     now: datetime,
     retryable: Callable[[Exception], bool],
 ) -> bool:
+    remembered = len(session.info.get(NEW_NOTICES, ()))
     try:
         # The event's effects and its DONE mark are released together, or not at all.
         with session.begin_nested():
@@ -196,18 +277,28 @@ def _apply_one(
     else:
         log.info("event.applied", revoked=len(result.get("revoked", ())))
         return True
+    _forget_notices_since(session, remembered)
     inbox.finish(session, event, status=EventStatus.DEAD, now=now, reason=reason)
     # Flushed now, outside any savepoint, so that a later event's rollback cannot undo it.
     session.flush()
     return False
 
 
+def _forget_notices_since(session: Session, remembered: int) -> None:
+    """Notices queued after the first ``remembered`` were rolled back with their savepoint:
+    publishing their ids would send the worker after rows that do not exist."""
+    if NEW_NOTICES in session.info:
+        del session.info[NEW_NOTICES][remembered:]
+
+
 def dead_letter_message(
     session: Session, *, reason: str, now: datetime, task: str | None, body: object
 ) -> None:
     """Keep an unusable queue message with the reason and an excerpt of its body, redacted."""
-    inbox.dead_letter(session, reason=redact(reason), now=now, task=task, body=excerpt(body))
-    log.warning("message.dead_letter", reason=redact(reason), task=task)
+    reason = storable(redact(reason))
+    task = storable(task) if task is not None else None
+    inbox.dead_letter(session, reason=reason, now=now, task=task, body=excerpt(body))
+    log.warning("message.dead_letter", reason=reason, task=task)
 
 
 def excerpt(body: object) -> str:
@@ -222,7 +313,16 @@ def excerpt(body: object) -> str:
         text = body
     else:
         text = json.dumps(body, default=repr)
-    return redact(text)[: inbox.BODY_EXCERPT]
+    return storable(redact(text))[: inbox.BODY_EXCERPT]
+
+
+def storable(text: str) -> str:
+    """``text`` as a text column can hold it: Postgres refuses the NUL character.
+
+    A binary body (a pickle, garbage) holds NUL bytes; without this its dead letter would
+    fail to insert and the message would be dropped with no copy kept.
+    """
+    return text.replace("\x00", "\ufffd")
 
 
 redact = mask_tokens

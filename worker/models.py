@@ -243,3 +243,36 @@ class Notice(Base):
         ),
         Index(None, "status", "created_at"),
     )
+
+
+class TokenReminder(Base):
+    """A pre-expiry reminder sent for a token at one of the reminder days; sent once only."""
+
+    __tablename__ = "token_reminders"
+
+    token_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    days: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    notice_id: Mapped[str | None] = mapped_column(String(40))
+
+
+class JobCursor(Base):
+    """Where a resumable job stopped, so that its next run continues from there."""
+
+    __tablename__ = "job_cursors"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # The last key processed; None when no pass is under way.
+    position: Mapped[str | None] = mapped_column(String(200))
+    pass_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+# The sweep's audit rows in order: the "expired" notices are written from them, after the
+# sweep's batches, so notices never lengthen a batch's transaction.
+Index(
+    "ix_audit_expire",
+    AuditEntry.id,
+    postgresql_where=text("action = 'expire'"),
+    sqlite_where=text("action = 'expire'"),
+)

@@ -1,9 +1,14 @@
 """Notices: what a person must hear about a token, queued in an outbox row.
 
 A notice row is written in the same transaction as the revocation that causes it, so the
-two commit or roll back together; a task delivers it afterwards. The body is fixed at
-creation (the exact bytes every attempt posts), and never holds a token, only its id, name
-and last four characters.
+two commit or roll back together; a task delivers it afterwards (its id is published once
+that transaction commits, and the re-drive catches any publication that was lost). The body
+is fixed at creation (the exact bytes every attempt posts), and never holds a token, only
+its id, name and last four characters.
+
+Who hears what: a leaked personal token's owner; the active admins of the organization for
+a leaked application token; the active admins, in one notice per organization and event,
+for the personal tokens of a member who left or was deactivated.
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ import json
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker.models import Membership, Notice, NoticeStatus, Role, Token, TokenKind
+from worker.models import Membership, Notice, NoticeStatus, Role, TokenKind
+from worker.publish import remember_notice
 
 log = structlog.get_logger(__name__)
 
@@ -36,8 +42,8 @@ NEXT_STEPS = {
     ),
     OFFBOARDED: (
         "These personal access tokens stopped working because their owner left the "
-        "organization. An integration that used one needs a new token; an application "
-        "access token keeps working when people leave."
+        "organization or was deactivated. An integration that used one needs a new token; "
+        "an application access token keeps working when people leave."
     ),
     EXPIRING: (
         "These tokens will stop working at their expiry, which cannot be extended. Create "
@@ -54,7 +60,30 @@ def new_notice_id() -> str:
     return "ntc_" + secrets.token_hex(12)
 
 
-def describe(token: Token) -> dict[str, Any]:
+class TokenFacts(Protocol):
+    """What a notice says about a token: a loaded ``Token``, or a row a bulk UPDATE returned."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def org_id(self) -> str: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def app_id(self) -> str | None: ...
+    @property
+    def created_by(self) -> str: ...
+    @property
+    def last4(self) -> str: ...
+    @property
+    def expires_at(self) -> datetime: ...
+
+
+def describe(token: TokenFacts) -> dict[str, Any]:
     """A token as a notice names it: never the token itself."""
     owner = (
         {"user_id": token.user_id}
@@ -85,7 +114,7 @@ def admins(session: Session, org_id: str) -> list[dict[str, Any]]:
     return [{"user_id": m.user_id, "email": m.email} for m in rows]
 
 
-def owner(session: Session, token: Token) -> list[dict[str, Any]]:
+def owner(session: Session, token: TokenFacts) -> list[dict[str, Any]]:
     """Who owns a token: a PAT's user, or an AAT's organization's active admins."""
     if token.kind == TokenKind.PERSONAL and token.user_id:
         member = session.get(Membership, (token.org_id, token.user_id))
@@ -138,6 +167,7 @@ def queue(
     except IntegrityError:
         log.info("notice.duplicate", kind=kind, dedupe_key=dedupe_key)
         return None
+    remember_notice(session, notice_id)
     log.info(
         "notice.queued",
         notice_id=notice_id,
@@ -151,14 +181,16 @@ def queue(
 
 def leak_notice(
     session: Session,
-    token: Token,
+    token: TokenFacts,
     *,
     now: datetime,
     source: str,
     source_url: str | None,
     reporter: str | None,
     event_id: str | None,
+    at: datetime | None = None,
 ) -> str | None:
+    """Tell a leaked token's owner that it was revoked; at most one notice per token."""
     return queue(
         session,
         kind=LEAKED,
@@ -169,6 +201,8 @@ def leak_notice(
             "source": source,
             "source_url": source_url,
             "reporter": reporter,
+            "event_id": event_id,
+            "event_time": at.isoformat() if at is not None else None,
             "revoked_at": now.isoformat(),
             "tokens": [describe(token)],
         },
@@ -183,12 +217,19 @@ def offboarding_notice(
     *,
     org_id: str,
     user_id: str,
-    tokens: Iterable[Token],
+    tokens: Iterable[TokenFacts],
     now: datetime,
     source: str,
     event_id: str | None,
+    reason: str = "member_removed",
+    at: datetime | None = None,
 ) -> str | None:
-    described = [describe(token) for token in tokens]
+    """Tell ``org_id``'s admins which of ``user_id``'s tokens were revoked; None if none were.
+
+    The admins are read in this transaction, after the leaver's membership was ended, so a
+    leaving admin is not among them.
+    """
+    described = [describe(token) for token in sorted(tokens, key=lambda token: token.id)]
     if not described:
         return None
     return queue(
@@ -197,12 +238,22 @@ def offboarding_notice(
         org_id=org_id,
         recipients=admins(session, org_id),
         data={
-            "reason": "member_removed",
+            "reason": reason,
             "source": source,
             "user_id": user_id,
+            "event_id": event_id,
+            "event_time": at.isoformat() if at is not None else None,
             "revoked_at": now.isoformat(),
             "tokens": described,
         },
         now=now,
         event_id=event_id,
     )
+
+
+def list_notices(session: Session, *, status: str | None = None, limit: int = 100) -> list[Notice]:
+    """The outbox, newest first."""
+    query = select(Notice).order_by(Notice.created_at.desc(), Notice.id).limit(limit)
+    if status:
+        query = query.where(Notice.status == status)
+    return list(session.scalars(query))

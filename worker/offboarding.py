@@ -8,6 +8,10 @@ removal still revokes the personal tokens that the leaver held at ``at`` (create
 it, or before the current active period began), but never one issued at or after a later
 re-join. Memberships are read ``FOR UPDATE`` so two workers applying events about the same
 membership take turns instead of both acting on what they read first.
+
+Notices are queued in the same transaction as the revocations they report, and only for
+tokens revoked by this very call: a replayed event or a second leak report revokes nothing,
+so it tells nobody anything twice.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import groupby
 from typing import Any
 
 import structlog
 from sqlalchemy import ColumnElement, and_, false, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from worker import audit, members
+from worker import audit, members, notices
 from worker.members import parse_role
 from worker.models import Membership, Role, Token, TokenKind
 from worker.revocation import revoke_token
@@ -142,7 +147,7 @@ def remove_member(
         member.last_event_at = at
         member.updated_at = now
         held = true()
-    revoked = _revoke_personal_tokens(
+    rows = _revoke_personal_tokens(
         session,
         [Token.org_id == org_id, Token.user_id == user_id, held],
         reason=MEMBER_REMOVED,
@@ -151,6 +156,18 @@ def remove_member(
         source=source,
         actor=actor,
         event_id=event_id,
+    )
+    revoked = [row.id for row in rows]
+    notices.offboarding_notice(
+        session,
+        org_id=org_id,
+        user_id=user_id,
+        tokens=rows,
+        now=now,
+        source=source,
+        event_id=event_id,
+        reason=MEMBER_REMOVED,
+        at=at,
     )
     # A replay of a removal already applied changes nothing, so it leaves no second row.
     if not stale and ended:
@@ -222,7 +239,7 @@ def deactivate_user(
         )
         .exists()
     )
-    revoked = _revoke_personal_tokens(
+    rows = _revoke_personal_tokens(
         session,
         [Token.user_id == user_id, ~spared],
         reason=USER_DEACTIVATED,
@@ -232,6 +249,21 @@ def deactivate_user(
         actor=actor,
         event_id=event_id,
     )
+    revoked = [row.id for row in rows]
+    # One notice per organization, to that organization's admins only: what a user held in
+    # one organization is none of another's business.
+    for org_id, in_org in groupby(sorted(rows, key=_org_then_id), key=lambda row: row.org_id):
+        notices.offboarding_notice(
+            session,
+            org_id=org_id,
+            user_id=user_id,
+            tokens=in_org,
+            now=now,
+            source=source,
+            event_id=event_id,
+            reason=USER_DEACTIVATED,
+            at=at,
+        )
     member_rows = [
         _audit_row(
             action="member",
@@ -357,6 +389,17 @@ def report_leak(
         event_id=event_id,
         detail=detail or None,
     )
+    if token is not None:
+        notices.leak_notice(
+            session,
+            token,
+            now=now,
+            source=source,
+            source_url=source_url,
+            reporter=reporter,
+            event_id=event_id,
+            at=at,
+        )
     return TokenOutcome(found, revoked=token is not None)
 
 
@@ -376,8 +419,11 @@ def _revoke_personal_tokens(
     source: str,
     actor: str | None,
     event_id: str | None,
-) -> list[str]:
-    """Revoke the live PATs matching ``criteria`` in one statement; audit them in another."""
+) -> list[notices.TokenFacts]:
+    """Revoke the live PATs matching ``criteria`` in one statement; audit them in another.
+
+    Returns the revoked tokens, by id, with what their audit rows and notices name.
+    """
     rows = session.execute(
         update(Token)
         .where(
@@ -386,7 +432,18 @@ def _revoke_personal_tokens(
             and_(*criteria),
         )
         .values(revoked_at=now, revoke_reason=reason)
-        .returning(Token.id, Token.org_id, Token.user_id)
+        # Everything a notice names (worker.notices.describe), so no second query is needed.
+        .returning(
+            Token.id,
+            Token.org_id,
+            Token.user_id,
+            Token.kind,
+            Token.name,
+            Token.app_id,
+            Token.created_by,
+            Token.last4,
+            Token.expires_at,
+        )
         # Keeps Token objects already loaded in this session in step, using the ids that
         # RETURNING brings back rather than a second query.
         .execution_options(synchronize_session="fetch")
@@ -409,7 +466,12 @@ def _revoke_personal_tokens(
             for row in rows
         ],
     )
-    return sorted(row.id for row in rows)
+    revoked: list[notices.TokenFacts] = sorted(rows, key=lambda row: str(row.id))
+    return revoked
+
+
+def _org_then_id(token: notices.TokenFacts) -> tuple[str, str]:
+    return (token.org_id, token.id)
 
 
 def _audit_row(

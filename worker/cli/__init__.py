@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli import admin, events, members, runtime, tokens
+from worker.cli import admin, events, expiry, members, notices, runtime, tokens
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,7 +15,7 @@ def cli() -> None:
     configure_logging(level="WARNING")
 
 
-for module in (admin, members, tokens, events, runtime):
+for module in (admin, members, tokens, events, notices, expiry, runtime):
     module.register(cli)
 
 

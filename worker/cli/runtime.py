@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -50,6 +51,10 @@ def worker(concurrency: int | None, pool: str, log_level: str) -> None:
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
+        # A node name of its own: two workers on one host (or two deployments sharing a
+        # broker) must not fight over the same remote-control queue.
+        "--hostname",
+        f"{current.queue}.{os.getpid()}@%h",
     ]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]

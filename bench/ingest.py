@@ -1,0 +1,220 @@
+"""Events/s accepted by the producer API over HTTP, beside an empty endpoint on the same server.
+
+``tokenwarden api`` (uvicorn, one process) takes ``membership.removed`` events, in batches of
+100 and one per request, from a few keep-alive client connections; every answer must be a
+``202``, and every event must be in the inbox at the end. The limit is ``bench/_empty_api.py``:
+a FastAPI ``POST /v1/events`` that only reads the body, served with the same uvicorn options
+and process count, sent the very same requests. No worker runs, so the queue only fills (it
+is deleted at the end). The ratio is the median of the per-run ratios (each run measures
+both servers, one right after the other); ``ok`` needs both batch and single to hold.
+
+    .venv/bin/python bench/ingest.py [--runs 3] [--batches 300] [--singles 3000]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import func, select
+
+from bench import common
+from worker.models import InboxEvent
+from worker.supervise import free_port
+
+NAME: Final = "ingest"
+TARGET: Final = 0.5
+UNIT: Final = "events/s"
+BATCH: Final = 100
+MODES: Final = ("batch", "single")
+
+
+@dataclass
+class Mode:
+    name: str
+    values: list[float] = field(default_factory=list)
+    baselines: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return common.median(self.ratios)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "value": common.rounded(common.median(self.values), 1),
+            "baseline": common.rounded(common.median(self.baselines), 1),
+            "ratio": common.rounded(self.ratio),
+            "ok": self.ratio >= TARGET,
+        }
+
+
+def event(event_id: str, index: int, at: str) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": "bench://ingest",
+        "type": "membership.removed",
+        "time": at,
+        "data": {"org_id": f"org-{index % 100}", "user_id": f"u-{index:07d}"},
+    }
+
+
+def requests(port: int, mode: str, count: int, tag: str) -> list[bytes]:
+    """``count`` requests of fresh events (a reused id would be a resend, not new work)."""
+    at = datetime.now(UTC).isoformat()
+    size = BATCH if mode == "batch" else 1
+    built = []
+    for number in range(count):
+        events = [
+            event(f"evt-{tag}-{number:06d}-{i:03d}", number * size + i, at) for i in range(size)
+        ]
+        body = json.dumps(events if mode == "batch" else events[0]).encode()
+        built.append(common.http_request(port, "/v1/events", body))
+    return built
+
+
+def drive(
+    port: int, sent: list[bytes], *, connections: int, per_request: int
+) -> tuple[float, float]:
+    """Events/s and the median request latency (ms); every answer must be a 202."""
+    load = common.http_load(port, sent, connections=connections)
+    if set(load.statuses) != {202}:
+        detail = load.bodies[0][:300] if load.bodies else b""
+        raise common.BenchError(f"answers other than 202: {load.statuses} {detail!r}")
+    return load.requests * per_request / load.seconds, 1000 * common.median(load.latencies)
+
+
+def options(argv: list[str] | None) -> argparse.Namespace:
+    parsed = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    parsed.add_argument("--batches", type=int, default=None, help="batch requests per run (300)")
+    parsed.add_argument("--singles", type=int, default=None, help="single requests per run (3000)")
+    parsed.add_argument("--connections", type=int, default=4, help="client connections (4)")
+    parsed.add_argument("--log-level", default="info", help="both servers' log level")
+    args = common.parse(parsed, argv)
+    args.batches = args.batches or common.pick(args, 300, 10)
+    args.singles = args.singles or common.pick(args, 3000, 100)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = options(argv)
+    modes = {name: Mode(name) for name in MODES}
+    counts = {"batch": args.batches, "single": args.singles}
+    sizes = {"batch": BATCH, "single": 1}
+    try:
+        with common.bench(NAME, args) as run:
+            ours_port, empty_port = free_port(), free_port()
+            logs = run.home / "logs"
+            ours = common.Child(
+                "API",
+                common.tokenwarden("api", "--port", str(ours_port), "--log-level", args.log_level),
+                run.child_env(),
+                logs / "api.log",
+            )
+            empty = common.Child(
+                "empty API",
+                common.python(
+                    "-m",
+                    "bench._empty_api",
+                    "--port",
+                    str(empty_port),
+                    "--log-level",
+                    args.log_level,
+                ),
+                run.child_env(),
+                logs / "empty-api.log",
+            )
+            with ours, empty:
+                common.wait_for_http(f"http://127.0.0.1:{ours_port}/healthz", ours)
+                common.wait_for_http(f"http://127.0.0.1:{empty_port}/healthz", empty)
+                sent = 0
+                for mode in MODES:  # warm both: connections, pools, caches
+                    for port in (empty_port, ours_port):
+                        warm = requests(port, mode, 20, f"warm-{mode}-{port}")
+                        drive(port, warm, connections=args.connections, per_request=1)
+                    sent += 20 * sizes[mode]
+                for number in range(args.runs):
+                    for mode in MODES:
+                        tag = f"{mode}-{number}"
+                        count, size = counts[mode], sizes[mode]
+                        base, _ = drive(
+                            empty_port,
+                            requests(empty_port, mode, count, f"empty-{tag}"),
+                            connections=args.connections,
+                            per_request=size,
+                        )
+                        value, p50 = drive(
+                            ours_port,
+                            requests(ours_port, mode, count, tag),
+                            connections=args.connections,
+                            per_request=size,
+                        )
+                        sent += count * size
+                        measured = modes[mode]
+                        measured.values.append(value)
+                        measured.baselines.append(base)
+                        measured.ratios.append(common.ratio(value, base))
+                        measured.p50_ms.append(p50)
+                        print(
+                            f"  run {number + 1} {mode}: empty {base:,.0f}, ours {value:,.0f} "
+                            f"events/s, ratio {value / base:.3f}, ours p50 {p50:.1f} ms",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+            with run.engine().connect() as connection:
+                stored = connection.scalar(select(func.count()).select_from(InboxEvent))
+            if stored != sent:
+                raise common.BenchError(f"{stored} events in the inbox, {sent} accepted")
+    except (common.BenchError, OSError) as error:
+        return common.failed(NAME, error, unit=UNIT, target=TARGET)
+    print(
+        f"membership.removed events over HTTP, {args.connections} connections, {args.runs} "
+        f"run(s): {args.batches} batches of {BATCH} and {args.singles} single events per run"
+    )
+    rows: list[list[Any]] = [
+        [
+            m.name,
+            common.median(m.values),
+            common.median(m.baselines),
+            m.ratio,
+            min(m.ratios),
+            common.median(m.p50_ms),
+        ]
+        for m in modes.values()
+    ]
+    print(
+        common.table(
+            ["mode", "events/s", "empty endpoint", "ratio", "min ratio", "ours p50 ms"], rows
+        )
+    )
+    batch, single = modes["batch"], modes["single"]
+    outcome = common.result(
+        NAME,
+        value=common.median(batch.values),
+        baseline=common.median(batch.baselines),
+        ratio=batch.ratio,
+        target=TARGET,
+        ok=batch.ratio >= TARGET and single.ratio >= TARGET,
+        unit=UNIT,
+        mode="batch",
+        batch=batch.summary(),
+        single=single.summary(),
+        connections=args.connections,
+        runs=args.runs,
+        short=args.short,
+    )
+    return common.finish(outcome, short=args.short)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

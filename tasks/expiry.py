@@ -1,0 +1,90 @@
+"""Scheduled expiry tasks: the sweep every ``TOKENWARDEN_SWEEP_INTERVAL_S``, reminders daily.
+
+These run many short transactions of their own (one per batch), so they are plain tasks that
+hand the engine to the domain, not :class:`~worker.tasking.DatabaseTask` runs in one
+transaction. Neither retries: the next scheduled run picks up whatever a failed one left, and
+a lock in the database keeps two runs (from two schedulers) from working at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+import structlog
+
+from config.settings import get_settings
+from worker import clock
+from worker.app import app
+from worker.publish import publish_new_notices
+from worker.reminders import send_reminders
+from worker.sweep import run_sweep
+from worker.tasking import store_engine
+
+log = structlog.get_logger(__name__)
+
+SWEEP_EXPIRED: Final = "tokenwarden.sweep_expired"
+SEND_REMINDERS: Final = "tokenwarden.send_reminders"
+# A run stops starting batches after this long and leaves the rest to the next run; well
+# inside the task's soft time limit (60 s), and under the interval so runs do not pile up.
+BUDGET_S: Final = 40.0
+# Reminders run once a day, so a run may take longer; its own time limits replace the
+# default ones (config.celery) for this task only.
+REMINDERS_BUDGET_S: Final = 600.0
+REMINDERS_SOFT_LIMIT_S: Final = REMINDERS_BUDGET_S + 60
+# Beat sends one reminder run per day; a run that waited this long in the queue is dropped,
+# since the next one does the same work.
+REMINDERS_EXPIRE_S: Final = 6 * 3600
+
+
+def _publish(notice_ids: Sequence[str]) -> None:
+    publish_new_notices(app, notice_ids)
+
+
+def sweep_budget_s() -> float:
+    return min(BUDGET_S, get_settings().sweep_interval_s * 0.8)
+
+
+@app.task(  # type: ignore[untyped-decorator]  # celery ships no type information
+    name=SWEEP_EXPIRED,
+    ignore_result=True,
+    # A sweep still queued when the next one is due is dropped: that one does the same work.
+    expires=get_settings().sweep_interval_s,
+)
+def sweep_expired() -> dict[str, Any]:
+    """Mark expired tokens, write their notices, apply the retention; one run at a time."""
+    settings = get_settings()
+    result = run_sweep(
+        store_engine(),
+        now=clock.now(),
+        batch=settings.sweep_batch,
+        budget_s=sweep_budget_s(),
+        retention_days=settings.retention_days,
+        publish=_publish,
+    )
+    if not result.ran:
+        log.info("sweep.skipped", reason="another sweep is running")
+    return result.as_dict()
+
+
+@app.task(  # type: ignore[untyped-decorator]  # celery ships no type information
+    name=SEND_REMINDERS,
+    ignore_result=True,
+    expires=REMINDERS_EXPIRE_S,
+    soft_time_limit=REMINDERS_SOFT_LIMIT_S,
+    time_limit=REMINDERS_SOFT_LIMIT_S + 30,
+)
+def send_expiry_reminders() -> dict[str, Any]:
+    """Warn owners of tokens entering a reminder bucket; one run at a time."""
+    settings = get_settings()
+    result = send_reminders(
+        store_engine(),
+        now=clock.now(),
+        days=settings.reminder_days,
+        batch=settings.sweep_batch,
+        budget_s=REMINDERS_BUDGET_S,
+        publish=_publish,
+    )
+    if not result.ran:
+        log.info("reminders.skipped", reason="another reminder run is going on")
+    return result.as_dict()

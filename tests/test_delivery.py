@@ -1,0 +1,681 @@
+"""Delivering notices to a real HTTP receiver on loopback that checks every signature.
+
+The delivery task runs in this process (``task.run``) against the real store and really
+commits; time is moved forward with the clock rather than waited for. Each test empties the
+store afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+import tasks.events
+import tasks.notices
+from config.logging import configure_logging
+from config.settings import Settings
+from tests.conftest import Store
+from worker import clock, db, delivery, inbox, notices, publish, tasking
+from worker.app import app
+from worker.events import parse_event
+from worker.models import DeadLetter, Notice, NoticeStatus
+from worker.publish import DELIVER_NOTICES
+from worker.supervise import free_port
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+# -- the receiver --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Received:
+    webhook_id: str
+    headers: dict[str, str]
+    body: bytes
+    status: int = 0
+
+
+class Receiver:
+    """A webhook receiver on loopback: verifies each signature, answers from a script.
+
+    Replies are taken from ``script`` in order (200 once it is empty). :meth:`hold_next`
+    makes the next request wait until released, as a receiver that hangs would.
+    """
+
+    def __init__(self, secret: str = SECRET) -> None:
+        self.webhook = Webhook(secret)
+        self.script: list[Reply] = []
+        self.received: list[Received] = []
+        self.forged: list[str] = []
+        self._lock = threading.Lock()
+        self._hold: tuple[threading.Event, threading.Event] | None = None
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                # OSError: the sender went away (a killed worker), there is no one to answer.
+                with contextlib.suppress(OSError):
+                    receiver._handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        # A short poll: shutdown() waits up to one interval, once per test.
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/notices"
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def hold_next(self) -> threading.Event:
+        """Hold the next request until :meth:`release`; the event is set once it arrives."""
+        arrived = threading.Event()
+        with self._lock:
+            self._hold = (arrived, threading.Event())
+        return arrived
+
+    def release(self) -> None:
+        with self._lock:
+            hold, self._hold = self._hold, None
+        if hold is not None:
+            hold[1].set()
+
+    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        body = request.rfile.read(int(request.headers.get("content-length") or 0))
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        got = Received(headers.get("webhook-id", ""), headers, body)
+        try:
+            self.webhook.verify(body, headers)
+        except WebhookVerificationError as error:
+            with self._lock:
+                self.forged.append(f"{got.webhook_id}: {error}")
+            reply = Reply(401)
+        else:
+            with self._lock:
+                self.received.append(got)
+                hold = self._hold
+                if hold is not None and not hold[0].is_set():
+                    hold[0].set()
+                else:
+                    hold = None
+                reply = self.script.pop(0) if self.script else Reply()
+            if hold is not None:
+                hold[1].wait(timeout=60)
+        got.status = reply.status
+        request.send_response(reply.status)
+        for name, value in reply.headers.items():
+            request.send_header(name, value)
+        request.send_header("content-length", "0")
+        request.end_headers()
+
+    @property
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [r.webhook_id for r in self.received]
+
+    @property
+    def accepted(self) -> list[Received]:
+        with self._lock:
+            return [r for r in self.received if 200 <= r.status < 300]
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+class MovingClock:
+    """The wall clock, moved forward on demand (signatures stay within the receiver's window)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+    def until(self, moment: datetime) -> None:
+        gap = (moment - self()).total_seconds()
+        if gap > 0:
+            self.advance(gap + 0.001)
+
+
+@dataclass
+class Harness:
+    store: Store
+    receiver: Receiver
+    clock: MovingClock
+    settings: Settings
+    scheduled: list[tuple[list[str], float]]
+    published: list[list[str]]
+
+    def queue(self, **changes: Any) -> str:
+        with db.transaction(self.store.engine) as session:
+            notice_id = notices.queue(
+                session,
+                kind=notices.LEAKED,
+                org_id="acme",
+                recipients=[{"user_id": "bob", "email": "bob@acme.example"}],
+                data={"reason": "leaked", "tokens": [{"id": "tok_1", "last4": "Ab12"}]},
+                now=clock.now(),
+            )
+            assert notice_id is not None
+            if changes:
+                session.execute(update(Notice).where(Notice.id == notice_id).values(**changes))
+        return notice_id
+
+    def row(self, notice_id: str) -> Notice:
+        with Session(self.store.engine, expire_on_commit=False) as session:
+            notice = session.get(Notice, notice_id)
+            assert notice is not None
+            return notice
+
+    def deliver(self, *notice_ids: str) -> None:
+        tasks.notices.deliver_notices.run(list(notice_ids))
+
+    def redrive(self) -> list[str]:
+        before = len(self.published)
+        tasks.notices.redrive_notices.run()
+        return [i for batch in self.published[before:] for i in batch]
+
+
+def settings_for(url: str | None, **more: Any) -> Settings:
+    return Settings(
+        notice_webhook_url=url,
+        notice_signing_secret=SECRET,
+        redrive_after_s=more.pop("redrive_after_s", 2.0),
+        **more,
+    )
+
+
+@pytest.fixture
+def harness(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    moving = MovingClock()
+    scheduled: list[tuple[list[str], float]] = []
+    published: list[list[str]] = []
+    monkeypatch.setattr(tasking, "store_engine", lambda: store.engine)
+    monkeypatch.setattr(
+        tasks.notices.deliver_notices,
+        "apply_async",
+        lambda args, countdown: scheduled.append((args[0], countdown)),
+    )
+    monkeypatch.setattr(
+        tasks.notices, "publish_notice_ids", lambda _app, ids: published.append(list(ids))
+    )
+    clock.set_clock(moving)
+    store.truncate()
+    with Receiver() as receiver:
+        settings = settings_for(receiver.url)
+        monkeypatch.setattr(tasks.notices, "get_settings", lambda: settings)
+        try:
+            yield Harness(store, receiver, moving, settings, scheduled, published)
+        finally:
+            clock.set_clock(None)
+            store.truncate()
+    assert receiver.forged == []  # every request carried a valid signature
+
+
+def use_settings(monkeypatch: pytest.MonkeyPatch, harness: Harness, settings: Settings) -> None:
+    harness.settings = settings
+    monkeypatch.setattr(tasks.notices, "get_settings", lambda: settings)
+
+
+# -- delivery ------------------------------------------------------------------------------
+
+
+def test_a_notice_is_delivered_once_signed_with_its_own_id(harness: Harness) -> None:
+    notice_id = harness.queue()
+
+    harness.deliver(notice_id)
+    harness.deliver(notice_id)  # a second message for the same notice
+
+    (got,) = harness.receiver.received
+    stored = harness.row(notice_id)
+    assert got.webhook_id == notice_id
+    assert got.body == stored.body.encode()
+    assert got.headers["content-type"] == "application/json"
+    assert got.headers["user-agent"] == delivery.USER_AGENT
+    assert json.loads(got.body)["data"]["notice_id"] == notice_id
+    assert (stored.status, stored.attempts, stored.last_error) == (NoticeStatus.SENT, 1, None)
+    assert stored.sent_at is not None
+    assert harness.scheduled == []
+
+
+def test_an_unavailable_receiver_gets_the_same_notice_until_it_accepts(harness: Harness) -> None:
+    harness.receiver.script = [Reply(503), Reply(503)]
+    notice_id = harness.queue()
+
+    harness.deliver(notice_id)
+
+    first = harness.row(notice_id)
+    assert (first.status, first.attempts, first.last_error) == (
+        NoticeStatus.PENDING,
+        1,
+        "HTTP 503 Service Unavailable",
+    )
+    wait = (first.next_attempt_at - clock.now()).total_seconds()
+    assert 0 < wait <= delivery.BACKOFF_BASE_S
+    ((again, countdown),) = harness.scheduled
+    assert again == [notice_id]
+    assert countdown == pytest.approx(wait, abs=0.5)
+
+    harness.deliver(notice_id)  # too early: not due, nothing sent
+    assert len(harness.receiver.received) == 1
+
+    harness.clock.until(first.next_attempt_at)
+    harness.deliver(notice_id)
+    second = harness.row(notice_id)
+    assert (second.status, second.attempts) == (NoticeStatus.PENDING, 2)
+    assert harness.scheduled[-1][1] <= 2 * delivery.BACKOFF_BASE_S
+
+    harness.clock.until(second.next_attempt_at)
+    harness.deliver(notice_id)
+
+    done = harness.row(notice_id)
+    assert (done.status, done.attempts, done.last_error) == (NoticeStatus.SENT, 3, None)
+    assert harness.receiver.ids == [notice_id] * 3
+    assert [r.status for r in harness.receiver.received] == [503, 503, 200]
+    assert len(harness.receiver.accepted) == 1
+    assert len(harness.scheduled) == 2
+
+
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+def test_retry_after_is_honoured(harness: Harness, form: str) -> None:
+    later = (clock.now() + timedelta(seconds=45)).replace(microsecond=0) + timedelta(seconds=1)
+    value = "45" if form == "seconds" else format_datetime(later, usegmt=True)
+    harness.receiver.script = [Reply(429, {"Retry-After": value})]
+    notice_id = harness.queue()
+
+    harness.deliver(notice_id)
+
+    waiting = harness.row(notice_id)
+    wait = (waiting.next_attempt_at - clock.now()).total_seconds()
+    assert 44 <= wait <= 47
+    assert waiting.last_error == "HTTP 429 Too Many Requests"
+    assert harness.scheduled[0][1] >= 44
+    harness.clock.advance(wait - 2)
+    harness.deliver(notice_id)
+    assert len(harness.receiver.received) == 1
+    harness.clock.until(waiting.next_attempt_at)
+    harness.deliver(notice_id)
+    assert harness.row(notice_id).status == NoticeStatus.SENT
+    assert harness.receiver.ids == [notice_id, notice_id]
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (Reply(400), "HTTP 400 Bad Request: the receiver refused the notice"),
+        (Reply(410), "HTTP 410 Gone: the receiver refused the notice"),
+        (
+            Reply(308, {"Location": "http://127.0.0.1:1/elsewhere"}),
+            "HTTP 308 Permanent Redirect: redirects are not followed",
+        ),
+    ],
+)
+def test_a_refusal_fails_the_notice_with_the_reason_and_ends_its_attempts(
+    harness: Harness, reply: Reply, reason: str
+) -> None:
+    harness.receiver.script = [reply]
+    notice_id = harness.queue()
+
+    harness.deliver(notice_id)
+    harness.clock.advance(3600)
+    harness.deliver(notice_id)
+
+    failed = harness.row(notice_id)
+    assert (failed.status, failed.attempts, failed.last_error) == (NoticeStatus.FAILED, 1, reason)
+    assert failed.sent_at is None
+    assert len(harness.receiver.received) == 1
+    assert harness.scheduled == []
+    assert harness.redrive() == []
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("http://127.0.0.1:{port}/hook", "ConnectError: "),  # connection refused
+        ("http://[::1/hook", "InvalidURL: "),
+    ],
+)
+def test_a_receiver_that_cannot_be_reached_leaves_the_notice_pending(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, url: str, error: str
+) -> None:
+    use_settings(monkeypatch, harness, settings_for(url.format(port=free_port())))
+    notice_id = harness.queue()
+
+    harness.deliver(notice_id)
+
+    pending = harness.row(notice_id)
+    assert (pending.status, pending.attempts) == (NoticeStatus.PENDING, 1)
+    assert (pending.last_error or "").startswith(error)
+    assert pending.next_attempt_at > clock.now()
+    assert [ids for ids, _ in harness.scheduled] == [[notice_id]]
+
+
+def test_after_the_last_attempt_the_notice_fails(harness: Harness) -> None:
+    harness.receiver.script = [Reply(502)]
+    notice_id = harness.queue(attempts=delivery.MAX_ATTEMPTS - 1)
+
+    harness.deliver(notice_id)
+
+    failed = harness.row(notice_id)
+    assert failed.status == NoticeStatus.FAILED
+    assert failed.last_error == (
+        f"gave up after {delivery.MAX_ATTEMPTS} attempts: HTTP 502 Bad Gateway"
+    )
+    assert harness.scheduled == []
+
+
+# -- leases and the re-drive ---------------------------------------------------------------
+
+
+def test_a_lease_lets_one_worker_deliver_and_holds_no_transaction_meanwhile(
+    harness: Harness,
+) -> None:
+    notice_id = harness.queue()
+    arrived = harness.receiver.hold_next()
+    target = delivery.target_from(harness.settings)
+    assert target is not None
+    outcome: list[delivery.Attempt] = []
+
+    def first_worker() -> None:
+        with httpx.Client() as client:
+            outcome.append(
+                delivery.deliver(harness.store.engine, notice_id, target=target, client=client)
+            )
+
+    worker = threading.Thread(target=first_worker)
+    worker.start()
+    try:
+        assert arrived.wait(timeout=10)
+        started = time.monotonic()
+        # The second worker takes its own lease transaction: it would wait for the first
+        # worker's lock (SQLite's write lock, Postgres' row lock) if one were still held.
+        harness.deliver(notice_id)
+        with db.transaction(harness.store.engine) as session:
+            session.execute(update(Notice).values(last_error=None))
+        assert time.monotonic() - started < 2
+    finally:
+        harness.receiver.release()
+        worker.join(timeout=10)
+
+    assert [a.status for a in outcome] == [NoticeStatus.SENT]
+    assert harness.receiver.ids == [notice_id]
+    assert harness.row(notice_id).attempts == 1
+
+
+def test_a_notice_whose_worker_died_is_re_driven_once_its_lease_runs_out(
+    harness: Harness,
+) -> None:
+    notice_id = harness.queue()
+    lease = delivery.lease_for(harness.settings.redrive_after_s)
+    # A worker took the notice and died before posting: the lease is committed, nothing else.
+    with db.transaction(harness.store.engine) as session:
+        assert delivery.lease(session, notice_id, now=clock.now(), duration=lease) is not None
+    harness.clock.advance(harness.settings.redrive_after_s + 0.1)
+    harness.deliver(notice_id)
+    assert harness.redrive() == []  # still leased
+    assert harness.receiver.received == []
+
+    harness.clock.advance(lease.total_seconds())
+    redriven = harness.redrive()
+    assert redriven == [notice_id]
+    harness.deliver(*redriven)
+
+    assert harness.receiver.ids == [notice_id]
+    sent = harness.row(notice_id)
+    assert (sent.status, sent.attempts) == (NoticeStatus.SENT, 1)
+
+
+def test_the_re_drive_publishes_only_notices_due_for_a_while(harness: Harness) -> None:
+    now = clock.now()
+    grace = timedelta(seconds=harness.settings.redrive_after_s)
+    waited = harness.queue(next_attempt_at=now - grace - timedelta(seconds=1))
+    fresh = harness.queue()
+    backing_off = harness.queue(next_attempt_at=now + timedelta(minutes=5), attempts=3)
+    harness.queue(status=NoticeStatus.SENT.value, next_attempt_at=now - timedelta(hours=1))
+    harness.queue(status=NoticeStatus.FAILED.value, next_attempt_at=now - timedelta(hours=1))
+
+    assert harness.redrive() == [waited]
+    harness.clock.advance(grace.total_seconds() + 1)
+    assert sorted(harness.redrive()) == sorted([waited, fresh])
+    harness.clock.advance(600)
+    assert sorted(harness.redrive()) == sorted([waited, fresh, backing_off])
+
+
+def test_without_a_webhook_url_notices_stay_pending_and_are_not_re_driven(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_settings(monkeypatch, harness, settings_for(None))
+    notice_id = harness.queue()
+    harness.clock.advance(3600)
+
+    harness.deliver(notice_id)
+
+    assert harness.redrive() == []
+    kept = harness.row(notice_id)
+    assert (kept.status, kept.attempts, kept.last_error) == (NoticeStatus.PENDING, 0, None)
+    assert harness.receiver.received == []
+    assert harness.scheduled == []
+
+
+def test_an_unusable_signing_secret_sends_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The variable is checked when settings load; a secret file in TOKENWARDEN_HOME that was
+    # damaged later is not, so delivery must cope with one too.
+    broken = Settings.model_construct(
+        notice_webhook_url=harness.receiver.url, notice_signing_secret="whsec_not base64!"
+    )
+    use_settings(monkeypatch, harness, broken)
+    notice_id = harness.queue()
+
+    harness.deliver(notice_id)
+
+    assert harness.redrive() == []
+    assert harness.row(notice_id).attempts == 0
+    assert harness.receiver.received == []
+
+
+def test_an_attempt_that_overran_its_lease_leaves_the_next_lease_alone(harness: Harness) -> None:
+    notice_id = harness.queue()
+    now = clock.now()
+    with db.transaction(harness.store.engine) as session:
+        mine = delivery.lease(session, notice_id, now=now, duration=timedelta(seconds=4))
+    assert mine is not None
+    later = now + timedelta(seconds=5)
+    with db.transaction(harness.store.engine) as session:
+        theirs = delivery.lease(session, notice_id, now=later, duration=timedelta(seconds=4))
+    assert theirs is not None
+    failed = delivery.Outcome(NoticeStatus.PENDING, "HTTP 503 Service Unavailable")
+
+    with db.transaction(harness.store.engine) as session:
+        attempt = delivery.record(session, notice_id, failed, now=later, leased_until=mine.until)
+
+    assert attempt.retry_in_s is None
+    assert harness.row(notice_id).next_attempt_at == theirs.until
+
+
+# -- the task and its plumbing -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [DELIVER_NOTICES, tasks.notices.REDRIVE_NOTICES])
+def test_each_notice_task_is_registered_with_the_options_it_relies_on(name: str) -> None:
+    import celery
+
+    task = app.tasks[name]
+
+    assert isinstance(task, tasks.notices.StepTask)
+    assert (task.acks_late, task.reject_on_worker_lost, task.ignore_result) == (True, True, True)
+    assert task.autoretry_for == (tasking.TransientDatabaseError,)
+    assert task.max_retries is None
+    known = {key for klass in celery.Task.__mro__ for key in vars(klass)}
+    known |= {attribute for attribute, _setting in celery.Task.from_config}
+    options = {key for key in vars(type(task)) if not key.startswith("_")}
+    assert options - known == set()
+    tasks.notices.deliver_notices.__header__(["ntc_1"])  # the argument senders must give
+
+
+def test_the_notice_re_drive_runs_as_often_as_the_inbox_re_drive() -> None:
+    schedule = app.conf.beat_schedule
+    assert schedule["redrive-notices"]["task"] == tasks.notices.REDRIVE_NOTICES
+    assert schedule["redrive-notices"]["schedule"] == schedule["redrive-inbox"]["schedule"]
+
+
+@pytest.mark.parametrize("value", ["ntc_1", [1], ["x" * 41], {"ids": []}])
+def test_a_message_with_bad_arguments_is_dead_lettered(harness: Harness, value: Any) -> None:
+    tasks.notices.deliver_notices.run(value)
+
+    with Session(harness.store.engine) as session:
+        (letter,) = session.scalars(select(DeadLetter))
+    assert letter.reason.startswith("bad arguments: notice_ids must be a list")
+    assert letter.task == DELIVER_NOTICES
+    assert harness.receiver.received == []
+
+
+def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.issuing import create_token
+    from worker.members import add_member
+    from worker.models import TokenKind
+
+    now = clock.now()
+    with db.transaction(harness.store.engine) as session:
+        add_member(
+            session,
+            org_id="acme",
+            user_id="bob",
+            role="user",
+            email="bob@acme.example",
+            at=now - timedelta(days=1),
+            now=now - timedelta(days=1),
+            source="test",
+        )
+        issued = create_token(
+            session,
+            kind=TokenKind.PERSONAL,
+            org_id="acme",
+            user_id="bob",
+            name="laptop",
+            expires_at=now + timedelta(days=30),
+            now=now - timedelta(days=1),
+        )
+        raw = {
+            "specversion": "1.0",
+            "id": "evt-leak",
+            "source": "https://scanner.example",
+            "type": "token.leak_suspected",
+            "time": now.isoformat(),
+            "data": {"token": issued.token},
+        }
+        inbox.store_events(session, [parse_event(raw)], now=now)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def publish_ids(_app: Any, ids: list[str]) -> None:
+        with Session(harness.store.engine) as other:  # sees committed rows only
+            seen.append((list(ids), list(other.scalars(select(Notice.id)))))
+
+    monkeypatch.setattr(publish, "publish_notice_ids", publish_ids)
+
+    tasks.events.process_events.run(["evt-leak"])
+
+    ((published, committed),) = seen
+    assert published == committed
+    assert len(published) == 1
+    harness.deliver(*published)
+    (got,) = harness.receiver.received
+    assert issued.token.encode() not in got.body
+    assert issued.token[7:39].encode() not in got.body
+
+
+def test_each_attempt_is_logged_with_the_task_and_the_notice(harness: Harness) -> None:
+    notice_id = harness.queue()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    config = structlog.get_config()
+    stream = io.StringIO()
+    configure_logging(json=True, stream=stream)
+    try:
+        tasks.notices.deliver_notices.apply(args=[[notice_id]], task_id="task-notice")
+        structlog.get_logger("test").info("after the run")
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+        structlog.configure(**config)
+        structlog.contextvars.clear_contextvars()
+
+    logged = [json.loads(line) for line in stream.getvalue().splitlines()]
+    attempt = next(line for line in logged if line["event"] == "notice.attempt")
+    assert (attempt["task_id"], attempt["task_name"]) == ("task-notice", DELIVER_NOTICES)
+    assert (attempt["notice_id"], attempt["status"]) == (notice_id, "sent")
+    summary = next(line for line in logged if line["event"] == "notices.attempted")
+    assert summary["sent"] == 1
+    assert "notice_id" not in summary
+    assert not {"task_id", "task_name", "notice_id"} & logged[-1].keys()
+
+
+# -- the arithmetic ------------------------------------------------------------------------
+
+
+def test_backoff_grows_with_jitter_honours_retry_after_and_is_capped() -> None:
+    for attempts, low, high in [(1, 0.5, 1), (2, 1, 2), (5, 8, 16), (40, 300, 600)]:
+        for _ in range(50):
+            assert low <= delivery.backoff_s(attempts) <= high
+    assert delivery.backoff_s(1, retry_after_s=30) == 30
+    assert delivery.backoff_s(1, retry_after_s=86_400) == delivery.BACKOFF_CAP_S
+
+
+def test_the_lease_follows_the_re_drive_setting_and_outlasts_the_request() -> None:
+    assert delivery.lease_for(30) == timedelta(seconds=60)
+    assert delivery.lease_for(2) == timedelta(seconds=4)
+    assert delivery.lease_for(0.1) == timedelta(seconds=delivery.MIN_LEASE_S)
+    assert delivery.lease_for(600) == timedelta(seconds=delivery.LEASE_S)
+    for redrive in (0.1, 2, 30, 600):
+        lease = delivery.lease_for(redrive)
+        assert delivery.timeout_for(lease) <= lease.total_seconds() / 2
+    assert delivery.timeout_for(delivery.lease_for(30)) == delivery.TIMEOUT_S

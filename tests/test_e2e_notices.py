@@ -1,0 +1,266 @@
+"""Notices end to end: a real API, worker and scheduler post signed notices to a receiver.
+
+The receiver runs in this process on loopback and verifies every signature with the
+secret the stack was given. Runs on the embedded default everywhere, and on Postgres with
+RabbitMQ and with Redis when those services are named (see conftest).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu.connection import Connection
+from sqlalchemy import select
+
+from config.settings import Settings
+from tests.conftest import fresh_postgres_database, service_url
+from tests.stack import LiveStack, check_broker, event, stack_env
+from tests.test_delivery import SECRET, Received, Receiver
+from tests.test_secrecy import dump_tables, secrets_of
+from worker import db
+from worker.issuing import IssuedToken
+from worker.members import add_member
+from worker.models import Notice, NoticeStatus, TokenKind
+from worker.notices import LEAKED, OFFBOARDED
+from worker.supervise import free_port
+
+pytestmark = pytest.mark.slow
+
+STACKS = [
+    "embedded",
+    pytest.param("rabbitmq", marks=[pytest.mark.postgres, pytest.mark.rabbitmq]),
+    pytest.param("redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
+]
+
+
+@dataclass
+class NoticeStack:
+    live: LiveStack
+    receiver: Receiver
+    # Every token issued on this stack: none may show up in a notice, a row or a log line.
+    issued: list[str] = field(default_factory=list)
+
+    def member(self, org_id: str, user_id: str, role: str = "user") -> str:
+        email = f"{user_id}@{org_id}.example"
+        now = datetime.now(UTC)
+        with self.live.session() as session:
+            add_member(
+                session,
+                org_id=org_id,
+                user_id=user_id,
+                role=role,
+                email=email,
+                at=now,
+                now=now,
+                source="test",
+            )
+        return email
+
+    def token(self, kind: TokenKind, org_id: str, owner: str) -> IssuedToken:
+        issued = self.live.token(kind, org_id, owner)
+        self.issued.append(issued.token)
+        return issued
+
+    def notices_naming(self, token_id: str) -> list[Received]:
+        """Requests that reached the receiver about ``token_id``."""
+        return [
+            got
+            for got in list(self.receiver.received)
+            if token_id in {t["id"] for t in json.loads(got.body)["data"]["tokens"]}
+        ]
+
+    def notice_row(self, token_id: str) -> Notice | None:
+        with self.live.session() as session:
+            for notice in session.scalars(select(Notice)):
+                if token_id in {t["id"] for t in json.loads(notice.body)["data"]["tokens"]}:
+                    return notice
+        return None
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NoticeStack]:
+    home = tmp_path_factory.mktemp(f"notices-{request.param}")
+    with Receiver() as receiver:
+        if request.param == "embedded":
+            yield from _run(home, receiver, {})
+            return
+        broker = service_url(request.param)
+        assert broker is not None
+        with fresh_postgres_database() as url:
+            extra = {"TOKENWARDEN_DATABASE_URL": url, "TOKENWARDEN_BROKER_URL": broker}
+            try:
+                check_broker(Settings(home=home, database_url=url, broker_url=broker))
+            except Exception as error:  # a named service that is down fails the run
+                pytest.fail(f"{request.param} at {broker} is unreachable: {error}", pytrace=False)
+            yield from _run(home, receiver, extra)
+
+
+def _run(home: Path, receiver: Receiver, extra: dict[str, str]) -> Iterator[NoticeStack]:
+    env = stack_env(
+        home,
+        {
+            **extra,
+            "TOKENWARDEN_NOTICE_WEBHOOK_URL": receiver.url,
+            "TOKENWARDEN_NOTICE_SIGNING_SECRET": SECRET,
+        },
+    )
+    settings = Settings(home=home, database_url=extra.get("TOKENWARDEN_DATABASE_URL"))
+    live = LiveStack(
+        home=home, env=env, database_url=settings.resolved_database_url, port=free_port()
+    )
+    db.upgrade(live.database_url)
+    live.start("api", "worker", "beat")
+    try:
+        yield NoticeStack(live, receiver)
+    finally:
+        live.stop()
+        broker = extra.get("TOKENWARDEN_BROKER_URL")
+        if broker is not None:
+            with Connection(broker) as connection:  # type: ignore[no-untyped-call]
+                connection.default_channel.queue_delete(live.queue)
+    assert receiver.forged == [], "a notice arrived with a signature that does not verify"
+
+
+def ids() -> tuple[str, str]:
+    suffix = uuid.uuid4().hex[:8]
+    return f"org-{suffix}", f"user-{suffix}"
+
+
+def data_of(got: Received) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(got.body)["data"]
+    return data
+
+
+def test_a_reported_leak_is_refused_at_once_and_its_owners_are_told(stack: NoticeStack) -> None:
+    live = stack.live
+    org, user = ids()
+    owner_email = stack.member(org, user)
+    admin_email = stack.member(org, "admin-" + user, role="admin")
+    stack.member(org, "other-" + user)
+    pat = stack.token(TokenKind.PERSONAL, org, user)
+    aat = stack.token(TokenKind.APPLICATION, org, "deployer")
+    leaks = [
+        event(
+            "token.leak_suspected",
+            {"token": text, "source_url": "https://paste.example/1", "reporter": "scanner"},
+        )
+        for text in (pat.token, aat.token)
+    ]
+
+    live.send(*leaks)
+    accepted = time.monotonic()
+
+    live.wait_for(
+        lambda: live.verify(pat.token).reason == live.verify(aat.token).reason == "revoked",
+        timeout=1.0,
+        message="both leaked tokens to be refused",
+    )
+    (pat_notice,) = live.wait_for(
+        lambda: stack.notices_naming(pat.id), timeout=2.0, message="the PAT's notice"
+    )
+    (aat_notice,) = live.wait_for(
+        lambda: stack.notices_naming(aat.id),
+        timeout=max(0.1, 2.0 - (time.monotonic() - accepted)),
+        message="the AAT's notice",
+    )
+    assert time.monotonic() - accepted < 2.0
+
+    assert data_of(pat_notice)["recipients"] == [{"user_id": user, "email": owner_email}]
+    assert data_of(aat_notice)["recipients"] == [{"user_id": "admin-" + user, "email": admin_email}]
+    for got, issued in ((pat_notice, pat), (aat_notice, aat)):
+        body = json.loads(got.body)
+        assert body["type"] == LEAKED
+        assert body["data"]["reason"] == "leaked"
+        assert body["data"]["source_url"] == "https://paste.example/1"
+        assert body["data"]["tokens"][0]["last4"] == issued.token[-4:]
+        assert got.webhook_id == wait_until_sent(stack, issued.id, timeout=5).id
+
+
+def test_a_leaver_is_reported_to_the_admins_in_one_notice(stack: NoticeStack) -> None:
+    live = stack.live
+    org, user = ids()
+    admin_email = stack.member(org, "admin-" + user, role="admin")
+    stack.member(org, user)
+    laptop = stack.token(TokenKind.PERSONAL, org, user)
+    ci = stack.token(TokenKind.PERSONAL, org, user)
+    app_token = stack.token(TokenKind.APPLICATION, org, "deployer")
+
+    [removal] = live.send(event("membership.removed", {"org_id": org, "user_id": user}))
+
+    (got,) = live.wait_for(
+        lambda: stack.notices_naming(laptop.id), timeout=5, message="the offboarding notice"
+    )
+    body = json.loads(got.body)
+    assert body["type"] == OFFBOARDED
+    data = body["data"]
+    assert data["recipients"] == [{"user_id": "admin-" + user, "email": admin_email}]
+    assert (data["user_id"], data["reason"], data["event_id"]) == (user, "member_removed", removal)
+    assert sorted(t["id"] for t in data["tokens"]) == sorted([laptop.id, ci.id])
+    assert live.verify(app_token.token).usable
+    wait_until_sent(stack, laptop.id, timeout=5)
+    with live.session() as session:
+        rows = session.scalars(select(Notice).where(Notice.event_id == removal)).all()
+    assert len(rows) == 1
+    assert stack.notices_naming(ci.id) == [got]
+
+
+def test_a_worker_killed_mid_delivery_delivers_after_restart_with_the_same_id(
+    stack: NoticeStack,
+) -> None:
+    live = stack.live
+    org, user = ids()
+    stack.member(org, user)
+    pat = stack.token(TokenKind.PERSONAL, org, user)
+    arrived = stack.receiver.hold_next()
+
+    live.send(event("token.leak_suspected", {"token": pat.token}))
+    assert arrived.wait(timeout=10), live.logs()[-4000:]
+    live.kill("worker", signal.SIGKILL)
+
+    held = stack.notice_row(pat.id)
+    assert held is not None
+    assert (held.status, held.attempts) == (NoticeStatus.PENDING, 0)  # died before recording
+    stack.receiver.release()  # its answer goes to a dead socket
+    live.start("worker")
+
+    sent = wait_until_sent(stack, pat.id, timeout=30)
+    attempts = stack.notices_naming(pat.id)
+    assert len(attempts) >= 2
+    assert {got.webhook_id for got in attempts} == {held.id}
+    assert (sent.id, sent.attempts) == (held.id, 1)
+
+
+def test_no_token_text_reached_a_notice_a_row_or_a_log(stack: NoticeStack) -> None:
+    assert stack.issued, "run after the tests that issue tokens"
+    received = b"".join(got.body for got in stack.receiver.received)
+    with stack.live.engine.connect() as connection:
+        rows = dump_tables(connection)
+    logs = stack.live.logs()
+    for token in stack.issued:
+        for secret in secrets_of(token):
+            assert secret.encode() not in received
+            assert secret not in rows
+            assert secret not in logs
+
+
+def wait_until_sent(stack: NoticeStack, token_id: str, *, timeout: float) -> Notice:
+    """The notice about ``token_id`` once the worker has recorded it as sent."""
+
+    def sent() -> Notice | None:
+        notice = stack.notice_row(token_id)
+        return notice if notice is not None and notice.status == NoticeStatus.SENT else None
+
+    found = stack.live.wait_for(sent, timeout=timeout, message=f"the notice about {token_id}")
+    assert found is not None
+    return found

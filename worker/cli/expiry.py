@@ -1,0 +1,159 @@
+"""``tokenwarden sweep`` and ``tokenwarden remind``: the scheduled expiry jobs, run now."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import click
+
+from worker import clock
+from worker.cli.common import echo_json, fail, json_option, settings, store
+
+if TYPE_CHECKING:
+    from worker.sweep import SweepResult
+
+
+def _publish(notice_ids: Sequence[str]) -> None:
+    from worker.app import app
+    from worker.publish import publish_new_notices
+
+    publish_new_notices(app, notice_ids)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+@click.command()
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Start no batch after this many seconds; the next run continues (default: no limit).",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows per transaction (default: TOKENWARDEN_SWEEP_BATCH).",
+)
+@json_option
+def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
+    """Mark tokens past their expiry as expired, audit them and queue "expired" notices.
+
+    Also deletes tokens dead for longer than TOKENWARDEN_RETENTION_DAYS, when that is set.
+    Returns at once if another sweep (the scheduler's, say) is running.
+    """
+    from worker.sweep import count_due, run_sweep
+
+    current = settings()
+    engine = store(current)
+    now = clock.now()
+    progress = None
+    if not as_json and sys.stderr.isatty():
+        progress = _Progress(count_due(engine, now=now))
+    try:
+        result: SweepResult = run_sweep(
+            engine,
+            now=now,
+            batch=batch or current.sweep_batch,
+            budget_s=budget,
+            retention_days=current.retention_days,
+            publish=_publish,
+            on_progress=progress,
+        )
+    except Exception as error:
+        fail(f"the sweep stopped: {_first_line(error)}")
+    finally:
+        if progress is not None:
+            progress.clear()
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    if not result.ran:
+        click.echo("another sweep is running; it does this work, nothing was done here")
+        return
+    retention = (
+        f", deleted {result.deleted:,} past the {current.retention_days}-day retention"
+        if current.retention_days is not None
+        else ""
+    )
+    click.echo(
+        f"swept {result.swept:,} expired token{'s' if result.swept != 1 else ''}"
+        f", queued {result.notices:,} notice{'s' if result.notices != 1 else ''}{retention}"
+        f" in {result.duration_s:.2f} s (longest transaction "
+        f"{result.longest_transaction_ms:.0f} ms)"
+    )
+    if not result.finished:
+        click.echo("stopped at the --budget; run again (or let the schedule) to continue")
+
+
+class _Progress:
+    """One self-rewriting line on the terminal's standard error."""
+
+    def __init__(self, due: int) -> None:
+        self.due = due
+        self.started = time.monotonic()
+        self.width = 0
+
+    def __call__(self, result: SweepResult) -> None:
+        if result.phase == "expire":
+            rate = result.swept / max(time.monotonic() - self.started, 1e-6)
+            share = f" of {self.due:,} ({result.swept * 100 // self.due}%)" if self.due else ""
+            line = f"expiring: {result.swept:,}{share}, {rate:,.0f} tokens/s"
+        elif result.phase == "notify":
+            line = f"expired {result.swept:,}; notices queued: {result.notices:,}"
+        else:
+            line = f"expired {result.swept:,}; retention: {result.deleted:,} deleted"
+        self.width = max(self.width, len(line))
+        click.echo("\r" + line.ljust(self.width), err=True, nl=False)
+
+    def clear(self) -> None:
+        if self.width:
+            click.echo("\r" + " " * self.width + "\r", err=True, nl=False)
+
+
+@click.command()
+@json_option
+def remind(as_json: bool) -> None:
+    """Warn owners of tokens that entered a TOKENWARDEN_REMINDER_DAYS bucket, once per bucket.
+
+    Returns at once if another reminder run is going on.
+    """
+    from worker.reminders import send_reminders
+
+    current = settings()
+    engine = store(current)
+    try:
+        result = send_reminders(
+            engine,
+            now=clock.now(),
+            days=current.reminder_days,
+            batch=current.sweep_batch,
+            publish=_publish,
+        )
+    except Exception as error:
+        fail(f"the reminders stopped: {_first_line(error)}")
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    if not result.ran:
+        click.echo("another reminder run is going on; nothing was done here")
+        return
+    buckets = ", ".join(
+        f"{days} days: {count:,}" for days, count in sorted(result.by_days.items()) if count
+    )
+    click.echo(
+        f"reminded {result.reminded:,} token{'s' if result.reminded != 1 else ''}"
+        + (f" ({buckets})" if buckets else "")
+        + f" in {result.notices:,} notice{'s' if result.notices != 1 else ''}"
+    )
+
+
+def register(group: click.Group) -> None:
+    group.add_command(sweep)
+    group.add_command(remind)

@@ -1,0 +1,260 @@
+"""Pre-expiry reminders: owners are warned at each of ``TOKENWARDEN_REMINDER_DAYS`` before expiry.
+
+With days 60, 30 and 7, a token is in bucket 7 while it has at most 7 days left, in bucket 30
+with more than 7 and at most 30, in bucket 60 with more than 30 and at most 60. A run sends
+each live token the reminder of the bucket it is in now, unless it already had that one or a
+nearer one: so a token created with 20 days left gets the 30-day reminder and later the 7-day
+one, never the 60-day one, and a run that missed a day sends only the nearest.
+
+``token_reminders`` holds one row per token and bucket sent, written in the transaction that
+queues the notice, so a rerun (the same day, or a second scheduler) sends nothing twice.
+
+Per bucket, a run first reads which tokens are due, in recipient order (one query over the
+bucket's window of the live-expiry index, for up to :data:`DUE_PER_READ` tokens), then sends
+them in short transactions of at most :data:`~worker.sweep.GROUPS_PER_TRANSACTION` recipients,
+never splitting a recipient's tokens between two transactions (unless they are too many for
+one), so that a recipient gets one notice per bucket listing up to
+:data:`~worker.sweep.TOKENS_PER_NOTICE` tokens. Each transaction checks again that its tokens
+are live and not yet reminded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import structlog
+from sqlalchemy import ColumnElement, Engine, func, insert, select
+from sqlalchemy.orm import Session
+
+from worker import db, notices
+from worker.models import Token, TokenReminder
+from worker.sweep import (
+    GROUPS_PER_TRANSACTION,
+    NOTICE_ROWS,
+    TOKEN_COLUMNS,
+    TOKENS_PER_NOTICE,
+    AnyRow,
+    Budget,
+    Publish,
+    RunLock,
+    RunStats,
+    group_of,
+    new_notice_ids,
+    queue_grouped,
+    single_run,
+    timed_transaction,
+)
+
+log = structlog.get_logger(__name__)
+
+REMIND_LOCK: Final = "remind"
+# Due tokens read at once: every token entering a bucket on a given day in one read, and a
+# bounded list for the backlog of a first run on a large store.
+DUE_PER_READ: Final = 20_000
+
+
+@dataclass
+class ReminderResult(RunStats):
+    reminded: int = 0
+    by_days: dict[int, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reminded": self.reminded,
+            "by_days": {str(days): count for days, count in sorted(self.by_days.items())},
+            **super().as_dict(),
+        }
+
+
+def buckets(days: Sequence[int]) -> list[tuple[int, int]]:
+    """``(days, previous)`` for each bucket, nearest first: bucket ``days`` covers tokens with
+    more than ``previous`` and at most ``days`` days left."""
+    ordered = sorted(set(days))
+    return [(d, ordered[i - 1] if i else 0) for i, d in enumerate(ordered)]
+
+
+def _due(*, now: datetime, days: int, previous: int) -> list[ColumnElement[bool]]:
+    """Live tokens in the bucket's window without this reminder or a nearer one."""
+    already = (
+        select(TokenReminder.token_id)
+        .where(TokenReminder.token_id == Token.id, TokenReminder.days <= days)
+        .exists()
+    )
+    return [
+        Token.revoked_at.is_(None),
+        Token.expires_at > now + timedelta(days=previous),
+        Token.expires_at <= now + timedelta(days=days),
+        ~already,
+    ]
+
+
+def due_tokens(
+    session: Session, *, now: datetime, days: int, previous: int, limit: int
+) -> list[AnyRow]:
+    """Up to ``limit`` tokens due for the ``days`` reminder, in recipient order."""
+    return list(
+        session.execute(
+            select(Token.id, Token.kind, Token.org_id, Token.user_id)
+            .where(*_due(now=now, days=days, previous=previous))
+            .order_by(Token.org_id, Token.kind, func.coalesce(Token.user_id, ""), Token.id)
+            .limit(limit)
+        ).all()
+    )
+
+
+def remind_tokens(
+    session: Session, *, now: datetime, days: int, previous: int, token_ids: Sequence[str]
+) -> tuple[int, list[str]]:
+    """Send the ``days`` reminder for those of ``token_ids`` still due; (tokens, notice ids)."""
+    rows = session.execute(
+        select(*TOKEN_COLUMNS)
+        .where(*_due(now=now, days=days, previous=previous), Token.id.in_(token_ids))
+        .order_by(Token.id)
+    ).all()
+    if not rows:
+        return 0, []
+    queued = queue_grouped(
+        session,
+        rows,
+        kind=notices.EXPIRING,
+        data={"days": days, "expires_before": (now + timedelta(days=days)).isoformat()},
+        now=now,
+        dedupe_prefix=f"expiring:{days}",
+    )
+    notice_of = {token_id: q.notice_id for q in queued for token_id in q.token_ids}
+    session.execute(
+        insert(TokenReminder),
+        [
+            {"token_id": row.id, "days": days, "sent_at": now, "notice_id": notice_of.get(row.id)}
+            for row in rows
+        ],
+    )
+    return len(rows), new_notice_ids(session, queued)
+
+
+def _groups(rows: Sequence[AnyRow]) -> list[list[AnyRow]]:
+    """Consecutive rows of the same recipient."""
+    found: list[list[AnyRow]] = []
+    for row in rows:
+        if found and group_of(found[-1][-1]) == group_of(row):
+            found[-1].append(row)
+        else:
+            found.append([row])
+    return found
+
+
+def transactions(rows: Sequence[AnyRow], max_tokens: int) -> Iterator[list[str]]:
+    """The token ids of each transaction: whole recipients' groups, a bounded number of them.
+
+    A group larger than ``max_tokens`` is split at multiples of the tokens per notice, so its
+    notices list as many tokens as one transaction would have.
+    """
+    chunk: list[str] = []
+    count = 0
+    for group in _groups(rows):
+        if len(group) > max_tokens:
+            if chunk:
+                yield chunk
+                chunk, count = [], 0
+            step = max_tokens // TOKENS_PER_NOTICE * TOKENS_PER_NOTICE or max_tokens
+            for start in range(0, len(group), step):
+                yield [row.id for row in group[start : start + step]]
+            continue
+        if chunk and (len(chunk) + len(group) > max_tokens or count == GROUPS_PER_TRANSACTION):
+            yield chunk
+            chunk, count = [], 0
+        chunk += [row.id for row in group]
+        count += 1
+    if chunk:
+        yield chunk
+
+
+def send_reminders(
+    engine: Engine,
+    *,
+    now: datetime,
+    days: Sequence[int],
+    batch: int,
+    budget_s: float | None = None,
+    publish: Publish | None = None,
+) -> ReminderResult:
+    """Send the reminders due at ``now``, unless another run holds the lock."""
+    if batch <= 0:
+        raise ValueError("batch must be a positive number of rows")
+    with single_run(engine, REMIND_LOCK) as lock:
+        if lock is None:
+            log.info("reminders.busy")
+            return ReminderResult(ran=False, finished=False)
+        budget = Budget(budget_s)
+        result = ReminderResult(ran=True, finished=False)
+        try:
+            result.finished = True
+            for bucket, previous in buckets(days):
+                result.finished &= _remind_bucket(
+                    engine,
+                    lock,
+                    result,
+                    budget,
+                    now=now,
+                    days=bucket,
+                    previous=previous,
+                    max_tokens=min(batch, NOTICE_ROWS),
+                    publish=publish,
+                )
+        finally:
+            result.duration_s = budget.elapsed()
+        log.info("reminders.done", **result.as_dict())
+        return result
+
+
+def _remind_bucket(
+    engine: Engine,
+    lock: RunLock,
+    result: ReminderResult,
+    budget: Budget,
+    *,
+    now: datetime,
+    days: int,
+    previous: int,
+    max_tokens: int,
+    publish: Publish | None,
+) -> bool:
+    """One bucket's reminders; False when the budget stopped it with tokens still due.
+
+    Each bucket gets one transaction, then more while the budget lasts, so a backlog in one
+    bucket does not hold back the others.
+    """
+    result.by_days.setdefault(days, 0)
+    first = True
+    while True:
+        # A read-only transaction: on SQLite it does not hold the write lock meanwhile.
+        with (
+            engine.connect().execution_options(**{db.READ_ONLY: True}) as connection,
+            Session(bind=connection) as reader,
+        ):
+            due = due_tokens(reader, now=now, days=days, previous=previous, limit=DUE_PER_READ)
+        full = len(due) == DUE_PER_READ
+        if full and len(_groups(due)) > 1:
+            # The last recipient may have more tokens past this read: they go in the next.
+            due = [row for group in _groups(due)[:-1] for row in group]
+        if not due:
+            return True
+        for token_ids in transactions(due, max_tokens):
+            if not first and not (budget.left() and lock.held()):
+                return False
+            first = False
+            with timed_transaction(engine, result) as session:
+                count, notice_ids = remind_tokens(
+                    session, now=now, days=days, previous=previous, token_ids=token_ids
+                )
+            result.reminded += count
+            result.by_days[days] += count
+            result.notices += len(notice_ids)
+            result.notice_ids += notice_ids
+            if notice_ids and publish is not None:
+                publish(notice_ids)
+        if not full:
+            return True
