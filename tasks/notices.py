@@ -7,24 +7,19 @@ own (worker.delivery.deliver), and no database lock is held while the receiver a
 
 from __future__ import annotations
 
-import functools
-import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Final
+from typing import Final
 
 import httpx
 import structlog
-from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
-from sqlalchemy import Engine
 
 from config.settings import get_settings
-from worker import clock, db, delivery, handlers, tasking
+from worker import clock, db, delivery, handlers
 from worker.app import app
 from worker.publish import DELIVER_NOTICES, PublishError, publish_notice_ids
-from worker.tasking import TASK_RUNS, TASK_SECONDS, TransientDatabaseError, is_transient
+from worker.tasking import CountedTask
 
 log = structlog.get_logger(__name__)
 
@@ -34,78 +29,17 @@ ID_MAX_LENGTH: Final = 40  # notices.id
 _NOT_FAILURES: Final = (Retry, Ignore, Reject)
 
 
-class StepTask(Task):  # type: ignore[misc]  # celery ships no type information
-    """Base class for tasks that open their own short transactions, never one per run.
-
-    Counts runs like :class:`worker.tasking.DatabaseTask` and, like it, retries a run whose
-    database was briefly away (each step is idempotent, so a retry repeats nothing that
-    already happened).
-    """
-
-    autoretry_for = (TransientDatabaseError,)
-    retry_backoff = True
-    retry_backoff_max = 60
-    retry_jitter = True
-    max_retries = None
-    run: Callable[..., Any]
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Wrapped before Celery's autoretry wraps ``run``, so the conversion below feeds it.
-        original = self.run
-
-        @functools.wraps(original)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            return self._run_counted(original, *args, **kwargs)
-
-        self.run = run
-
-    def engine(self) -> Engine:
-        return tasking.store_engine()
-
-    def _run_counted(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        name = self.name
-        TASK_RUNS.labels(name, "started").inc()
-        started = time.perf_counter()
-        with structlog.contextvars.bound_contextvars(task_id=self.request.id, task_name=name):
-            try:
-                result = function(*args, **kwargs)
-            except Exception as error:
-                if is_transient(error):
-                    raise TransientDatabaseError(str(error).splitlines()[0]) from error
-                if not isinstance(error, _NOT_FAILURES):
-                    TASK_RUNS.labels(name, "failed").inc()
-                raise
-            finally:
-                TASK_SECONDS.labels(name).observe(time.perf_counter() - started)
-        TASK_RUNS.labels(name, "succeeded").inc()
-        return result
-
-    def retry(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.request.called_directly:
-            error = kwargs.get("exc")
-            log.warning(
-                "task.retry",
-                task_name=self.name,
-                attempt=self.request.retries + 1,
-                retry_in_s=kwargs.get("countdown"),
-                waiting_for=str(error) if error is not None else None,
-            )
-            TASK_RUNS.labels(self.name, "retried").inc()
-        return super().retry(*args, **kwargs)
-
-
 # Idempotent (a sent or leased notice is skipped), so a message is acknowledged only once the
 # run is over, and given back when its worker dies.
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type information
-    base=StepTask,
+    base=CountedTask,
     bind=True,
     name=DELIVER_NOTICES,
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
 )
-def deliver_notices(self: StepTask, notice_ids: list[str]) -> None:
+def deliver_notices(self: CountedTask, notice_ids: list[str]) -> None:
     """Post each pending, due notice named; schedule another try for those that must wait.
 
     Without a webhook URL nothing is posted: the notices stay pending in the outbox, where
@@ -130,7 +64,7 @@ def deliver_notices(self: StepTask, notice_ids: list[str]) -> None:
     log.info("notices.attempted", **outcomes)
 
 
-def _schedule(task: StepTask, notice_id: str, delay_s: float) -> None:
+def _schedule(task: CountedTask, notice_id: str, delay_s: float) -> None:
     """The next attempt, as a delayed message; if the broker refuses, the re-drive sends it."""
     try:
         task.apply_async(args=[[notice_id]], countdown=delay_s)
@@ -141,7 +75,7 @@ def _schedule(task: StepTask, notice_id: str, delay_s: float) -> None:
 
 
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type information
-    base=StepTask,
+    base=CountedTask,
     bind=True,
     name=REDRIVE_NOTICES,
     acks_late=True,
@@ -151,7 +85,7 @@ def _schedule(task: StepTask, notice_id: str, delay_s: float) -> None:
     # while no worker ran is dropped rather than replayed.
     expires=60,
 )
-def redrive_notices(self: StepTask) -> None:
+def redrive_notices(self: CountedTask) -> None:
     """Publish the notices that have been due for a while without a worker taking them.
 
     Due for ``redrive_after_s``: a new notice's own message and a retry's delayed message
@@ -185,7 +119,7 @@ def _is_id_list(value: object) -> bool:
     )
 
 
-def _dead_letter(task: StepTask, value: object) -> None:
+def _dead_letter(task: CountedTask, value: object) -> None:
     reason = (
         f"bad arguments: notice_ids must be a list of at most {MAX_IDS} ids of 1 to "
         f"{ID_MAX_LENGTH} characters"

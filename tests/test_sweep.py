@@ -147,7 +147,8 @@ def test_expired_tokens_are_marked_audited_and_their_owners_told(
     live = add_tokens(engine, 2, expires_at=now + timedelta(days=1))
     leaked = add_tokens(engine, 1, expires_at=past, revoked=(past, "leaked"))
 
-    result = run_sweep(engine, now=now, batch=1000)
+    published: list[str] = []
+    result = run_sweep(engine, now=now, batch=1000, publish=published.extend)
 
     assert (result.ran, result.swept, result.finished) == (True, 6, True)
     found = states(engine)
@@ -178,7 +179,8 @@ def test_expired_tokens_are_marked_audited_and_their_owners_told(
         "app_id",
         "created_by",
     }
-    assert sorted(result.notice_ids) == sorted(_notice_ids(engine))
+    # Each notice is published once, after the transaction that wrote it committed.
+    assert sorted(published) == sorted(_notice_ids(engine))
 
     # A second run finds nothing, and tells nobody twice.
     again = run_sweep(engine, now=now + timedelta(minutes=5), batch=1000)

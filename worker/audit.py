@@ -59,7 +59,12 @@ def record(
 def record_many(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
     """Add many audit rows in one statement (rows carry the same keys as :func:`record`)."""
     if rows:
-        session.execute(insert(AuditEntry), [dict(row) for row in rows])
+        # render_nulls: rows that differ in which columns are None still go as one statement.
+        session.execute(
+            insert(AuditEntry),
+            [dict(row) for row in rows],
+            execution_options={"render_nulls": True},
+        )
 
 
 def trail(

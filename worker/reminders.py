@@ -253,7 +253,6 @@ def _remind_bucket(
             result.reminded += count
             result.by_days[days] += count
             result.notices += len(notice_ids)
-            result.notice_ids += notice_ids
             if notice_ids and publish is not None:
                 publish(notice_ids)
         if not full:

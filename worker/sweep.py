@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TypeAlias
@@ -212,7 +212,6 @@ class RunStats:
     finished: bool = True
     duration_s: float = 0.0
     longest_transaction_ms: float = 0.0
-    notice_ids: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -729,7 +728,6 @@ def _notify_all(
         with timed_transaction(engine, result) as session:
             more, notice_ids = notify_expired_batch(session, now=now, limit=min(batch, NOTICE_ROWS))
         result.notices += len(notice_ids)
-        result.notice_ids += notice_ids
         if notice_ids and publish is not None:
             publish(notice_ids)
         if on is not None:

@@ -59,8 +59,13 @@ def store_engine() -> Engine:
     return db.engine_for(get_settings().resolved_database_url)
 
 
-class DatabaseTask(Task):  # type: ignore[misc]  # celery ships no type information
-    """Base class for tasks declared with ``bind=True``: ``def task(self, session, ...)``."""
+class CountedTask(Task):  # type: ignore[misc]  # celery ships no type information
+    """Base class of every task: counts runs, binds the log context, retries brief outages.
+
+    A task built on it opens its own short transactions (notice delivery does, so that no
+    transaction is held while a receiver answers); :class:`DatabaseTask` adds one
+    transaction per run.
+    """
 
     autoretry_for = (TransientDatabaseError,)
     retry_backoff = True
@@ -72,29 +77,23 @@ class DatabaseTask(Task):  # type: ignore[misc]  # celery ships no type informat
 
     def __init__(self) -> None:
         super().__init__()
-        # Callers never pass the session: Celery's argument check (run when a task is sent)
-        # must expect one parameter fewer than the function declares.
-        header = getattr(self, "__header__", None)
-        if header is not None:
-            self.__header__ = functools.partial(header, object())
         # Wrap ``run`` here, before Celery's autoretry wraps it (right after creating this
-        # instance), so a failing COMMIT is retried just like a failing query.
+        # instance), so what the wrapper raises is what autoretry sees.
         original = self.run
 
         @functools.wraps(original)
         def run(*args: Any, **kwargs: Any) -> Any:
-            return self._run_in_transaction(original, *args, **kwargs)
+            return self._run_counted(original, *args, **kwargs)
 
         self.run = run
 
     def engine(self) -> Engine:
         return store_engine()
 
-    def after_commit(self, session: Session, callback: Callable[[], object]) -> None:
-        """Call ``callback`` once this run's transaction has committed; never if it fails."""
-        session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+    def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
 
-    def _run_in_transaction(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _run_counted(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         name = self.name
         TASK_RUNS.labels(name, "started").inc()
         started = time.perf_counter()
@@ -102,13 +101,7 @@ class DatabaseTask(Task):  # type: ignore[misc]  # celery ships no type informat
         # same names), so Celery's own "succeeded" line still carries the task id.
         with structlog.contextvars.bound_contextvars(task_id=self.request.id, task_name=name):
             try:
-                with self._transaction() as session:
-                    result = function(session, *args, **kwargs)
-                    callbacks = session.info.pop(_AFTER_COMMIT, [])
-                    notices = take_new_notices(session)
-                for callback in callbacks:
-                    callback()
-                publish_new_notices(self.app, notices)
+                result = self._call(function, *args, **kwargs)
             except Exception as error:
                 if is_transient(error):
                     raise TransientDatabaseError(_first_line(error)) from error
@@ -119,14 +112,6 @@ class DatabaseTask(Task):  # type: ignore[misc]  # celery ships no type informat
                 TASK_SECONDS.labels(name).observe(time.perf_counter() - started)
         TASK_RUNS.labels(name, "succeeded").inc()
         return result
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Session]:
-        # Commit when the block ends, roll back when it raises, close either way; the
-        # after-commit callbacks are read inside the block and run after the close, so a slow
-        # broker never holds a database connection.
-        with Session(self.engine(), expire_on_commit=False) as session, session.begin():
-            yield session
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         if not self.request.called_directly:
@@ -140,6 +125,41 @@ class DatabaseTask(Task):  # type: ignore[misc]  # celery ships no type informat
             )
             TASK_RUNS.labels(self.name, "retried").inc()
         return super().retry(*args, **kwargs)
+
+
+class DatabaseTask(CountedTask):
+    """Base class for tasks declared with ``bind=True``: ``def task(self, session, ...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Callers never pass the session: Celery's argument check (run when a task is sent)
+        # must expect one parameter fewer than the function declares.
+        header = getattr(self, "__header__", None)
+        if header is not None:
+            self.__header__ = functools.partial(header, object())
+
+    def after_commit(self, session: Session, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once this run's transaction has committed; never if it fails."""
+        session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+    def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Inside the counted run, so a failing COMMIT is retried just like a failing query.
+        with self._transaction() as session:
+            result = function(session, *args, **kwargs)
+            callbacks = session.info.pop(_AFTER_COMMIT, [])
+            notices = take_new_notices(session)
+        for callback in callbacks:
+            callback()
+        publish_new_notices(self.app, notices)
+        return result
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        # Commit when the block ends, roll back when it raises, close either way; the
+        # after-commit callbacks are read inside the block and run after the close, so a slow
+        # broker never holds a database connection.
+        with Session(self.engine(), expire_on_commit=False) as session, session.begin():
+            yield session
 
 
 def _first_line(error: BaseException) -> str:
