@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kombu.connection import Connection
 from sqlalchemy import select
@@ -27,6 +28,7 @@ from tests.stack import LiveStack, check_broker, event, stack_env
 from tests.test_delivery import SECRET, Received, Receiver
 from tests.test_secrecy import dump_tables, secrets_of
 from worker import db
+from worker.demo_peers import KEY_ID, Peers
 from worker.issuing import IssuedToken
 from worker.members import add_member
 from worker.models import Notice, NoticeStatus, TokenKind
@@ -42,10 +44,15 @@ STACKS = [
 ]
 
 
+GITLAB_SECRET = "gitlab-revocation-test-secret"
+
+
 @dataclass
 class NoticeStack:
     live: LiveStack
     receiver: Receiver
+    # Stands in for GitHub: serves the public key that checks its signed reports.
+    github: Peers
     # Every token issued on this stack: none may show up in a notice, a row or a log line.
     issued: list[str] = field(default_factory=list)
 
@@ -91,28 +98,41 @@ def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[NoticeStack]:
     home = tmp_path_factory.mktemp(f"notices-{request.param}")
+    github = Peers()
+    github.start()
+    try:
+        yield from _stacks(request.param, home, github)
+    finally:
+        github.stop()
+
+
+def _stacks(param: str, home: Path, github: Peers) -> Iterator[NoticeStack]:
     with Receiver() as receiver:
-        if request.param == "embedded":
-            yield from _run(home, receiver, {})
+        if param == "embedded":
+            yield from _run(home, receiver, github, {})
             return
-        broker = service_url(request.param)
+        broker = service_url(param)
         assert broker is not None
         with fresh_postgres_database() as url:
             extra = {"TOKENWARDEN_DATABASE_URL": url, "TOKENWARDEN_BROKER_URL": broker}
             try:
                 check_broker(Settings(home=home, database_url=url, broker_url=broker))
             except Exception as error:  # a named service that is down fails the run
-                pytest.fail(f"{request.param} at {broker} is unreachable: {error}", pytrace=False)
-            yield from _run(home, receiver, extra)
+                pytest.fail(f"{param} at {broker} is unreachable: {error}", pytrace=False)
+            yield from _run(home, receiver, github, extra)
 
 
-def _run(home: Path, receiver: Receiver, extra: dict[str, str]) -> Iterator[NoticeStack]:
+def _run(
+    home: Path, receiver: Receiver, github: Peers, extra: dict[str, str]
+) -> Iterator[NoticeStack]:
     env = stack_env(
         home,
         {
             **extra,
             "TOKENWARDEN_NOTICE_WEBHOOK_URL": receiver.url,
             "TOKENWARDEN_NOTICE_SIGNING_SECRET": SECRET,
+            "TOKENWARDEN_GITHUB_KEYS_URL": f"{github.base}/keys",
+            "TOKENWARDEN_GITLAB_REVOCATION_TOKEN": GITLAB_SECRET,
         },
     )
     settings = Settings(home=home, database_url=extra.get("TOKENWARDEN_DATABASE_URL"))
@@ -122,7 +142,7 @@ def _run(home: Path, receiver: Receiver, extra: dict[str, str]) -> Iterator[Noti
     db.upgrade(live.database_url)
     live.start("api", "worker", "beat")
     try:
-        yield NoticeStack(live, receiver)
+        yield NoticeStack(live, receiver, github)
     finally:
         live.stop()
         broker = extra.get("TOKENWARDEN_BROKER_URL")
@@ -185,6 +205,76 @@ def test_a_reported_leak_is_refused_at_once_and_its_owners_are_told(stack: Notic
         assert body["data"]["source_url"] == "https://paste.example/1"
         assert body["data"]["tokens"][0]["last4"] == issued.token[-4:]
         assert got.webhook_id == wait_until_sent(stack, issued.id, timeout=5).id
+
+
+@pytest.mark.parametrize("way", ["github", "gitlab"])
+def test_leaks_reported_by_github_and_gitlab_are_refused_at_once_and_told(
+    stack: NoticeStack, way: str
+) -> None:
+    live = stack.live
+    org, user = ids()
+    stack.member(org, user)
+    stack.member(org, "admin-" + user, role="admin")
+    pat = stack.token(TokenKind.PERSONAL, org, user)
+    aat = stack.token(TokenKind.APPLICATION, org, "deployer")
+    where = f"https://{way}.example/acme/site/blob/main/.env"
+
+    if way == "github":
+        body = json.dumps(
+            [
+                {"token": text, "type": "tokenwarden", "url": where, "source": "content"}
+                for text in (pat.token, aat.token)
+            ]
+        ).encode()
+        response = httpx.post(
+            f"{live.api_url}/v1/secret-scanning/github",
+            content=body,
+            timeout=10,
+            headers={
+                "Content-Type": "application/json",
+                "Github-Public-Key-Identifier": KEY_ID,
+                "Github-Public-Key-Signature": stack.github.sign(body),
+            },
+        )
+        assert response.status_code == 200, response.text
+        assert [r["label"] for r in response.json()] == ["true_positive", "true_positive"]
+    else:
+        response = httpx.post(
+            f"{live.api_url}/v1/revoke_tokens",
+            json=[
+                {
+                    "type": "gitleaks_rule_id_tokenwarden_personal_access_token",
+                    "token": pat.token,
+                    "location": where,
+                },
+                {
+                    "type": "gitleaks_rule_id_tokenwarden_application_access_token",
+                    "token": aat.token,
+                    "location": where,
+                },
+            ],
+            headers={"Authorization": GITLAB_SECRET},
+            timeout=10,
+        )
+        assert response.status_code == 204, response.text
+    accepted = time.monotonic()
+
+    live.wait_for(
+        lambda: live.verify(pat.token).reason == live.verify(aat.token).reason == "revoked",
+        timeout=1.0,
+        message="both leaked tokens to be refused",
+    )
+    live.wait_for(
+        lambda: stack.notices_naming(pat.id) and stack.notices_naming(aat.id),
+        timeout=max(0.1, 2.0 - (time.monotonic() - accepted)),
+        message="both notices",
+    )
+    [pat_notice] = stack.notices_naming(pat.id)
+    [aat_notice] = stack.notices_naming(aat.id)
+    assert data_of(pat_notice)["recipients"][0]["user_id"] == user
+    assert [r["user_id"] for r in data_of(aat_notice)["recipients"]] == ["admin-" + user]
+    for got in (pat_notice, aat_notice):
+        assert (data_of(got)["source"], data_of(got)["source_url"]) == (way, where)
 
 
 def test_a_leaver_is_reported_to_the_admins_in_one_notice(stack: NoticeStack) -> None:
