@@ -44,8 +44,14 @@ def service_url(name: str) -> str | None:
     return os.environ.get(SERVICES[name]) or None
 
 
+CHAOS = "TOKENWARDEN_TEST_CHAOS"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    chaos = os.environ.get(CHAOS) == "1"
     for item in items:
+        if item.get_closest_marker("chaos") and not chaos:
+            item.add_marker(pytest.mark.skip(reason=f"fault-injection suite: set {CHAOS}=1"))
         for name, variable in SERVICES.items():
             if item.get_closest_marker(name) and not service_url(name):
                 item.add_marker(pytest.mark.skip(reason=f"{variable} is not set"))

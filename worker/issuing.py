@@ -10,9 +10,9 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker import audit, members
+from worker import audit
 from worker.errors import Refused
-from worker.models import Token, TokenKind
+from worker.models import Membership, Token, TokenKind
 from worker.tokens import generate, hash_token, hint
 
 NAME_MAX = 200
@@ -117,7 +117,10 @@ def _refusal(
     if kind is TokenKind.PERSONAL:
         if not user_id:
             return Refused("no_owner", "a personal access token needs --user")
-        member = members.get(session, org_id=org_id, user_id=user_id)
+        # FOR SHARE: a removal being applied holds this row FOR UPDATE, so the new PAT is
+        # either committed before the removal's bulk UPDATE reads the tokens (and revoked
+        # by it) or refused because the membership is no longer active.
+        member = session.get(Membership, (org_id, user_id), with_for_update={"read": True})
         if member is None or not member.active:
             return Refused("not_member", f"user {user_id!r} is not an active member of {org_id!r}")
         return None

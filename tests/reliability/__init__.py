@@ -1,0 +1,1 @@
+"""The reliability suite: workloads under injected faults, checked against an oracle."""
