@@ -210,8 +210,13 @@ def test_a_pat_issued_while_its_owner_leaves_is_not_usable_after_the_event(
 
 @pytest.mark.timeout(300)
 def test_a_pat_issued_while_its_owner_leaves_stays_dead_after_a_rejoin(
-    own_store: Store, evidence: Evidence, rng: SeededRandom, request: pytest.FixtureRequest
+    own_store: Store, evidence: Evidence, rng: SeededRandom
 ) -> None:
+    """The PAT must have been revoked, not merely refused while its owner is away.
+
+    Before ``create_token`` read the membership ``FOR SHARE``, about half of these PATs
+    escaped the removal on Postgres and worked again once their owner re-joined.
+    """
     figures = Figures(f"race_rejoin[{own_store.backend}]", {"seed": rng.seed_value})
     seen = _race(own_store, evidence, rng)
     _publish(figures, seen, evidence)
