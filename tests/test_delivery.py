@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -57,6 +58,8 @@ class Received:
     headers: dict[str, str]
     body: bytes
     status: int = 0
+    # The sender's port: requests over one kept-alive connection share it.
+    peer_port: int = 0
 
 
 class Receiver:
@@ -76,6 +79,9 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keeps connections open between requests, as a real receiver does.
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
                 # OSError: the sender went away (a killed worker), there is no one to answer.
                 with contextlib.suppress(OSError):
@@ -121,7 +127,9 @@ class Receiver:
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         body = request.rfile.read(int(request.headers.get("content-length") or 0))
         headers = {name.lower(): value for name, value in request.headers.items()}
-        got = Received(headers.get("webhook-id", ""), headers, body)
+        got = Received(
+            headers.get("webhook-id", ""), headers, body, peer_port=request.client_address[1]
+        )
         try:
             self.webhook.verify(body, headers)
         except WebhookVerificationError as error:
@@ -482,6 +490,46 @@ def test_the_re_drive_publishes_only_notices_due_for_a_while(harness: Harness) -
     assert sorted(harness.redrive()) == sorted([waited, fresh, backing_off])
 
 
+def test_the_re_drive_publishes_each_notice_at_most_once_per_interval(harness: Harness) -> None:
+    interval = harness.settings.redrive_after_s
+    lost = [harness.queue() for _ in range(5)]  # their messages never reached a worker
+    harness.clock.advance(interval + 0.1)
+
+    # Beat runs the re-drive four times per interval, for three intervals, and no worker
+    # takes anything meanwhile (the copies wait behind a long queue).
+    messages: list[str] = []
+    for _ in range(12):
+        messages += harness.redrive()
+        harness.clock.advance(interval / 4)
+
+    assert len(messages) == 3 * len(lost)
+    assert {notice_id: messages.count(notice_id) for notice_id in lost} == dict.fromkeys(lost, 3)
+
+    # Once delivered (or leased by a worker), a notice is not re-driven again.
+    harness.deliver(lost[0])
+    with db.transaction(harness.store.engine) as session:
+        lease = delivery.lease_for(interval)
+        assert delivery.lease(session, lost[1], now=clock.now(), duration=lease) is not None
+    harness.clock.advance(interval + 0.1)
+    assert sorted(harness.redrive()) == sorted(lost[2:])
+    assert harness.receiver.ids == [lost[0]]
+
+
+def test_two_re_drives_at_once_mark_each_notice_once(harness: Harness) -> None:
+    notice_id = harness.queue()
+    harness.clock.advance(harness.settings.redrive_after_s + 1)
+    cutoff = clock.now() - timedelta(seconds=harness.settings.redrive_after_s)
+    with db.transaction(harness.store.engine) as session:
+        first = delivery.mark_redriven(session, [notice_id], now=clock.now(), cutoff=cutoff)
+    with db.transaction(harness.store.engine) as session:
+        second = delivery.mark_redriven(session, [notice_id], now=clock.now(), cutoff=cutoff)
+
+    assert (first, second) == ([notice_id], [])
+    # The mark leaves the notice deliverable at once.
+    harness.deliver(notice_id)
+    assert harness.row(notice_id).status == NoticeStatus.SENT
+
+
 def test_without_a_webhook_url_notices_stay_pending_and_are_not_re_driven(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -572,6 +620,100 @@ def test_a_message_with_bad_arguments_is_dead_lettered(harness: Harness, value: 
     assert letter.reason.startswith("bad arguments: notice_ids must be a list")
     assert letter.task == DELIVER_NOTICES
     assert harness.receiver.received == []
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "reason"),
+    [
+        ((), {}, "bad arguments: expected exactly one argument, notice_ids"),
+        ((["ntc_1"],), {"evil": True}, "bad arguments: expected exactly one argument, notice_ids"),
+        ((["ntc_1"], ["ntc_2"]), {}, "bad arguments: expected exactly one argument, notice_ids"),
+        ((["ntc_1"] * 1001,), {}, "bad arguments: notice_ids must be a list of at most 1000 "),
+    ],
+)
+def test_a_message_of_the_wrong_shape_is_dead_lettered_with_the_reason(
+    harness: Harness, args: tuple[Any, ...], kwargs: dict[str, Any], reason: str
+) -> None:
+    tasks.notices.deliver_notices.run(*args, **kwargs)
+
+    with Session(harness.store.engine) as session:
+        (letter,) = session.scalars(select(DeadLetter))
+    assert letter.reason.startswith(reason)
+    assert letter.task == DELIVER_NOTICES
+
+
+@pytest.mark.parametrize("target", ["webhook", "none"])
+def test_ids_naming_no_notice_are_dead_lettered_and_a_duplicate_message_is_not(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    sent = harness.queue()
+    harness.deliver(sent)
+    if target == "none":
+        use_settings(monkeypatch, harness, settings_for(None))
+    waiting = harness.queue()
+
+    # Among them: a notice already delivered (a duplicate message), which is a normal skip.
+    harness.deliver(sent, "ntc_nosuch", waiting, "ntc_bad\x00", "ntc_nosuch")
+
+    with Session(harness.store.engine) as session:
+        letters = list(session.scalars(select(DeadLetter).order_by(DeadLetter.id)))
+    assert [letter.reason for letter in letters] == [
+        "no such notice in the outbox: 'ntc_bad\\x00' (an id cannot hold a NUL character)",
+        "no such notice in the outbox: 'ntc_nosuch'",
+    ]
+    assert {letter.task for letter in letters} == {DELIVER_NOTICES}
+    assert all(waiting in (letter.body or "") for letter in letters)  # the message, kept
+    assert harness.row(sent).attempts == 1
+    if target == "webhook":
+        assert harness.receiver.ids == [sent, waiting]
+        assert harness.row(waiting).status == NoticeStatus.SENT
+    else:
+        assert harness.receiver.ids == [sent]
+        assert (harness.row(waiting).status, harness.row(waiting).attempts) == ("pending", 0)
+
+
+def test_a_worker_process_posts_every_notice_over_one_kept_connection(harness: Harness) -> None:
+    notice_ids = [harness.queue() for _ in range(4)]
+
+    for notice_id in notice_ids:  # one message each, as the publisher sends them
+        harness.deliver(notice_id)
+
+    assert harness.receiver.ids == notice_ids
+    assert len({got.peer_port for got in harness.receiver.received}) == 1
+
+
+def test_the_process_client_is_closed_at_shutdown_and_never_shared_with_a_fork() -> None:
+    from celery import signals
+
+    parent = delivery.shared_client()
+    assert delivery.shared_client() is parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a prefork pool child
+        code = 1
+        try:
+            child = delivery.shared_client()
+            fresh = child is not parent and not child.is_closed
+            os.write(write, b"own" if fresh and delivery.shared_client() is child else b"parent's")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    try:
+        assert os.read(read, 16) == b"own"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert not parent.is_closed  # the child left the parent's connections alone
+
+    signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+
+    assert parent.is_closed
+    again = delivery.shared_client()
+    assert again is not parent
+    assert not again.is_closed
+    signals.worker_shutdown.send(sender=None)
+    assert again.is_closed
 
 
 def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(

@@ -305,6 +305,23 @@ def test_a_leaver_is_reported_to_the_admins_in_one_notice(stack: NoticeStack) ->
     assert stack.notices_naming(ci.id) == [got]
 
 
+def test_the_worker_keeps_its_connections_to_the_receiver_between_notices(
+    stack: NoticeStack,
+) -> None:
+    live = stack.live
+    org, user = ids()
+    stack.member(org, user)
+    pats = [stack.token(TokenKind.PERSONAL, org, user) for _ in range(6)]
+
+    for pat in pats:  # one leak at a time: each notice is its own message
+        live.send(event("token.leak_suspected", {"token": pat.token}))
+        wait_until_sent(stack, pat.id, timeout=5)
+
+    ports = {got.peer_port for pat in pats for got in stack.notices_naming(pat.id)}
+    # At most one connection per pool process (the stack's worker runs two), not one each.
+    assert 1 <= len(ports) <= 2, ports
+
+
 def test_a_worker_killed_mid_delivery_delivers_after_restart_with_the_same_id(
     stack: NoticeStack,
 ) -> None:

@@ -6,12 +6,18 @@ deadline in one conditional UPDATE, committed at once; posts; and records the ou
 second short transaction. A worker that dies mid-delivery leaves the lease to expire, and
 the re-drive hands the notice to another. Every attempt carries the notice's id as its
 ``webhook-id``, so a receiver can drop the rare second delivery of the same notice.
+
+Each worker process posts through one HTTP client (:func:`shared_client`), so consecutive
+notices reuse a connection to the receiver instead of opening one (and a TLS session) each.
 """
 
 from __future__ import annotations
 
 import binascii
+import os
 import random
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -41,6 +47,10 @@ MAX_ATTEMPTS = 30  # about four hours of retries at the cap
 RETRYABLE: Final = frozenset({408, 429})
 USER_AGENT: Final = "tokenwarden-notices/1"
 ERROR_LENGTH: Final = 300
+# A prefork child posts one notice at a time and needs one connection; a threads pool needs
+# one per thread. Idle connections are dropped before a typical receiver's own keep-alive
+# timeout would close them under a request.
+LIMITS: Final = httpx.Limits(max_connections=32, max_keepalive_connections=8, keepalive_expiry=30.0)
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,8 @@ class Attempt:
 
 
 SKIPPED: Final = "skipped"
+# Not in the outbox at all: the message that named it is dead-lettered.
+MISSING: Final = "missing"
 
 
 def lease_for(redrive_after_s: float) -> timedelta:
@@ -124,6 +136,63 @@ def signed_headers(secret: str, notice_id: str, body: str, now: datetime) -> dic
         "content-type": "application/json",
         "user-agent": USER_AGENT,
     }
+
+
+class _ProcessClient:
+    """The HTTP client of this process: made on first use, never shared across a fork.
+
+    A forked child (Celery's prefork pool) inherits the parent's client and its sockets;
+    using them from two processes would mix up their requests, so the child forgets the
+    inherited client without closing it (closing would shut the parent's connections) and
+    makes its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        self._pid = 0
+
+    def get(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None or self._pid != os.getpid():
+                self._client = new_client()
+                self._pid = os.getpid()
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None and self._pid == os.getpid():
+            client.close()
+
+    def forget_after_fork(self) -> None:
+        # The lock may have been held by another thread of the parent at the fork.
+        self._lock = threading.Lock()
+        self._client = None
+
+
+_PROCESS_CLIENT: Final = _ProcessClient()
+os.register_at_fork(after_in_child=_PROCESS_CLIENT.forget_after_fork)
+
+
+def new_client() -> httpx.Client:
+    """A client for posting notices: pooled connections, no redirects followed."""
+    return httpx.Client(
+        headers={"user-agent": USER_AGENT},
+        timeout=httpx.Timeout(TIMEOUT_S),
+        limits=LIMITS,
+        follow_redirects=False,
+    )
+
+
+def shared_client() -> httpx.Client:
+    """This process's client for posting notices, made on first use (and again after a fork)."""
+    return _PROCESS_CLIENT.get()
+
+
+def close_shared_client() -> None:
+    """Close this process's client and its connections; the next use makes a new one."""
+    _PROCESS_CLIENT.close()
 
 
 def post(
@@ -257,12 +326,23 @@ def deliver(engine: Engine, notice_id: str, *, target: Target, client: httpx.Cli
     """
     with db.transaction(engine) as session:
         leased = lease(session, notice_id, now=clock.now(), duration=target.lease)
+        # Only a message that takes nothing pays for this look-up (a duplicate, or poison).
+        known = leased is not None or bool(existing(session, [notice_id]))
+    if not known:
+        return Attempt(notice_id, MISSING)
     if leased is None:
         log.info("notice.not_taken", notice_id=notice_id)
         return Attempt(notice_id, SKIPPED)
     outcome = post(client, target, notice_id=leased.id, body=leased.body, now=clock.now())
     with db.transaction(engine) as session:
         return record(session, notice_id, outcome, now=clock.now(), leased_until=leased.until)
+
+
+def existing(session: Session, notice_ids: Sequence[str]) -> set[str]:
+    """Those of ``notice_ids`` that are in the outbox, whatever their status."""
+    if not notice_ids:
+        return set()
+    return set(session.scalars(select(Notice.id).where(Notice.id.in_(list(notice_ids)))))
 
 
 def due(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
@@ -275,3 +355,30 @@ def due(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
             .limit(limit)
         )
     )
+
+
+def mark_redriven(
+    session: Session, notice_ids: Sequence[str], *, now: datetime, cutoff: datetime
+) -> list[str]:
+    """Of ``notice_ids``, take those still pending and due by ``cutoff`` for a re-drive.
+
+    Their next attempt moves to ``now``: a worker can take them at once, and the re-drive
+    finds them due again only once ``now`` is older than its own delay, so a notice whose
+    message is still waiting on a long queue is not published again on every run. One
+    conditional UPDATE: a notice leased or re-driven meanwhile no longer matches.
+    """
+    if not notice_ids:
+        return []
+    marked = session.scalars(
+        update(Notice)
+        .where(
+            Notice.id.in_(list(notice_ids)),
+            Notice.status == NoticeStatus.PENDING.value,
+            Notice.next_attempt_at <= cutoff,
+        )
+        .values(next_attempt_at=now)
+        .returning(Notice.id)
+        .execution_options(synchronize_session=False)
+    )
+    taken = set(marked)
+    return [notice_id for notice_id in notice_ids if notice_id in taken]

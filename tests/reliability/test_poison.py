@@ -29,9 +29,11 @@ from tests.conftest import service_url
 from tests.reliability.conftest import SeededRandom, store_url
 from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
-from tests.reliability.harness import ChaosStack, chaos_stack
+from tests.reliability.harness import ChaosStack, WebhookReceiver, chaos_stack
 from tests.reliability.workload import cloud_event
-from worker.models import DeadLetter, EventStatus, InboxEvent, TokenKind
+from worker.models import DeadLetter, EventStatus, InboxEvent, Notice, NoticeStatus, TokenKind
+from worker.notices import LEAKED
+from worker.notices import queue as queue_notice
 from worker.tokens import TOKEN_PATTERN, generate
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -286,40 +288,81 @@ def _marker_of(row: Any, prefix: str) -> str:
 
 @pytest.mark.chaos
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known gap (tasks/notices.py): a deliver_notices message naming no notice is only "
-        "logged as notice.not_taken, and on Postgres an id with a NUL fails the run; "
-        "neither leaves a dead letter"
-    ),
-)
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("target", ["webhook", "none"])
 def test_notice_messages_naming_no_notice_are_dead_lettered(
-    tmp_path: Path, evidence: Evidence
+    tmp_path: Path, evidence: Evidence, target: str
 ) -> None:
     home = tmp_path / "home"
     prefix = f"n{uuid.uuid4().hex[:6]}"
     url = service_url("postgres")
     kind = "postgres" if url else "embedded"
     with (
+        WebhookReceiver() as receiver,
         store_url(kind, home) as database_url,
         chaos_stack(
             home,
             evidence=evidence,
-            label="poison-notices",
+            label=f"poison-notices-{target}",
             database_url=database_url,
             broker_url=service_url("rabbitmq") if url else None,
+            webhook_url=receiver.url if target == "webhook" else None,
             roles=("worker",),
         ) as stack,
     ):
         stack.wait_ready("worker")
-        markers = [f"{prefix}-{number}" for number in range(10)]
+        worker_pid = stack.processes["worker"].pid
+        with stack.session() as session:
+            real = queue_notice(
+                session,
+                kind=LEAKED,
+                org_id=f"{prefix}-org",
+                recipients=[{"user_id": "bob", "email": None}],
+                data={"reason": "leaked", "tokens": []},
+                now=datetime.now(UTC),
+            )
+        assert real is not None
+        unknown = [f"{prefix}-{number}" for number in range(10)]
+        shapes = {
+            f"{prefix}-kwargs": _args([f"{prefix}-kwargs"], evil=True),
+            f"{prefix}-two": _args([f"{prefix}-two"], [f"{prefix}-two"]),
+            f"{prefix}-text": _args(f"{prefix}-text"),
+            f"{prefix}-int": _args([f"{prefix}-int", 7]),
+        }
         with stack.connection() as connection:
-            for number, marker in enumerate(markers):
+            # The real notice's message twice (a duplicate is a normal skip), poison around it.
+            stack.publish_raw(_args([real]), task=DELIVER, connection=connection)
+            for number, marker in enumerate(unknown):
                 tail = "\x00" if number % 2 else ""
                 stack.publish_raw(_args([marker + tail]), task=DELIVER, connection=connection)
-        sent = [Poison("notice_id", marker) for marker in markers]
-        deadline = time.monotonic() + 8
+            for body in shapes.values():
+                stack.publish_raw(body, task=DELIVER, connection=connection)
+            stack.publish_raw(_args([real]), task=DELIVER, connection=connection)
+        sent = [Poison("notice_id", marker) for marker in [*unknown, *shapes]]
+        deadline = time.monotonic() + 30
         while (untraced := _untraced(stack, sent)) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not untraced, [p.marker for p in untraced]
+        deadline = time.monotonic() + 30
+        while stack.peek_queue() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)  # nothing more comes
+        with stack.session() as session:
+            letters = session.execute(
+                select(DeadLetter.reason, DeadLetter.body, DeadLetter.event_id)
+            ).all()
+            status = session.scalar(select(Notice.status).where(Notice.id == real))
+        markers = sorted(_marker_of(row, prefix) for row in letters)
+        assert markers == sorted([*unknown, *shapes]), "one dead letter per unusable message"
+        assert not [row for row in letters if real in (row.body or "") + row.reason]
+        assert all(row.reason.startswith(("no such notice", "bad arguments")) for row in letters)
+        assert stack.alive("worker")
+        assert stack.processes["worker"].pid == worker_pid
+        assert not stack.peek_queue()
+        if target == "webhook":
+            assert status == NoticeStatus.SENT
+            assert receiver.delivered() == {real: 1}
+            assert receiver.bad_signatures == 0
+        else:
+            assert status == NoticeStatus.PENDING
+            assert receiver.delivered() == {}
