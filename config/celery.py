@@ -44,6 +44,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The API must answer 503 quickly when the broker is gone, not hang on retries.
         "broker_connection_timeout": 4,
         "broker_connection_retry_on_startup": True,
+        # A worker keeps retrying a lost broker however long the outage lasts (Celery gives up
+        # after 100 attempts by default and the worker would then stop consuming for good).
+        "broker_connection_max_retries": None,
         # JSON only: a pickled message could run code in the worker.
         "task_serializer": "json",
         "accept_content": ["json"],

@@ -10,15 +10,18 @@ import base64
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "TOKENWARDEN_"
 GITHUB_KEYS_URL = "https://api.github.com/meta/public_keys/secret_scanning"
 PRODUCER_KEY_FILE = "producer.key"
 SIGNING_SECRET_FILE = "notice-signing.secret"  # noqa: S105 - a file name
+# Kombu transports that keep messages inside one process: the API, the worker and the
+# scheduler are separate processes, so a message put there would never reach a worker.
+IN_PROCESS_TRANSPORTS = frozenset({"memory"})
 
 
 class ConfigError(Exception):
@@ -54,6 +57,8 @@ class Settings(BaseSettings):
     retention_days: int | None = None
     redrive_after_s: float = 30.0
     queue: str = "tokenwarden"
+    # A worker touches this file every few seconds while it consumes (a liveness check).
+    worker_heartbeat_file: Path | None = None
 
     @field_validator("producer_keys", mode="before")
     @classmethod
@@ -101,8 +106,13 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _broker_url(cls, value: str | None) -> str | None:
-        if value is not None and "://" not in value:
+        if value is None:
+            return None
+        if "://" not in value:
             raise ValueError("must be a URL such as amqp://guest:guest@127.0.0.1:5672//")
+        problem = _transport_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("notice_webhook_url", "api_url", "github_keys_url")
@@ -146,6 +156,24 @@ class Settings(BaseSettings):
         if value <= 0:
             raise ValueError("must be a positive number")
         return value
+
+    @model_validator(mode="after")
+    def _one_signing_secret(self) -> Self:
+        # Each process would otherwise generate its own secret into its TOKENWARDEN_HOME;
+        # processes that share a server database (often on several hosts) would then sign
+        # notices with different secrets, and the receiver would refuse some of them.
+        if self.notice_webhook_url and self.notice_signing_secret is None and self.server_store:
+            raise ValueError(
+                f"{ENV_PREFIX}NOTICE_SIGNING_SECRET: must be set with "
+                f"{ENV_PREFIX}NOTICE_WEBHOOK_URL on a server database: every process must sign "
+                "with the same secret (whsec_ then base64 of 32 random bytes)"
+            )
+        return self
+
+    @property
+    def server_store(self) -> bool:
+        """True when the token store is a database server (shared by processes on any host)."""
+        return self.database_url is not None and not self.database_url.startswith("sqlite")
 
     @property
     def embedded(self) -> bool:
@@ -208,6 +236,36 @@ SECRET_FIELDS = frozenset(
 )
 
 
+def _transport_problem(url: str) -> str | None:
+    """Why kombu cannot use a broker at ``url`` (unknown or not installed); None if it can.
+
+    Only the transport is loaded, nothing is connected: a broker that is down is not a
+    configuration error (the worker waits for it), a transport that cannot exist is.
+    """
+    from kombu.connection import Connection
+
+    scheme = url.split("://", 1)[0]
+    if scheme in IN_PROCESS_TRANSPORTS:
+        return f"{scheme}:// keeps messages inside one process; use amqp:// or redis://"
+    try:
+        Connection(url).transport  # type: ignore[no-untyped-call]  # noqa: B018 - loading is the check
+    except KeyError as error:
+        # kombu says "No such transport: amqps2.  Did you mean amqps?"
+        _, _, guess = str(error.args[0] if error.args else "").partition("Did you mean ")
+        hint = f"; did you mean {guess.strip(' ?')}://?" if guess.strip(" ?") else ""
+        return f"unknown broker transport {scheme}://{hint}"
+    except ImportError as error:
+        return f"the {scheme}:// transport needs a library that is not installed ({error})"
+    except Exception as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        userinfo = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
+        password = userinfo.partition(":")[2]
+        if password:
+            reason = reason.replace(password, "***")
+        return f"not a broker URL kombu can use: {reason[:120]}"
+    return None
+
+
 def without_password(url: str) -> str:
     """``url`` with its user information masked, fit for a log line or a banner."""
     if "://" not in url:
@@ -229,8 +287,10 @@ def _shown(field: str, value: Any) -> str:
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "?"
     message = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:
+        return message  # a rule across settings: its message names the variable to set
+    field = str(first["loc"][0])
     return f"{ENV_PREFIX}{field.upper()}: {message}{_shown(field, first.get('input'))}"
 
 

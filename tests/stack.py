@@ -24,7 +24,7 @@ from worker import db
 from worker.issuing import IssuedToken, create_token
 from worker.members import add_member
 from worker.models import TokenKind
-from worker.supervise import command, wait_for_http
+from worker.supervise import STOP_GRACE_S, command, wait_for_http
 from worker.verification import Verdict, verify_token
 
 T = TypeVar("T")
@@ -98,7 +98,8 @@ class LiveStack:
                 os.killpg(process.pid, signal.SIGTERM)
         for role, process in list(self.processes.items()):
             try:
-                process.wait(timeout=20)
+                # Longer than ``tokenwarden run`` takes to stop its children (STOP_GRACE_S).
+                process.wait(timeout=STOP_GRACE_S + 15)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()

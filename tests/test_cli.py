@@ -193,11 +193,22 @@ def test_bad_configuration_is_one_line_naming_the_variable(cli: Cli) -> None:
     for variable, value in [
         ("TOKENWARDEN_API_PORT", "notaport"),
         ("TOKENWARDEN_DATABASE_URL", "mysql://x"),
+        ("TOKENWARDEN_BROKER_URL", "amqps2://broker.example//"),
     ]:
         broken = Cli(cli.home, {**cli.env, variable: value})
         result = broken("token", "list")
         assert variable in refused(result)
         assert result.stdout == ""
+
+
+def test_an_unreachable_database_is_named_by_its_setting(cli: Cli) -> None:
+    url = "postgresql://tw:hunter2secret@127.0.0.1:1/tokenwarden"
+    broken = Cli(cli.home, {**cli.env, "TOKENWARDEN_DATABASE_URL": url})
+    for command in (("token", "list"), ("db", "upgrade"), ("audit",)):
+        line = refused(broken(*command))
+        assert line.startswith("error: TOKENWARDEN_DATABASE_URL: "), line
+        assert "127.0.0.1:1" in line
+        assert "hunter2secret" not in line
 
 
 def test_db_upgrade_reports_the_revision(cli: Cli) -> None:

@@ -226,3 +226,100 @@ def test_a_signing_secret_must_be_a_standard_webhooks_secret(secret: str) -> Non
         load_settings(notice_signing_secret=secret)
     assert str(raised.value).startswith("TOKENWARDEN_NOTICE_SIGNING_SECRET: ")
     assert "(got" not in str(raised.value)  # a secret's value is never echoed
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:guest@127.0.0.1:5672//",
+        "amqps://rabbit.example//",
+        "pyamqp://rabbit.example//",
+        "redis://127.0.0.1:6379/0",
+        "rediss://redis.example:6380/0",
+        "sqla+sqlite:////var/lib/tw-broker.db",
+    ],
+)
+def test_a_broker_url_kombu_can_use_is_taken_as_given(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("TOKENWARDEN_BROKER_URL", url)
+
+    assert load_settings().broker_url == url
+
+
+def test_an_unknown_broker_transport_is_named_with_a_guess() -> None:
+    message = config_error(TOKENWARDEN_BROKER_URL="amqps2://tw:hunter2secret@broker.example//")
+
+    assert message.startswith("TOKENWARDEN_BROKER_URL: unknown broker transport amqps2://")
+    assert "did you mean amqps://?" in message
+    assert "hunter2secret" not in message
+    assert "\n" not in message
+
+
+def test_a_broker_transport_whose_library_is_missing_is_named() -> None:
+    # kombu knows SQS, but its library (boto3) is not a dependency of tokenwarden.
+    message = config_error(TOKENWARDEN_BROKER_URL="sqs://")
+
+    assert message.startswith("TOKENWARDEN_BROKER_URL: the sqs:// transport needs a library")
+    assert "\n" not in message
+
+
+def test_an_in_process_broker_is_refused() -> None:
+    # The API, the worker and the scheduler are separate processes: messages would vanish.
+    message = config_error(TOKENWARDEN_BROKER_URL="memory://")
+
+    assert message.startswith("TOKENWARDEN_BROKER_URL: memory:// keeps messages inside one process")
+
+
+SHARED_SECRET = SECRETS["TOKENWARDEN_NOTICE_SIGNING_SECRET"]
+WEBHOOK = "https://hooks.example/notices"
+SERVER_DATABASE = "postgresql://tw:hunter2secret@db.example/tw"
+
+
+def test_a_webhook_on_a_server_database_needs_a_shared_signing_secret(tmp_path: Path) -> None:
+    message = config_error(
+        TOKENWARDEN_HOME=str(tmp_path / "home"),
+        TOKENWARDEN_NOTICE_WEBHOOK_URL=WEBHOOK,
+        TOKENWARDEN_DATABASE_URL=SERVER_DATABASE,
+    )
+
+    assert message.startswith("TOKENWARDEN_NOTICE_SIGNING_SECRET: must be set")
+    assert "TOKENWARDEN_NOTICE_WEBHOOK_URL" in message
+    assert "hunter2secret" not in message
+    assert "\n" not in message
+    assert not (tmp_path / "home").exists()  # no secret of its own was generated
+
+
+def test_a_webhook_on_a_server_database_signs_with_the_given_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TOKENWARDEN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TOKENWARDEN_NOTICE_WEBHOOK_URL", WEBHOOK)
+    monkeypatch.setenv("TOKENWARDEN_DATABASE_URL", SERVER_DATABASE)
+    monkeypatch.setenv("TOKENWARDEN_NOTICE_SIGNING_SECRET", SHARED_SECRET)
+
+    assert load_settings().signing_secret() == SHARED_SECRET
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("database", [None, "sqlite:////var/lib/tokenwarden/tw.db"])
+def test_a_webhook_on_sqlite_generates_its_secret_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database: str | None
+) -> None:
+    monkeypatch.setenv("TOKENWARDEN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TOKENWARDEN_NOTICE_WEBHOOK_URL", WEBHOOK)
+    if database:
+        monkeypatch.setenv("TOKENWARDEN_DATABASE_URL", database)
+
+    first = load_settings().signing_secret()
+
+    assert first.startswith("whsec_")
+    assert load_settings().signing_secret() == first  # every process on the home shares it
+
+
+def test_a_server_database_without_a_webhook_needs_no_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TOKENWARDEN_DATABASE_URL", SERVER_DATABASE)
+
+    assert load_settings().notice_signing_secret is None

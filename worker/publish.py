@@ -3,15 +3,24 @@
 Events and notices are rows first (the inbox and the outbox); a message carries only ids. A
 message lost between commit and publish costs nothing but time: the scheduled re-drive
 publishes whatever is still pending.
+
+So publishing gives up quickly: one connection attempt of at most ``QUICK_CONNECT_S``, no
+retries, and after a failure no attempt at all on that broker for ``PAUSE_AFTER_FAILURE_S``.
+A request to the API that stored its events is then not held up by a broker that is down.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
+from weakref import WeakKeyDictionary
 
 import structlog
 from sqlalchemy.orm import Session
+
+from config.settings import without_password
 
 log = structlog.get_logger(__name__)
 
@@ -22,20 +31,92 @@ DELIVER_NOTICES: Final = "tokenwarden.deliver_notices"
 CHUNK: Final = 100
 # Session.info key: notices queued in this transaction, published once it commits.
 NEW_NOTICES: Final = "tokenwarden.new_notices"
+# A broker that answers connects in milliseconds; one that drops packets would otherwise
+# hold each publish for the app's whole connection timeout and retries (about 6 s).
+QUICK_CONNECT_S: Final = 1.0
+# After a failed publish, later ones in this process skip the broker for this long instead of
+# each paying the connection timeout again; the re-drive publishes what they leave pending.
+PAUSE_AFTER_FAILURE_S: Final = 5.0
+
+
+@dataclass(frozen=True)
+class _Failure:
+    at: float  # time.monotonic()
+    reason: str
+
+
+# Each Celery app's last failed publish, if it failed and has not published since.
+_failures: WeakKeyDictionary[Any, _Failure] = WeakKeyDictionary()
 
 
 class PublishError(Exception):
     """The broker did not take the message."""
 
 
+def broker_of(app: Any) -> str:
+    """The app's broker URL without its password, fit for a log line or an error."""
+    return without_password(str(app.conf.broker_url))
+
+
+def _check_pause(app: Any) -> None:
+    """Raise :class:`PublishError` at once while ``app`` is pausing after a failure."""
+    failure = _failures.get(app)
+    if failure is None:
+        return
+    ago = time.monotonic() - failure.at
+    if ago < PAUSE_AFTER_FAILURE_S:
+        raise PublishError(
+            f"not tried: the broker at {broker_of(app)} failed {ago:.1f} s ago "
+            f"({failure.reason}); the re-drive publishes the pending ids"
+        )
+
+
+def _connect_quickly(connection: Any) -> None:
+    """Connect the pooled publishing connection with one short attempt per broker host."""
+    if connection.connected:
+        return
+    connection.connect_timeout = min(connection.connect_timeout or QUICK_CONNECT_S, QUICK_CONNECT_S)
+    connection.ensure_connection(
+        max_retries=max(len(connection.alt) - 1, 0),  # each failover host once
+        interval_start=0,
+        interval_step=0,
+        timeout=QUICK_CONNECT_S,
+    )
+
+
 def _publish(app: Any, task: str, ids: Sequence[str], chunk: int) -> None:
-    for start in range(0, len(ids), chunk):
-        part = list(ids[start : start + chunk])
-        try:
-            app.send_task(task, args=[part], retry=False)
-        except Exception as error:
-            raise PublishError(f"broker refused the message: {error}") from error
-        log.debug("ids.published", task=task, count=len(part))
+    if not ids:
+        return
+    _check_pause(app)
+    try:
+        with app.producer_or_acquire() as producer:
+            try:
+                _connect_quickly(producer.connection)
+                for start in range(0, len(ids), chunk):
+                    part = list(ids[start : start + chunk])
+                    app.send_task(task, args=[part], retry=False, producer=producer)
+                    log.debug("ids.published", task=task, count=len(part))
+            except Exception:
+                # Drop the connection so that the next publish connects afresh rather than
+                # writing to a socket the broker already closed.
+                producer.connection.collect()
+                raise
+    except Exception as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        _failures[app] = _Failure(time.monotonic(), reason)
+        log.warning(
+            "broker.publish_failed",
+            broker=broker_of(app),
+            task=task,
+            count=len(ids),
+            error=reason,
+            paused_s=PAUSE_AFTER_FAILURE_S,
+            then="the inbox re-drive publishes the pending ids once the broker answers",
+        )
+        raise PublishError(
+            f"the broker at {broker_of(app)} did not take the message: {reason}"
+        ) from error
+    _failures.pop(app, None)
 
 
 def publish_event_ids(app: Any, event_ids: Sequence[str]) -> None:
@@ -46,6 +127,16 @@ def publish_event_ids(app: Any, event_ids: Sequence[str]) -> None:
 def publish_notice_ids(app: Any, notice_ids: Sequence[str]) -> None:
     """Send ``notice_ids`` for delivery, one per message so a slow receiver holds up no other."""
     _publish(app, DELIVER_NOTICES, notice_ids, 1)
+
+
+def broker_unreachable(app: Any) -> str | None:
+    """Why the app's broker cannot be reached now (one quick attempt); None when it can."""
+    try:
+        with app.connection_for_write() as connection:
+            _connect_quickly(connection)
+    except Exception as error:
+        return " ".join(str(error).split()) or type(error).__name__
+    return None
 
 
 def remember_notice(session: Session, notice_id: str) -> None:

@@ -4,31 +4,51 @@ The worker imports this module through the app's ``include``. A message the work
 (a body that is not JSON, an unknown task, a malformed task message) is kept as a dead-letter
 row with the reason and a redacted excerpt of its body, then acknowledged or rejected as
 Celery does anyway: it is never redelivered forever, and the worker keeps consuming.
+
+The same consumer keeps the worker recoverable. A broker that goes away is a connection
+error, after which Celery reconnects (on Redis with the channels of
+:mod:`worker.redis_transport`, so that the old connection's messages cannot turn it into
+Celery's "Unrecoverable error"). After an unrecoverable error all the same, the process exits
+rather than hang in its warm stop, so that whatever supervises it starts it again. While the
+consumer is connected it touches ``TOKENWARDEN_WORKER_HEARTBEAT_FILE`` (when set) every few
+seconds: a file older than a minute or two means a worker that consumes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from pathlib import Path
 from typing import Any
 
 import structlog
 from celery import signals
+from celery.platforms import EX_FAILURE
 from celery.worker.consumer import Consumer
 
 from config.logging import bind_task_context, clear_task_context, configure_logging
 from config.settings import get_settings
 from worker import clock, db, handlers, tasking
 from worker.publish import PROCESS_EVENTS
+from worker.redis_transport import use_fixed_channels
 
 log = structlog.get_logger(__name__)
 
+HEARTBEAT_EVERY_S = 5.0
+# A warm stop after an unrecoverable error gets this long before the process exits anyway:
+# past it, a worker stuck in its own shutdown would consume nothing and never be restarted.
+UNRECOVERABLE_EXIT_AFTER_S = 30.0
+
 
 class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no type information
-    """Celery's consumer, plus a dead-letter row for a message whose body cannot be decoded.
+    """Celery's consumer, plus dead letters, broker-loss recovery and a heartbeat.
 
-    Celery acknowledges such a message in ``on_decode_error`` and sends no signal, so this is
-    the one place to keep it. Configure with ``worker_consumer``.
+    Celery acknowledges a message whose body cannot be decoded in ``on_decode_error`` and
+    sends no signal, so this is the one place to keep it. Configure with ``worker_consumer``.
     """
+
+    _heartbeat: Any = None  # the event loop's timer entry, while connected
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         keep_dead_letter(
@@ -37,6 +57,64 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
             body=message.body,
         )
         super().on_decode_error(message, exc)
+
+    def loop_args(self) -> Any:
+        # Called each time the consumer starts its loop on a fresh connection.
+        self._start_heartbeat()
+        return super().loop_args()
+
+    def connection_for_read(self, heartbeat: Any = None) -> Any:
+        # Celery's own, plus channels that survive the broker going away (see the module).
+        connection = self.app.connection_for_read(heartbeat=heartbeat)
+        use_fixed_channels(connection)
+        return self.ensure_connected(connection)
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        self._stop_heartbeat()
+        super().on_connection_error_after_connected(exc)
+
+    def close(self) -> None:
+        """Called by the worker as it begins to stop, whatever the reason."""
+        self._stop_heartbeat()
+        exitcode = getattr(self.controller, "exitcode", None)
+        if exitcode not in (None, 0):
+            # A stop with a failure status: after "Unrecoverable error", or once the broker
+            # connection retries ran out. Its warm stop can hang (on a broker that is gone,
+            # say) and leave a process that consumes nothing and that nobody restarts.
+            _exit_later(UNRECOVERABLE_EXIT_AFTER_S, exitcode)
+
+    def _start_heartbeat(self) -> None:
+        self._stop_heartbeat()
+        path = get_settings().worker_heartbeat_file
+        if path is None or self.timer is None:
+            return
+        touch_heartbeat(path)
+        self._heartbeat = self.timer.call_repeatedly(HEARTBEAT_EVERY_S, touch_heartbeat, (path,))
+
+    def _stop_heartbeat(self) -> None:
+        entry, self._heartbeat = self._heartbeat, None
+        if entry is not None:
+            entry.cancel()
+
+
+def touch_heartbeat(path: Path) -> None:
+    """Mark the worker alive now; a failure to write is logged, never raised into the loop."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as error:
+        log.warning("worker.heartbeat_failed", path=str(path), error=str(error))
+
+
+def _exit_later(after_s: float, exitcode: int) -> None:
+    def _exit() -> None:
+        log.critical("worker.exit_forced", after_s=after_s, exitcode=exitcode)
+        logging.shutdown()
+        os._exit(exitcode or EX_FAILURE)
+
+    timer = threading.Timer(after_s, _exit)
+    timer.daemon = True  # a worker that does stop in time exits without waiting for it
+    timer.start()
 
 
 def keep_dead_letter(*, reason: str, task: str | None, body: object) -> None:

@@ -39,11 +39,12 @@ from tests.reliability.evidence import Evidence
 from tests.stack import KEY, LiveStack, stack_env
 from worker import db
 from worker.models import EventStatus, InboxEvent, Notice
-from worker.supervise import command, free_port
+from worker.supervise import command, free_port, wait_for_http
 
 SIGNING_SECRET = "whsec_" + "dHdjaGFvcy1zaWduaW5nLXNlY3JldC0wMTIzNDU2Nzg5"
 PROCESS_EVENTS = "tokenwarden.process_events"
-UNRECOVERABLE = "Unrecoverable error"  # Celery's last words before a worker stops (or hangs)
+UNRECOVERABLE = "Unrecoverable error"  # Celery's last words before a worker stops
+RUN = "run"  # the log (and process) of ``tokenwarden run``
 READY = re.compile(r"\S+@\S+ ready\.")  # logged once per start, when it consumes
 RECEIVED = re.compile(r"Task (tokenwarden\.[a-z_]+)\[[0-9a-f-]+\] received")
 # Long enough that a busy worker's queue does not make every re-drive a copy of the backlog,
@@ -56,10 +57,7 @@ class ChaosStack(LiveStack):
     broker_url: str = "filesystem://localhost/"
     restarts: dict[str, int] = field(default_factory=dict)
     peeked: int = 0
-    revived: int = 0
-    hung: int = 0  # revived while the process was still there, not consuming
     _ready_before: dict[str, int] = field(default_factory=dict)
-    _unrecoverable_seen: dict[str, int] = field(default_factory=dict)
 
     def start_worker(
         self, name: str = "worker", *, concurrency: int = 2, own_node: bool = False
@@ -118,24 +116,28 @@ class ChaosStack(LiveStack):
             )
         self.restarts[name] = self.restarts.get(name, -1) + 1
 
-    def revive_if_stuck(self, name: str = "worker") -> bool:
-        """What a supervisor with a liveness check does; True if it had to.
+    def start_run(self) -> None:
+        """``tokenwarden run``: the API, a worker and the scheduler under its supervision.
 
-        A worker that exited, or whose Celery logged "Unrecoverable error" (after which the
-        process can hang instead of exiting, so a restart policy alone never fires), is
-        killed and started again.
+        The product restarts a worker that exits or stops consuming; the test only watches.
+        Everything the children print goes to the ``run`` log.
         """
-        unrecoverable = self.log(name).count(UNRECOVERABLE)
-        if self.alive(name) and unrecoverable <= self._unrecoverable_seen.get(name, 0):
-            return False
-        self._unrecoverable_seen[name] = unrecoverable
-        self.hung += int(self.alive(name))
-        process = self.processes.pop(name, None)
-        if process is not None:
-            kill_group(process)
-        self.start_worker(name)
-        self.revived += 1
-        return True
+        self._ready_before[RUN] = 0
+        env = dict(self.env)
+        env.update({"TOKENWARDEN_API_HOST": "127.0.0.1", "TOKENWARDEN_API_PORT": str(self.port)})
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / f"{RUN}.log").open("ab") as out:
+            self.processes[RUN] = subprocess.Popen(
+                command("run", "--json"),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+                start_new_session=True,
+            )
+        if not wait_for_http(f"{self.api_url}/healthz", 60):
+            raise AssertionError(f"tokenwarden run did not start:\n{self.log(RUN)[-4000:]}")
 
     def alive(self, name: str) -> bool:
         process = self.processes.get(name)

@@ -9,10 +9,10 @@ from worker import db
 from worker.cli.common import (
     echo_json,
     echo_table,
-    fail,
     json_option,
     settings,
     short_time,
+    store_failed,
     transaction,
 )
 
@@ -26,12 +26,13 @@ def database() -> None:
 @json_option
 def upgrade(as_json: bool) -> None:
     """Create or migrate the schema to the newest revision."""
-    url = settings().resolved_database_url
+    current = settings()
+    url = current.resolved_database_url
     try:
         db.upgrade(url)
         revision = db.current_revision(db.engine_for(url))
     except Exception as error:
-        fail(f"cannot migrate {db.describe_url(url)}: {str(error).strip().splitlines()[0]}")
+        store_failed(current, "migrate", error)
     if as_json:
         echo_json({"database": db.describe_url(url), "revision": revision})
     else:

@@ -13,7 +13,7 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from config.settings import ConfigError, Settings, get_settings
+from config.settings import ENV_PREFIX, ConfigError, Settings, get_settings
 from worker import db
 from worker.errors import Refused
 from worker.publish import publish_new_notices, take_new_notices
@@ -50,8 +50,15 @@ def store(current: Settings | None = None) -> Engine:
     except ConfigError as error:
         fail(str(error))
     except Exception as error:
-        fail(f"cannot use the token store ({db.describe_url(url)}): {_first_line(error)}")
+        store_failed(current, "use", error)
     return engine
+
+
+def store_failed(current: Settings, doing: str, error: BaseException) -> NoReturn:
+    """Fail with one line naming the setting that points at the token store, and why."""
+    where = f"{ENV_PREFIX}DATABASE_URL" if current.database_url else f"{ENV_PREFIX}HOME"
+    url = db.describe_url(current.resolved_database_url)
+    fail(f"{where}: cannot {doing} the token store at {url}: {_first_line(error)}")
 
 
 @contextmanager

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import click
+import structlog
 
-from config.settings import Settings, without_password
+from config.settings import ENV_PREFIX, Settings, without_password
 from worker import db
-from worker.cli.common import echo_table, fail, settings, store
+from worker.cli.common import echo_table, fail, settings, store, store_failed
 from worker.supervise import Stack, command, wait_for_http
 
 
@@ -22,6 +24,35 @@ def _configure_logging(level: str) -> None:
 
 def _require_schema(current: Settings) -> None:
     store(current)  # fails with a one-line reason when the schema is missing or old
+
+
+def _warn_if_broker_unreachable(current: Settings, celery_app: Any, role: str) -> None:
+    """One line naming the setting when the broker does not answer now; the role waits for it.
+
+    A broker that is down is not a configuration error: the worker and the scheduler keep
+    retrying, and the API keeps storing events that the re-drive publishes later.
+    """
+    if current.broker_url is None:
+        return  # the embedded broker is a folder: nothing to reach
+    from worker.publish import broker_of, broker_unreachable
+
+    problem = broker_unreachable(celery_app)
+    if problem is not None:
+        structlog.get_logger(__name__).warning(
+            "broker.unreachable",
+            setting=f"{ENV_PREFIX}BROKER_URL",
+            broker=broker_of(celery_app),
+            error=problem,
+            role=role,
+            then=_WAITING[role],
+        )
+
+
+_WAITING = {
+    "worker": "retrying until the broker answers",
+    "beat": "retrying until the broker answers",
+    "api": "storing events; the re-drive publishes them once the broker answers",
+}
 
 
 @click.command()
@@ -41,6 +72,7 @@ def worker(concurrency: int | None, pool: str, log_level: str) -> None:
     _configure_logging(log_level)
     from worker.app import app
 
+    _warn_if_broker_unreachable(current, app, "worker")
     argv = [
         "--quiet",
         "worker",
@@ -58,7 +90,7 @@ def worker(concurrency: int | None, pool: str, log_level: str) -> None:
     ]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
-    app.start(argv)
+    sys.exit(app.start(argv))  # Celery's exit status (1 after an unrecoverable error)
 
 
 @click.command()
@@ -71,7 +103,8 @@ def beat(log_level: str) -> None:
     _configure_logging(log_level)
     from worker.app import app
 
-    app.start(["--quiet", "beat", "--loglevel", log_level])
+    _warn_if_broker_unreachable(current, app, "beat")
+    sys.exit(app.start(["--quiet", "beat", "--loglevel", log_level]))
 
 
 @click.command()
@@ -87,6 +120,11 @@ def api(host: str | None, port: int | None, log_level: str) -> None:
     current = settings()
     _require_schema(current)
     _configure_logging(log_level)
+    from worker.app import make_celery
+
+    probe = make_celery(current)
+    _warn_if_broker_unreachable(current, probe, "api")
+    probe.close()
     uvicorn.run(
         create_app(current),
         host=host or current.api_host,
@@ -106,7 +144,7 @@ def run(as_json: bool) -> None:
     try:
         db.upgrade(url)
     except Exception as error:
-        fail(f"cannot prepare the token store ({db.describe_url(url)}): {error}".splitlines()[0])
+        store_failed(current, "prepare", error)
     key = None if current.producer_keys else current.generated_producer_key()
     base = f"http://{current.api_host}:{current.api_port}"
     stack = Stack(

@@ -1,0 +1,151 @@
+"""Publishing ids after commit: a broker that is down costs a producer no time and loses nothing."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from sqlalchemy import select
+from starlette.exceptions import StarletteDeprecationWarning
+
+from config.settings import Settings
+from producer.api import create_app
+from tests.conftest import Store
+from worker import clock, publish
+from worker.app import make_celery
+from worker.db import transaction
+from worker.inbox import due_for_redrive
+from worker.models import EventStatus, InboxEvent
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from fastapi.testclient import TestClient
+
+PASSWORD = "s3cretBrokerPw"
+DEAD_BROKER = f"amqp://guest:{PASSWORD}@127.0.0.1:1//"  # nothing listens on port 1
+AUTH = {"Authorization": "Bearer k"}
+QUICK_S = 2.0
+
+
+@pytest.fixture(autouse=True)
+def _own_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("TOKENWARDEN_")]:
+        if not name.startswith("TOKENWARDEN_TEST_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[str]:
+    """A broker URL whose port takes connections but never says a word (a hung broker)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"amqp://guest:{PASSWORD}@127.0.0.1:{listener.getsockname()[1]}//"
+
+
+def _event() -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": "evt-" + secrets.token_hex(4),
+        "source": "hr://workday",
+        "type": "membership.removed",
+        "data": {"org_id": "acme", "user_id": "u-42"},
+    }
+
+
+def _timed_failure(app: Any) -> tuple[float, str]:
+    started = time.monotonic()
+    with pytest.raises(publish.PublishError) as raised:
+        publish.publish_event_ids(app, ["evt-1"])
+    return time.monotonic() - started, str(raised.value)
+
+
+def test_a_post_while_the_broker_is_down_is_accepted_at_once_and_left_to_the_redrive(
+    store: Store, tmp_path: Path
+) -> None:
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=store.url,
+        broker_url=DEAD_BROKER,
+        producer_keys=("k",),
+    )
+    celery_app = make_celery(settings)  # the app's own connection timeout and retries
+    sent = [_event() for _ in range(3)]
+    try:
+        with (
+            TestClient(create_app(settings, celery_app=celery_app)) as api,
+            structlog.testing.capture_logs() as logs,
+        ):
+            seconds = []
+            for body in sent:
+                started = time.monotonic()
+                answer = api.post("/v1/events", json=body, headers=AUTH)
+                seconds.append(time.monotonic() - started)
+                assert answer.status_code == 202, answer.text
+        assert max(seconds) < QUICK_S, seconds
+        with transaction(store.engine) as session:
+            statuses = {row.id: row.status for row in session.scalars(select(InboxEvent))}
+            due = due_for_redrive(
+                session,
+                now=clock.now() + timedelta(seconds=settings.redrive_after_s),
+                older_than=timedelta(seconds=settings.redrive_after_s),
+            )
+        ids = [body["id"] for body in sent]
+        assert all(statuses[i] == EventStatus.PENDING for i in ids), statuses
+        assert sorted(ids) == sorted(due), "the re-drive picks up what the API could not publish"
+        accepted = [line for line in logs if line["event"] == "events.accepted"]
+        assert [line["published"] for line in accepted] == [0, 0, 0]
+        assert all("Connection refused" in line["publish_error"] for line in accepted)
+        [failed] = [line for line in logs if line["event"] == "broker.publish_failed"]
+        assert failed["log_level"] == "warning"
+        assert failed["broker"] == "amqp://guest:***@127.0.0.1:1//"
+        assert "re-drive" in failed["then"]
+        assert PASSWORD not in repr(logs)
+    finally:
+        celery_app.close()
+        store.truncate()
+
+
+def test_a_hung_broker_is_given_up_on_quickly_then_left_alone_for_a_while(
+    silent_broker: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_celery(Settings(home=tmp_path / "home", broker_url=silent_broker))
+    monkeypatch.setattr(publish, "PAUSE_AFTER_FAILURE_S", 1.5)
+    try:
+        first_s, first = _timed_failure(app)
+        paused_s, paused = _timed_failure(app)
+        time.sleep(1.5)
+        again_s, again = _timed_failure(app)
+    finally:
+        app.close()
+
+    assert publish.QUICK_CONNECT_S * 0.5 < first_s < QUICK_S, first
+    assert paused_s < 0.1, paused
+    assert paused.startswith("not tried:")
+    assert "timed out" in paused  # the reason of the failure that started the pause
+    assert publish.QUICK_CONNECT_S * 0.5 < again_s < QUICK_S, again  # tried once more
+    for message in (first, paused, again):
+        assert "127.0.0.1" in message
+        assert PASSWORD not in message
+
+
+def test_a_pause_is_kept_per_app(tmp_path: Path) -> None:
+    down = make_celery(Settings(home=tmp_path / "home", broker_url=DEAD_BROKER))
+    embedded = make_celery(Settings(home=tmp_path / "home"))
+    try:
+        _timed_failure(down)
+        publish.publish_event_ids(embedded, ["evt-1"])  # its own broker: not held back
+    finally:
+        down.close()
+        embedded.close()
+
+    assert list((tmp_path / "home" / "broker" / "queue").glob("*.msg"))
