@@ -5,7 +5,8 @@
 A ``202`` means the events are committed to the inbox. Publishing their ids comes after the
 commit and may fail (the broker is down): the events are then still stored, and the worker's
 periodic re-drive publishes them, so the producer is told ``202`` all the same and must not
-send them again.
+send them again. Requests that wait at the same moment share one commit and one publish
+(producer/inbox_writer.py); each still gets the answer it would have had alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hmac
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any, Final, TypeVar
 
 import structlog
@@ -28,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from config.settings import Settings, get_settings
 from producer import github, gitlab, intake
 from producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER, GitHubKeys
+from producer.inbox_writer import InboxWriter, StoreUnavailable
 from producer.intake import Refused, mask
 from producer.metrics import ApiMetrics, RequestMetrics
 from producer.schemas import (
@@ -147,6 +150,7 @@ class _Service:
         self.database_url = settings.resolved_database_url
         self.metrics = ApiMetrics(self.engine)
         self.github_keys = github_keys or GitHubKeys(settings.github_keys_url)
+        self.writer = InboxWriter(self.database_url, partial(publish_event_ids, celery_app))
 
     def engine(self) -> Engine:
         # Created on first use, so an app on a store that is down still starts and says so.
@@ -184,9 +188,24 @@ class _Service:
         intake.check_declared_length(request.headers.get("content-length"))
         intake.check_media_type(request.headers.get("content-type"))
         body = await intake.read_capped(request.stream())
-        events = intake.validate(intake.decode(body))
-        stored = await self._guarded(self.store, events)
-        return await self._publish(events, stored)
+        events = intake.prepare(body)
+        try:
+            outcome = await self.writer.store(events)
+        except Conflict as conflict:
+            raise Refused(409, mask(str(conflict)), ids=[mask(i) for i in conflict.ids]) from None
+        except StoreUnavailable as error:
+            raise _unavailable(error.kind, str(error)) from None
+        kinds = Tally({event.id: event.type for event in events}.values())
+        for kind, number in kinds.items():
+            self.metrics.events_accepted.labels(type=kind).inc(number)
+        (log.warning if outcome.publish_error else log.info)(
+            "events.accepted",
+            count=len(outcome.accepted),
+            ids=outcome.accepted[:LOGGED_IDS],
+            published=outcome.published,
+            publish_error=mask(outcome.publish_error) if outcome.publish_error else None,
+        )
+        return outcome.accepted
 
     async def _guarded(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on the thread pool, its database failures turned into refusals."""
@@ -197,12 +216,7 @@ class _Service:
         except Exception as error:
             # Whatever the database layer raised (down, locked, not migrated), nothing was
             # stored and a resend is safe: tell the producer to retry, never a 500.
-            raise Refused(
-                503,
-                f"the token store is unavailable ({type(error).__name__}); nothing was stored",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-                cause=f"{type(error).__name__}: {_first_line(error)}",
-            ) from None
+            raise _unavailable(type(error).__name__, str(error)) from None
 
     async def _publish(self, events: Sequence[CloudEvent], stored: Stored) -> list[str]:
         """Put the stored ids on the queue; a broker that is down leaves them to the re-drive."""
@@ -475,6 +489,16 @@ async def _probe(name: str, check: Callable[[], None]) -> str:
         log.warning("readiness.failed", dependency=name, error=_first_line(error))
         return f"unreachable ({type(error).__name__})"
     return "ok"
+
+
+def _unavailable(kind: str, message: str) -> Refused:
+    lines = message.strip().splitlines()
+    return Refused(
+        503,
+        f"the token store is unavailable ({kind}); nothing was stored",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+        cause=f"{kind}: {mask(lines[0]) if lines else kind}",
+    )
 
 
 def _first_line(error: BaseException) -> str:

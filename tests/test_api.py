@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -10,7 +11,7 @@ import os
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from sqlalchemy import select
 from starlette.exceptions import StarletteDeprecationWarning
 
 from config.settings import Settings
+from producer import intake
 from producer.api import create_app
+from producer.inbox_writer import InboxWriter, Outcome
 from tests.conftest import Store, service_url
 from worker import clock
 from worker.app import make_celery
@@ -656,3 +659,132 @@ def test_no_event_makes_the_api_fail(api: TestClient, body: Any) -> None:
     )
     assert response.status_code in {202, 409, 422}, response.text
     assert "sm_aat_" + "A" * 38 not in response.text
+
+
+def _escaped(body: bytes) -> bytes:
+    """The same JSON with one key spelled with an escape: the same events, another encoding."""
+    assert b'"specversion"' in body
+    return body.replace(b'"specversion"', b'"specversio\\u006e"')
+
+
+def test_an_event_is_the_same_content_however_it_is_encoded(
+    api: TestClient, store: Store, home: Path
+) -> None:
+    sent = event(source="hr://wörkday", time="2026-11-27T21:00:00+02:00")
+    sent["data"] = {"org_id": "acme", "user_id": " u-42 "}
+    plain = json.dumps(sent, ensure_ascii=False).encode()
+    headers = AUTH | {"Content-Type": "application/json"}
+    for body in (plain, _escaped(json.dumps(sent).encode()), plain):
+        response = api.post("/v1/events", content=body, headers=headers)
+        assert response.status_code == 202, response.text
+        assert response.json() == {"accepted": [sent["id"]]}
+    other = json.dumps(sent | {"source": "hr://workday"}).encode()
+    assert api.post("/v1/events", content=other, headers=headers).status_code == 409
+    row = stored(store)[sent["id"]]
+    assert (row.source, row.data) == ("hr://wörkday", {"org_id": "acme", "user_id": " u-42 "})
+    assert row.time.isoformat() == "2026-11-27T19:00:00+00:00"
+
+
+ZONES = st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(-timedelta(hours=9.5))])
+# Text that JSON writes as is (no escapes), so that a body of it is plain.
+ID_TEXT = st.text(
+    st.characters(codec="utf-8", exclude_categories=["Cc", "Cs"], exclude_characters='"\\'),
+    min_size=1,
+    max_size=12,
+)
+
+
+@st.composite
+def valid_events(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(sorted(DATA_MODELS)))
+    text = ID_TEXT.filter(lambda s: s.strip() != "")
+    by_kind: dict[str, dict[str, Any]] = {
+        "membership.added": {"org_id": draw(text), "user_id": draw(text), "role": "admin"},
+        "membership.role_changed": {"org_id": draw(text), "user_id": draw(text), "role": "user"},
+        "membership.removed": {"org_id": draw(text), "user_id": draw(text)},
+        "user.deactivated": {"user_id": draw(text)},
+        "token.leak_suspected": {"token_id": draw(text), "reporter": draw(st.none() | text)},
+        "token.revoke_requested": {"token_id": draw(text)},
+    }
+    data = by_kind[kind]
+    if kind == "membership.added" and draw(st.booleans()):
+        data["email"] = draw(st.none() | ID_TEXT)
+    body = event(type=kind, id=draw(text), source=draw(text), data=data)
+    when = draw(st.none() | st.datetimes(min_value=datetime(1900, 1, 1), timezones=ZONES))
+    if when is None:
+        del body["time"]
+    else:
+        body["time"] = when.isoformat() if draw(st.booleans()) else None
+    return body
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(events=st.lists(valid_events(), min_size=1, max_size=4))
+def test_plain_bodies_are_read_as_the_full_checks_read_them(events: list[dict[str, Any]]) -> None:
+    """The quick reading of a plain body refuses what the full one refuses (leaving it the
+    reasons) and otherwise makes the very rows, fingerprints included."""
+    body = json.dumps(events if len(events) > 1 else events[0], ensure_ascii=False).encode()
+    assert b"\\" not in body
+    try:
+        full = intake.prepare(_escaped(body))
+    except intake.Refused:
+        assert intake._prepare_plain(body) is None
+        return
+    assert intake._prepare_plain(body) == full
+
+
+def test_a_plain_batch_takes_the_quick_reading() -> None:
+    body = json.dumps([event(), event(type="user.deactivated", data={"user_id": "u"})]).encode()
+    assert intake._prepare_plain(body) == intake.prepare(_escaped(body))
+    assert intake._prepare_plain(_escaped(body)) is None
+
+
+def _prepared(*events: dict[str, Any]) -> list[intake.Prepared]:
+    return intake.prepare(json.dumps(list(events)).encode())
+
+
+def test_requests_committed_together_keep_their_own_outcomes(store: Store) -> None:
+    published: list[list[str]] = []
+    writer = InboxWriter(store.url, lambda ids: published.append(list(ids)))
+    old = event()
+    new = [event() for _ in range(4)]
+    requests = [
+        [new[0], new[1]],
+        # Refused: its old id with other content; its new id stays free for the next request.
+        [old | {"source": "hr://other"}, new[2] | {"source": "hr://first"}],
+        [new[2]],
+        [new[0] | {"source": "hr://other"}],  # taken earlier in the same group
+        [new[1], old],  # the same content again
+        [new[3], new[3] | {"source": "hr://other"}],  # one id, two contents, one request
+    ]
+
+    async def send_together() -> list[Any]:
+        await writer.store(_prepared(old))
+        return await asyncio.gather(
+            *(writer.store(_prepared(*sent)) for sent in requests), return_exceptions=True
+        )
+
+    try:
+        outcomes = asyncio.run(send_together())
+        assert [o.accepted if isinstance(o, Outcome) else o.ids for o in outcomes] == [
+            [new[0]["id"], new[1]["id"]],
+            [old["id"]],
+            [new[2]["id"]],
+            [new[0]["id"]],
+            [new[1]["id"], old["id"]],
+            [new[3]["id"]],
+        ]
+        assert [type(o).__name__ for o in outcomes] == [
+            "Outcome", "Conflict", "Outcome", "Conflict", "Outcome", "Conflict",
+        ]  # fmt: skip
+        rows = stored(store)
+        assert set(rows) == {old["id"], new[0]["id"], new[1]["id"], new[2]["id"]}
+        assert rows[new[2]["id"]].source == new[2]["source"]
+        assert rows[old["id"]].source == old["source"]
+        # One commit for the group, so one message: new ids and the pending old one, once.
+        assert published == [
+            [old["id"]],
+            [new[0]["id"], new[1]["id"], new[2]["id"], old["id"]],
+        ]
+    finally:
+        store.truncate()

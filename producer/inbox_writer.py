@@ -1,0 +1,406 @@
+"""Group commit: the events of every request waiting at once go into the inbox together.
+
+A request hands its prepared events to the :class:`InboxWriter` and waits. The writer takes
+whatever is waiting, stores it in one transaction, commits once, publishes the new ids in
+messages of up to a hundred, and only then answers each request: a ``202`` still means the
+request's events are committed. Requests that arrive meanwhile form the next group, so under
+load one commit and one publish serve many requests.
+
+On Postgres the usual group (every id new) is one ``INSERT`` that commits on its own: one
+round trip. Otherwise, and on SQLite, one transaction inserts with ``ON CONFLICT DO NOTHING
+RETURNING id`` and looks up the ids that were there already.
+
+Within a group each request keeps the outcome it would have had alone, in arrival order: an id
+already stored, or taken earlier in the group, with other content refuses that request (409)
+and stores none of its events; the same content again is accepted and stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
+from typing import Any, Final, cast
+
+from sqlalchemy import Connection, Engine, Table, select
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from producer.intake import Prepared
+from worker import clock
+from worker.db import make_engine
+from worker.inbox import Conflict
+from worker.models import EventStatus, InboxEvent
+from worker.publish import PublishError
+
+# Events in one transaction: a group takes waiting requests until it holds this many (a
+# request is never split), so one transaction stays short.
+GROUP_EVENTS: Final = 2000
+# Requests answered together were sent by as many producers at once, and they usually come
+# back within a round trip: while fewer than the last group are waiting, the next group waits
+# for them this long at most, so a steady load makes one commit per round of requests rather
+# than two half-rounds. A lone producer waits at most once, right after a busier moment.
+LINGER_S: Final = 0.002
+# A group is redone when a request of it turns out refused after its rows went in, or when
+# another writer raced it; each redo settles at least one request, so this is never reached
+# in practice.
+MAX_ATTEMPTS: Final = 20
+
+# The writers' one thread: a group's database and broker calls block, the event loop must not.
+_THREAD: Final = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox-writer")
+_TABLE: Final = cast(Table, InboxEvent.__table__)
+_PENDING: Final = EventStatus.PENDING.value
+
+# Postgres: every row in one JSON parameter, unpacked by the server. Adapting a hundred rows
+# of parameters costs the client more than the insert itself.
+_POSTGRES_INSERT: Final = (
+    "INSERT INTO events (id, type, source, time, data, digest, status, attempts, "
+    "received_at, published_at) "
+    "SELECT r->>0, r->>1, r->>2, (r->>3)::timestamptz, r->4, r->>5, %(status)s, 0, "
+    "%(now)s, %(now)s FROM json_array_elements(%(rows)s::json) AS r "
+    "ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+
+
+# The same, all or nothing, when no id is stored yet; a plain INSERT (no ON CONFLICT), so an id
+# another writer commits meanwhile fails the statement instead of being skipped.
+_POSTGRES_INSERT_ALL_NEW: Final = (
+    "WITH incoming AS (SELECT value AS r FROM json_array_elements(%(rows)s::json)) "
+    "INSERT INTO events (id, type, source, time, data, digest, status, attempts, "
+    "received_at, published_at) "
+    "SELECT r->>0, r->>1, r->>2, (r->>3)::timestamptz, r->4, r->>5, %(status)s, 0, "
+    "%(now)s, %(now)s FROM incoming "
+    "WHERE NOT EXISTS (SELECT 1 FROM events JOIN incoming ON events.id = incoming.r->>0)"
+)
+
+
+class StoreUnavailable(Exception):
+    """The group's transaction failed; nothing of it was stored."""
+
+    def __init__(self, error: BaseException) -> None:
+        lines = str(error).strip().splitlines()
+        super().__init__(lines[0] if lines else type(error).__name__)
+        self.kind = type(error).__name__
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one request's events: all stored (new, or the same content again)."""
+
+    accepted: list[str]  # each id once, in the order first sent
+    published: int  # ids of this request put on the queue (0 when publishing failed)
+    publish_error: str | None = None
+
+
+@dataclass
+class _Job:
+    events: Sequence[Prepared]
+    future: asyncio.Future[Outcome]
+    wanted: dict[str, Prepared] = field(default_factory=dict)  # first occurrence of each id
+    clashes: list[str] = field(default_factory=list)  # repeated in the request, other content
+
+    def __post_init__(self) -> None:
+        for event in self.events:
+            seen = self.wanted.setdefault(event.id, event)
+            if seen.digest != event.digest:
+                self.clashes.append(event.id)
+
+
+@dataclass
+class _Settled:
+    """One request's fate in a group: a conflict, or the ids it has the queue carry."""
+
+    conflict: Conflict | None = None
+    to_publish: list[str] = field(default_factory=list)
+
+
+class InboxWriter:
+    """Stores requests' events by group commit, then publishes their ids (see the module)."""
+
+    def __init__(self, database_url: str, publish: Callable[[Sequence[str]], None]) -> None:
+        self._database_url = database_url
+        self._publish = publish
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: list[_Job] = []
+        self._drainer: asyncio.Task[None] | None = None
+        self._usual = 1  # requests in the last group
+        self._enough: asyncio.Future[None] | None = None  # done once the usual number waits
+
+    async def store(self, events: Sequence[Prepared]) -> Outcome:
+        """Commit ``events`` with whatever else is waiting; raise :class:`Conflict` or
+        :class:`StoreUnavailable` when this request's events were not stored."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A new event loop (a test client's): what belonged to the old one is gone.
+            self._loop, self._waiting, self._drainer, self._enough = loop, [], None, None
+        job = _Job(events, loop.create_future())
+        self._waiting.append(job)
+        if self._enough is not None and len(self._waiting) >= self._usual:
+            _settle_future(self._enough)
+        if self._drainer is None:
+            self._drainer = loop.create_task(self._drain())
+        return await job.future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                if len(self._waiting) < self._usual:
+                    self._enough = enough = asyncio.get_running_loop().create_future()
+                    timer = enough.get_loop().call_later(LINGER_S, _settle_future, enough)
+                    await enough
+                    timer.cancel()
+                    self._enough = None
+                group = self._take()
+                self._usual = len(group)
+                await self._settle(group)
+        finally:
+            # Normally nothing is left; after a cancellation (the loop is closing) the
+            # requests still waiting are cancelled too rather than left hanging.
+            if self._drainer is asyncio.current_task():
+                for job in self._waiting:
+                    job.future.cancel()
+                self._waiting, self._drainer = [], None
+
+    async def _settle(self, group: list[_Job]) -> None:
+        try:
+            settled, published, problem = await asyncio.get_running_loop().run_in_executor(
+                _THREAD, self._commit, group
+            )
+        except asyncio.CancelledError:
+            for job in group:
+                job.future.cancel()
+            raise
+        except Exception as error:
+            for job in group:
+                _fail(job, StoreUnavailable(error))
+            return
+        for job, fate in zip(group, settled, strict=True):
+            if fate.conflict is not None:
+                _fail(job, fate.conflict)
+            elif not job.future.done():  # its request may have gone; its events stay stored
+                job.future.set_result(
+                    Outcome(
+                        accepted=list(job.wanted),
+                        published=len(fate.to_publish) if published else 0,
+                        publish_error=problem,
+                    )
+                )
+
+    def _take(self) -> list[_Job]:
+        size, count = 0, 0
+        for job in self._waiting:
+            if count and size + len(job.events) > GROUP_EVENTS:
+                break
+            size += len(job.events)
+            count += 1
+        group, self._waiting = self._waiting[:count], self._waiting[count:]
+        return group
+
+    def _commit(self, group: list[_Job]) -> tuple[list[_Settled], bool, str | None]:
+        """Store the group and publish what it added (in a worker thread)."""
+        settled = self._store(group)
+        ids = list(dict.fromkeys(i for fate in settled for i in fate.to_publish))
+        if not ids:
+            return settled, True, None
+        try:
+            self._publish(ids)
+        except PublishError as error:
+            lines = str(error).strip().splitlines()
+            return settled, False, lines[0] if lines else type(error).__name__
+        return settled, True, None
+
+    def _store(self, group: list[_Job]) -> list[_Settled]:
+        now = clock.now()
+        engine = _engine(self._database_url)
+        settled = [
+            _Settled(conflict=Conflict(sorted(set(job.clashes)))) if job.clashes else None
+            for job in group
+        ]
+        reconnected = False
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                if attempt == 0 and engine.dialect.name == "postgresql":
+                    quick = _store_all_new(engine, group, settled, now)
+                    if quick is not None:
+                        return quick
+                with engine.begin() as connection:
+                    if _try_group(connection, group, settled, now):
+                        return [fate or _Settled() for fate in settled]
+                    connection.rollback()
+            except DBAPIError as error:
+                # A connection the server dropped (a restart) is discarded with its pool;
+                # one more try on a fresh one, as a ping at checkout would have done.
+                if not error.connection_invalidated or reconnected:
+                    raise
+                reconnected = True
+        raise RuntimeError(f"the group did not settle in {MAX_ATTEMPTS} attempts")
+
+
+def _store_all_new(
+    engine: Engine, group: list[_Job], settled: list[_Settled | None], now: datetime
+) -> list[_Settled] | None:
+    """The usual group in one statement, which commits on its own: every id new to the inbox,
+    each sent with one content. None, having stored nothing, when that is not so."""
+    rows: dict[str, Prepared] = {}
+    for job, fate in zip(group, settled, strict=True):
+        for event_id, event in job.wanted.items() if fate is None else ():
+            if rows.setdefault(event_id, event).digest != event.digest:
+                return None  # an id taken earlier in the group: the full path settles it
+    if not rows:
+        return None
+    with engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            result = connection.exec_driver_sql(
+                _POSTGRES_INSERT_ALL_NEW, _postgres_rows(list(rows.values()), now)
+            )
+        except IntegrityError:
+            return None  # another writer took one of the ids meanwhile: nothing went in
+    if result.rowcount == 0:
+        return None  # some id is already stored
+    if result.rowcount != len(rows):
+        raise RuntimeError(f"{result.rowcount} of {len(rows)} new events stored")
+    return [
+        fate or _Settled(to_publish=list(job.wanted))
+        for job, fate in zip(group, settled, strict=True)
+    ]
+
+
+def _postgres_rows(events: list[Prepared], now: datetime) -> dict[str, Any]:
+    now_text = now.isoformat()
+    document = json.dumps(
+        [
+            [e.id, e.type, e.source, e.time.isoformat() if e.time else now_text, e.data, e.digest]
+            for e in events
+        ]
+    )
+    return {"rows": document, "now": now, "status": _PENDING}
+
+
+def _settle_future(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _fail(job: _Job, error: Exception) -> None:
+    if not job.future.done():
+        job.future.set_exception(error)
+
+
+def _try_group(
+    connection: Connection,
+    group: list[_Job],
+    settled: list[_Settled | None],
+    now: datetime,
+) -> bool:
+    """One attempt at the group; False (and ``settled`` updated) when it must be redone.
+
+    The requests not yet settled are stored as if one after the other: the first to send an
+    id writes its row, later ones are checked against it.
+    """
+    active = [index for index, fate in enumerate(settled) if fate is None]
+    first: dict[str, tuple[int, Prepared]] = {}
+    for index in active:
+        for event_id, event in group[index].wanted.items():
+            first.setdefault(event_id, (index, event))
+    inserted = _insert(connection, [event for _, event in first.values()], now)
+    before = [event_id for event_id in first if event_id not in inserted]
+    existing = (
+        {
+            row.id: (row.digest, row.status)
+            for row in connection.execute(
+                select(_TABLE.c.id, _TABLE.c.digest, _TABLE.c.status).where(_TABLE.c.id.in_(before))
+            )
+        }
+        if before
+        else {}
+    )
+    if len(existing) < len(before):
+        return False  # a row gone since the insert saw it: look again
+    claimed = {event_id: digest for event_id, (digest, _) in existing.items()}
+    outcome: dict[int, _Settled] = {}
+    for index in active:
+        wanted = group[index].wanted
+        clashes = sorted(
+            i for i, event in wanted.items() if claimed.get(i, event.digest) != event.digest
+        )
+        if clashes:
+            outcome[index] = _Settled(conflict=Conflict(clashes))
+            continue
+        to_publish = []
+        for event_id, event in wanted.items():
+            claimed.setdefault(event_id, event.digest)
+            if event_id in inserted or existing.get(event_id, ("", _PENDING))[1] == _PENDING:
+                to_publish.append(event_id)
+        outcome[index] = _Settled(to_publish=to_publish)
+    refused_writers = {
+        first[event_id][0]
+        for event_id in inserted
+        if outcome[first[event_id][0]].conflict is not None
+    }
+    for index, fate in outcome.items():
+        if fate.conflict is not None:
+            settled[index] = fate
+    if refused_writers:
+        return False  # rows of a refused request went in: again without it
+    for index, fate in outcome.items():
+        settled[index] = fate
+    return True
+
+
+def _insert(connection: Connection, events: list[Prepared], now: datetime) -> set[str]:
+    """Insert the rows of ``events`` that are not there yet; the ids inserted."""
+    if not events:
+        return set()
+    if connection.dialect.name == "postgresql":
+        now_text = now.isoformat()
+        document = json.dumps(
+            [
+                [
+                    e.id,
+                    e.type,
+                    e.source,
+                    e.time.isoformat() if e.time else now_text,
+                    e.data,
+                    e.digest,
+                ]
+                for e in events
+            ]
+        )
+        result = connection.exec_driver_sql(
+            _POSTGRES_INSERT, {"rows": document, "now": now, "status": _PENDING}
+        )
+        return {row[0] for row in result}
+    statement = (
+        sqlite.insert(_TABLE)
+        .on_conflict_do_nothing(index_elements=[_TABLE.c.id])
+        .returning(_TABLE.c.id)
+    )
+    rows: list[dict[str, Any]] = [
+        {
+            "id": e.id,
+            "type": e.type,
+            "source": e.source,
+            "time": e.time or now,
+            "data": e.data,
+            "digest": e.digest,
+            "status": _PENDING,
+            "attempts": 0,
+            "received_at": now,
+            # Counted as published now: the writer publishes right after the commit, and the
+            # re-drive steps in only if that did not happen.
+            "published_at": now,
+        }
+        for e in events
+    ]
+    return set(connection.execute(statement, rows).scalars())
+
+
+@cache
+def _engine(url: str) -> Engine:
+    """The writer's engine: no ping at each checkout (a dropped connection is retried once)."""
+    return make_engine(url, pool_pre_ping=False)
