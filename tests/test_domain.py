@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -12,7 +13,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, func, inspect, select, text
+from sqlalchemy import delete, event, func, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -21,7 +22,8 @@ from worker import db
 from worker.errors import Refused
 from worker.issuing import IssuedToken, create_token
 from worker.members import add_member
-from worker.models import AuditEntry, Base, Membership, Token, TokenKind
+from worker.models import AuditEntry, Base, Membership, Token, TokenKind, UserDeactivation
+from worker.offboarding import deactivate_user
 from worker.revocation import revoke_token
 from worker.tokens import generate, hash_token
 from worker.verification import verify_token
@@ -462,3 +464,63 @@ def test_downgrade_to_base_and_upgrade_again(tmp_path: Path) -> None:
         assert db.schema_is_current(engine)
     finally:
         engine.dispose()
+
+
+# --- a deactivation racing the first event of a new membership ---------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("first", ["deactivation", "join"])
+def test_a_deactivation_and_an_older_join_applied_at_once_end_inactive(
+    store: Store, now: datetime, first: str
+) -> None:
+    """Whichever transaction gets in first, the other one waits for it and sees its work."""
+    if store.backend != "postgres":
+        pytest.skip("SQLite runs one writing transaction at a time")
+    user = f"u-race-{first}"
+    joined, deactivated = now - timedelta(hours=2), now - timedelta(hours=1)
+
+    def join(session: Session) -> None:
+        add_member(
+            session,
+            org_id=ORG,
+            user_id=user,
+            role="user",
+            email=None,
+            at=joined,
+            now=now,
+            source="test",
+        )
+
+    def deactivate(session: Session) -> None:
+        deactivate_user(
+            session, user_id=user, at=deactivated, now=now, source="test", event_id=None
+        )
+
+    steps = [join, deactivate] if first == "join" else [deactivate, join]
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with db.transaction(store.engine) as session:
+                steps[1](session)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    try:
+        with db.transaction(store.engine) as session:
+            steps[0](session)
+            waiting = threading.Thread(target=second)
+            waiting.start()
+            waiting.join(timeout=0.5)
+            assert waiting.is_alive(), "the second transaction must wait for the first"
+        waiting.join(timeout=30)
+        assert not errors, errors
+        with db.transaction(store.engine) as session:
+            found = session.get(Membership, (ORG, user))
+            assert found is not None
+            assert (found.active, found.last_event_at) == (False, deactivated)
+    finally:
+        with store.engine.begin() as connection:
+            for table in (Membership, UserDeactivation, AuditEntry):
+                connection.execute(delete(table).where(table.user_id == user))

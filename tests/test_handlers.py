@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,17 +10,25 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
 from tests.conftest import Store
 from worker import inbox
 from worker.errors import Refused
 from worker.events import InvalidEvent, parse_event
-from worker.handlers import apply_event
+from worker.handlers import apply_event, apply_pending
 from worker.issuing import IssuedToken, create_token
 from worker.members import add_member
-from worker.models import AuditEntry, EventStatus, InboxEvent, Membership, Token, TokenKind
+from worker.models import (
+    AuditEntry,
+    EventStatus,
+    InboxEvent,
+    Membership,
+    Notice,
+    Token,
+    TokenKind,
+)
 from worker.tokens import hash_token
 from worker.verification import verify_token
 
@@ -410,3 +419,354 @@ def test_an_event_whose_data_does_not_validate_is_invalid(
 
     assert reason in raised.value.reason
     assert raised.value.event_id == "evt-bad"
+
+
+# --- a deactivation and the memberships it could not see --------------------------------
+
+
+def deactivate(session: Session, user_id: str, *, time: datetime, now: datetime) -> None:
+    apply(session, "user.deactivated", {"user_id": user_id}, time=time, now=now)
+
+
+def joined_event(
+    session: Session, org_id: str, user_id: str, *, time: datetime, now: datetime
+) -> dict[str, Any]:
+    return apply(
+        session,
+        "membership.added",
+        {"org_id": org_id, "user_id": user_id, "role": "admin"},
+        time=time,
+        now=now,
+    )
+
+
+def membership(session: Session, org_id: str, user_id: str) -> tuple[bool, datetime]:
+    found = session.get(Membership, (org_id, user_id))
+    assert found is not None
+    return found.active, found.last_event_at
+
+
+def test_a_join_older_than_the_deactivation_arriving_after_it_is_stale(
+    session: Session, now: datetime
+) -> None:
+    joined_at, deactivated_at = now - timedelta(hours=2), now - timedelta(hours=1)
+    deactivate(session, "u-20", time=deactivated_at, now=now)
+
+    added = joined_event(session, "acme", "u-20", time=joined_at, now=now)
+    changed = apply(
+        session,
+        "membership.role_changed",
+        {"org_id": "globex", "user_id": "u-20", "role": "admin"},
+        time=joined_at,
+        now=now,
+    )
+
+    assert (added["applied"], changed["applied"]) == (False, False)
+    # As if applied in time order: the join, then the deactivation that ended it.
+    assert membership(session, "acme", "u-20") == (False, deactivated_at)
+    assert membership(session, "globex", "u-20") == (False, deactivated_at)
+    with pytest.raises(Refused):
+        pat(session, "acme", "u-20", created=now)
+    stale = audit_rows(session, action="stale", user_id="u-20")
+    assert [(row.org_id, row.reason) for row in stale] == [
+        ("acme", "membership.added"),
+        ("globex", "membership.role_changed"),
+    ]
+    for row in stale:
+        assert row.detail is not None
+        assert row.detail["cause"] == "user_deactivated"
+        assert row.detail["deactivated_at"] == deactivated_at.isoformat()
+        assert row.detail["event_time"] == joined_at.isoformat()
+
+
+def test_a_join_after_the_deactivation_is_a_rejoin_whatever_the_order(
+    session: Session, now: datetime
+) -> None:
+    deactivated_at, rejoined_at = now - timedelta(hours=2), now - timedelta(hours=1)
+    # The re-join arrives first in one organization, last in the other.
+    joined_event(session, "acme", "u-21", time=rejoined_at, now=now)
+    deactivate(session, "u-21", time=deactivated_at, now=now)
+    added = joined_event(session, "globex", "u-21", time=rejoined_at, now=now)
+
+    assert added["applied"] is True
+    assert membership(session, "acme", "u-21") == (True, rejoined_at)
+    assert membership(session, "globex", "u-21") == (True, rejoined_at)
+    issued = pat(session, "globex", "u-21", created=now)
+    assert verify_token(session, issued.token, now=now).usable
+    assert audit_rows(session, action="stale", user_id="u-21", org_id="globex") == []
+
+
+def test_the_newest_deactivation_counts_when_they_arrive_out_of_order(
+    session: Session, now: datetime
+) -> None:
+    first, joined_at, second = (now - timedelta(hours=h) for h in (3, 2, 1))
+    deactivate(session, "u-22", time=second, now=now)
+    deactivate(session, "u-22", time=first, now=now)  # older, arriving late
+
+    # Between the two deactivations: the second one ends it.
+    added = joined_event(session, "acme", "u-22", time=joined_at, now=now)
+
+    assert added["applied"] is False
+    assert membership(session, "acme", "u-22") == (False, second)
+
+
+def test_a_late_older_removal_of_an_unseen_membership_keeps_the_deactivation_time(
+    session: Session, now: datetime
+) -> None:
+    removed_at, joined_at, deactivated_at = (now - timedelta(hours=h) for h in (3, 2, 1))
+    deactivate(session, "u-23", time=deactivated_at, now=now)
+    apply(
+        session,
+        "membership.removed",
+        {"org_id": "acme", "user_id": "u-23"},
+        time=removed_at,
+        now=now,
+    )
+
+    # Newer than the removal but older than the deactivation: still stale.
+    added = joined_event(session, "acme", "u-23", time=joined_at, now=now)
+
+    assert added["applied"] is False
+    assert membership(session, "acme", "u-23") == (False, deactivated_at)
+
+
+# --- a message of removals, applied together --------------------------------------------
+
+
+def removal_scenario(session: Session, prefix: str, *, now: datetime) -> list[str]:
+    """Leavers of every kind in one organization; the ids of their removal events, in order.
+
+    Fresh removals (one of them an admin), a late removal after a re-join (the old PAT goes,
+    the new one stays), a leaver without tokens, a removal of an unknown membership, and an
+    event whose stored data no longer validates.
+    """
+    org, other = f"{prefix}-acme", f"{prefix}-globex"
+    t0, left, rejoined = now - timedelta(days=10), now - timedelta(days=5), now - timedelta(days=2)
+    for user, role in [("boss", "admin"), ("admin2", "admin"), ("a", "user"), ("b", "user")]:
+        join(session, org, f"{prefix}-{user}", at=t0, role=role)
+    join(session, org, f"{prefix}-c", at=t0)
+    join(session, org, f"{prefix}-empty", at=t0)
+    join(session, other, f"{prefix}-a", at=t0)
+    for user in ("a", "b", "admin2"):
+        pat(session, org, f"{prefix}-{user}", created=t0 + timedelta(hours=1))
+        pat(session, org, f"{prefix}-{user}", created=t0 + timedelta(hours=2))
+    pat(session, other, f"{prefix}-a", created=t0 + timedelta(hours=1))
+    aat(session, org, created_by=f"{prefix}-a", created=t0 + timedelta(hours=1))
+    pat(session, org, f"{prefix}-c", created=t0 + timedelta(hours=1))
+    join(session, org, f"{prefix}-c", at=rejoined)  # delivered before the late removal
+    pat(session, org, f"{prefix}-c", created=rejoined + timedelta(hours=1))
+
+    def removal(user: str, time: datetime, suffix: str) -> str:
+        data = {"org_id": org, "user_id": f"{prefix}-{user}"}
+        return stored(
+            session, "membership.removed", data, time=time, event_id=f"{prefix}-{suffix}"
+        ).id
+
+    ids = [
+        removal("a", now - timedelta(minutes=5), "e1"),
+        removal("c", left, "e2"),
+        removal("admin2", now - timedelta(minutes=4), "e3"),
+        removal("empty", now - timedelta(minutes=3), "e4"),
+        removal("b", now - timedelta(minutes=2), "e5"),
+        removal("bad", now - timedelta(minutes=1), "e6"),
+    ]
+    session.execute(
+        update(InboxEvent).where(InboxEvent.id == f"{prefix}-e6").values(data={"org_id": org})
+    )
+    return ids
+
+
+def removal_outcome(session: Session, prefix: str) -> dict[str, Any]:
+    """What a user would see of the scenario, with the prefix and generated ids taken out."""
+
+    def plain(value: dict[str, Any]) -> dict[str, Any]:
+        found: dict[str, Any] = json.loads(json.dumps(value, default=str).replace(prefix, "P"))
+        return found
+
+    tokens = {
+        token.id: f"{token.org_id}/{token.user_id or token.app_id}/{token.created_at}"
+        for token in session.scalars(select(Token).where(Token.org_id.like(f"{prefix}-%")))
+    }
+    session.expire_all()
+    events = {
+        e.id: (e.status, e.reason, sorted(tokens[t] for t in (e.result or {}).get("revoked", [])))
+        for e in session.scalars(select(InboxEvent).where(InboxEvent.id.like(f"{prefix}-%")))
+    }
+    revoked = sorted(
+        (label, t.revoke_reason)
+        for t in session.scalars(select(Token).where(Token.org_id.like(f"{prefix}-%")))
+        for label in [tokens[t.id]]
+    )
+    rows = list(
+        session.scalars(
+            select(AuditEntry)
+            .where(AuditEntry.event_id.like(f"{prefix}-%"))
+            .order_by(AuditEntry.id)
+        )
+    )
+    # Revocations of one event come in token id order, and ids are random: sorted here.
+    trail = sorted(
+        (r.event_id, r.action, r.reason, r.user_id, tokens.get(r.token_id or ""), r.detail)
+        for r in rows
+    )
+    order = [(r.event_id, r.action) for r in rows]
+    told = sorted(
+        (
+            n.event_id,
+            n.org_id,
+            n.recipients,
+            {k: v for k, v in data.items() if k not in ("notice_id", "tokens")},
+            sorted(tokens[t["id"]] for t in data["tokens"]),
+        )
+        for n in session.scalars(select(Notice).where(Notice.event_id.like(f"{prefix}-%")))
+        for data in [json.loads(n.body)["data"]]
+    )
+    members = sorted(
+        (m.org_id, m.user_id, m.active, m.last_event_at)
+        for m in session.scalars(select(Membership).where(Membership.org_id.like(f"{prefix}-%")))
+    )
+    return plain(
+        {
+            "events": events,
+            "tokens": revoked,
+            "audit": trail,
+            "order": order,
+            "notices": told,
+            "members": members,
+        }
+    )
+
+
+def test_a_message_of_removals_is_applied_together_as_each_would_be_alone(
+    session: Session, store: Store, now: datetime
+) -> None:
+    together = removal_scenario(session, "zqtog", now=now)
+    alone = removal_scenario(session, "zqone", now=now)
+
+    with token_updates(store) as updates:
+        outcome = apply_pending(session, together, now=now, retryable=lambda _: False)
+    # One message each, in the order the inbox hands them out: by event time.
+    for event_id in sorted(alone, key=lambda i: str(session.get(InboxEvent, i).time)):  # type: ignore[union-attr]
+        apply_pending(session, [event_id], now=now, retryable=lambda _: False)
+
+    assert len(updates) == 1, "one statement revokes the PATs of every leaver of the message"
+    assert sorted(outcome.done) == together[:5]
+    assert outcome.dead == together[5:]
+    seen = removal_outcome(session, "zqtog")
+    assert seen == removal_outcome(session, "zqone")
+    # And what that is, spelled out:
+    assert [status for status, _, _ in seen["events"].values()] == ["done"] * 5 + ["dead"]
+    assert seen["events"]["P-e6"][1] == "data.user_id: Field required"
+    assert [len(revoked) for _, _, revoked in seen["events"].values()] == [2, 1, 2, 0, 2, 0]
+    kept = [label for label, reason in seen["tokens"] if reason is None]
+    assert len(kept) == 1 + 1 + 1  # the AAT, the PAT elsewhere, the PAT issued after re-join
+    assert seen["order"] == [
+        ["P-e2", "stale"],
+        ["P-e2", "revoke"],
+        ["P-e1", "revoke"],
+        ["P-e1", "revoke"],
+        ["P-e1", "member"],
+        ["P-e3", "revoke"],
+        ["P-e3", "revoke"],
+        ["P-e3", "member"],
+        ["P-e4", "member"],
+        ["P-e5", "revoke"],
+        ["P-e5", "revoke"],
+        ["P-e5", "member"],
+    ]
+    boss, admin2 = {"user_id": "P-boss", "email": None}, {"user_id": "P-admin2", "email": None}
+    # admin2 leaves after e2 and e1, so hears about those and not about e5.
+    assert [[event_id, recipients] for event_id, _, recipients, *_ in seen["notices"]] == [
+        ["P-e1", [admin2, boss]],
+        ["P-e2", [admin2, boss]],
+        ["P-e3", [boss]],
+        ["P-e5", [boss]],
+    ]
+    active = {f"{org}/{user}": is_active for org, user, is_active, _ in seen["members"]}
+    assert active == {
+        "P-acme/P-boss": True,
+        "P-acme/P-a": False,
+        "P-acme/P-admin2": False,
+        "P-acme/P-b": False,
+        "P-acme/P-c": True,  # the late removal does not undo the re-join
+        "P-acme/P-empty": False,
+        "P-globex/P-a": True,
+    }
+
+
+def test_a_removal_batch_delivered_again_changes_nothing(session: Session, now: datetime) -> None:
+    ids = removal_scenario(session, "zqagain", now=now)
+    apply_pending(session, ids, now=now, retryable=lambda _: False)
+    first = removal_outcome(session, "zqagain")
+
+    again = apply_pending(session, ids, now=now + timedelta(minutes=1), retryable=lambda _: False)
+
+    assert again.skipped == ids
+    assert removal_outcome(session, "zqagain") == first
+
+
+def test_removals_of_one_membership_or_of_unknown_ones_in_one_message_still_apply(
+    session: Session, now: datetime
+) -> None:
+    t0 = now - timedelta(days=3)
+    join(session, "acme", "u-30", at=t0)
+    join(session, "acme", "u-31", at=t0)
+    first = pat(session, "acme", "u-30", created=t0)
+    other = pat(session, "acme", "u-31", created=t0)
+    twice = [
+        stored(session, "membership.removed", {"org_id": "acme", "user_id": "u-30"}, time=at).id
+        for at in (now - timedelta(hours=2), now - timedelta(hours=1))
+    ]
+    unknown = [
+        stored(session, "membership.removed", {"org_id": "acme", "user_id": user}, time=now).id
+        for user in ("u-31", "u-never")
+    ]
+
+    a = apply_pending(session, twice, now=now, retryable=lambda _: False)
+    b = apply_pending(session, unknown, now=now, retryable=lambda _: False)
+
+    assert (a.done, sorted(b.done)) == (twice, sorted(unknown))
+    assert reason_of(session, first.id) == reason_of(session, other.id) == "member_removed"
+    assert membership(session, "acme", "u-30") == (False, now - timedelta(hours=1))
+    assert membership(session, "acme", "u-never") == (False, now)
+
+
+@contextmanager
+def all_statements(store: Store) -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+
+
+def test_a_message_of_removals_costs_the_same_statements_whatever_its_size(
+    session: Session, store: Store, now: datetime
+) -> None:
+    t0 = now - timedelta(days=1)
+    join(session, "acme", "boss", at=t0, role="admin")
+    sent = {}
+    for size in (3, 30):
+        users = [f"u-{size}-{n}" for n in range(size)]
+        for user in users:
+            join(session, "acme", user, at=t0)
+            pat(session, "acme", user, created=t0)
+            pat(session, "acme", user, created=t0)
+        ids = [
+            stored(session, "membership.removed", {"org_id": "acme", "user_id": u}, time=now).id
+            for u in users
+        ]
+        session.flush()
+        with all_statements(store) as statements:
+            outcome = apply_pending(session, ids, now=now, retryable=lambda _: False)
+            session.flush()  # the inbox marks
+        assert len(outcome.done) == size
+        sent[size] = len(statements)
+
+    assert sent[30] == sent[3]
+    assert sent[3] <= 12

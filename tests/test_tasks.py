@@ -26,12 +26,20 @@ from sqlalchemy.orm import Session
 import tasks.events
 from config.logging import configure_logging
 from tests.conftest import Store
-from worker import clock, db, inbox, offboarding, signals, tasking
+from worker import clock, db, inbox, offboarding, removals, signals, tasking
 from worker.app import app
 from worker.events import parse_event
 from worker.issuing import create_token
 from worker.members import add_member
-from worker.models import AuditEntry, DeadLetter, EventStatus, InboxEvent, Token, TokenKind
+from worker.models import (
+    AuditEntry,
+    DeadLetter,
+    EventStatus,
+    InboxEvent,
+    Notice,
+    Token,
+    TokenKind,
+)
 from worker.publish import PROCESS_EVENTS, PublishError
 from worker.tasking import DatabaseTask, TransientDatabaseError
 from worker.tokens import generate
@@ -406,6 +414,109 @@ def test_a_poison_event_is_marked_dead_and_the_others_are_applied(
         reasons = {t.id: t.revoke_reason for t in session.scalars(select(Token))}
     assert reasons == {leaver: "member_removed", bystander: None, spared: None}
     assert dead_letters(committed) == []
+
+
+def test_each_removal_of_a_message_applied_together_is_logged(
+    committed: Store, now: datetime, log_lines: io.StringIO
+) -> None:
+    for user in ("u-1", "u-2"):
+        member_with_pat(committed, "acme", user, at=now - timedelta(days=1))
+    ids = store_events(
+        committed,
+        *(
+            raw_event("membership.removed", {"org_id": "acme", "user_id": u}, at=now, id_=f"e-{u}")
+            for u in ("u-1", "u-2", "u-3")
+        ),
+        now=now,
+    )
+    join_first = raw_event(
+        "membership.added", {"org_id": "acme", "user_id": "u-3", "role": "user"}, at=now, id_="j"
+    )
+    store_events(committed, join_first, now=now)
+    tasks.events.process_events.run(["j"])
+
+    tasks.events.process_events.run(ids)
+
+    logged = lines(log_lines)
+    assert not any(line["event"] == "events.batch_split" for line in logged)
+    removed = {line["event_id"]: line for line in logged if line["event"] == "member.removed"}
+    applied = {line["event_id"]: line for line in logged if line["event"] == "event.applied"}
+    queued = [line["event_id"] for line in logged if line["event"] == "notice.queued"]
+    assert {i: (line["revoked"], line["stale"]) for i, line in removed.items()} == {
+        "e-u-1": (1, False),
+        "e-u-2": (1, False),
+        "e-u-3": (0, False),
+    }
+    assert {i: line["revoked"] for i, line in applied.items() if i != "j"} == {
+        "e-u-1": 1,
+        "e-u-2": 1,
+        "e-u-3": 0,
+    }
+    assert all(line["task_name"] == PROCESS_EVENTS for line in applied.values())
+    assert sorted(queued) == ["e-u-1", "e-u-2"]
+
+
+def test_a_poison_removal_in_a_message_of_removals_is_dead_and_the_others_applied(
+    committed: Store, now: datetime, monkeypatch: pytest.MonkeyPatch, log_lines: io.StringIO
+) -> None:
+    t0 = now - timedelta(days=1)
+    users = ["u-1", "u-2", "u-boom", "u-3"]
+    for user in users:
+        member_with_pat(committed, "acme", user, at=t0)
+    ids = store_events(
+        committed,
+        *(
+            raw_event("membership.removed", {"org_id": "acme", "user_id": u}, at=now, id_=f"e-{u}")
+            for u in users
+        ),
+        now=now,
+    )
+    real_batch, real_one = removals.remove_members, offboarding.remove_member
+
+    def batch_then_fail(session: Session, *args: Any, **kwargs: Any) -> Any:
+        real_batch(session, *args, **kwargs)  # its writes must be rolled back with the batch
+        fail_in_the_database(session)
+
+    def fail_for_boom(session: Session, **kwargs: Any) -> list[str]:
+        revoked = real_one(session, **kwargs)
+        if kwargs["user_id"] == "u-boom":
+            fail_in_the_database(session)
+        return revoked
+
+    monkeypatch.setattr(removals, "remove_members", batch_then_fail)
+    monkeypatch.setattr(offboarding, "remove_member", fail_for_boom)
+    published: list[str] = []
+    monkeypatch.setattr(
+        tasking, "publish_new_notices", lambda _app, notice_ids: published.extend(notice_ids)
+    )
+
+    tasks.events.process_events.run(ids)
+
+    events = events_by_id(committed)
+    assert {i: e.status for i, e in events.items()} == {
+        "e-u-1": EventStatus.DONE,
+        "e-u-2": EventStatus.DONE,
+        "e-u-boom": EventStatus.DEAD,
+        "e-u-3": EventStatus.DONE,
+    }
+    assert (events["e-u-boom"].reason or "").startswith("IntegrityError: ")
+    with read(committed) as session:
+        reasons = {t.user_id: t.revoke_reason for t in session.scalars(select(Token))}
+        told = {n.id: n.event_id for n in session.scalars(select(Notice))}
+        trail = [row.event_id for row in session.scalars(select(AuditEntry))]
+    assert reasons == {
+        "u-1": "member_removed",
+        "u-2": "member_removed",
+        "u-boom": None,
+        "u-3": "member_removed",
+    }
+    assert sorted(str(event_id) for event_id in told.values()) == ["e-u-1", "e-u-2", "e-u-3"]
+    assert sorted(published) == sorted(told), "only notices that were committed are published"
+    assert "e-u-boom" not in trail
+    logged = lines(log_lines)
+    assert any(line["event"] == "events.batch_split" for line in logged)
+    failed = [line for line in logged if line["event"] == "event.failed"]
+    assert [line["event_id"] for line in failed] == ["e-u-boom"]
 
 
 def test_a_transient_error_in_one_event_rolls_back_the_whole_run(

@@ -1,16 +1,28 @@
-"""Memberships of users in organizations, with the time of the last event applied."""
+"""Memberships of users in organizations, with the time of the last event applied.
+
+A user's platform-wide deactivation is kept per user (``user_deactivations``): it ends the
+memberships that exist when it is applied, and a membership that first appears later through
+an event older than the deactivation starts out as the deactivation left it (inactive, as of
+the deactivation's time). So a ``membership.added`` older than the deactivation is stale
+whichever arrives first, and one at or after it is a re-join.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Executable, select
+import structlog
+from sqlalchemy import Executable, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker import audit
 from worker.errors import Refused
-from worker.models import Membership, Role
+from worker.models import Membership, Role, UserDeactivation
+
+log = structlog.get_logger(__name__)
 
 
 def parse_role(role: str) -> Role:
@@ -43,21 +55,19 @@ def add_member(
     event newer than ``at``.
     """
     parsed = parse_role(role)
-    member, created = membership_for_update(
+    member, _created = membership_for_update(
         session, org_id=org_id, user_id=user_id, role=parsed.value, at=at, now=now
     )
-    if not created and member.last_event_at > at:
-        audit.record(
+    if member.last_event_at > at:
+        audit_stale(
             session,
-            action="stale",
-            reason="membership.added",
+            member,
+            kind="membership.added",
+            at=at,
+            now=now,
             source=source,
-            at=now,
-            org_id=org_id,
-            user_id=user_id,
             actor=actor,
             event_id=event_id,
-            detail={"event_time": at.isoformat(), "applied_time": member.last_event_at.isoformat()},
         )
         return False
     if not member.active:
@@ -91,10 +101,17 @@ def membership_for_update(
     row that does not exist yet, so a missing one is inserted with ``ON CONFLICT DO NOTHING``
     and read again: two workers creating the same membership then wait for each other instead
     of one failing on the primary key.
+
+    A user deactivated after ``at`` gets the row as the deactivation would have left it had
+    the row existed then: inactive as of the deactivation, so that this older event is stale.
     """
     member = lock_membership(session, org_id=org_id, user_id=user_id)
     if member is not None:
         return member, False
+    # Taken before reading the deactivation: a deactivation being applied right now either
+    # committed first (and is read here) or waits, and then finds the row inserted here.
+    lock_user(session, user_id)
+    deactivated = deactivated_at(session, user_id)
     values = {
         "org_id": org_id,
         "user_id": user_id,
@@ -102,7 +119,7 @@ def membership_for_update(
         "email": None,
         "active": False,
         "active_since": None,
-        "last_event_at": at,
+        "last_event_at": max(at, deactivated) if deactivated is not None else at,
         "updated_at": now,
     }
     statement: Executable = (
@@ -125,3 +142,91 @@ def lock_membership(session: Session, *, org_id: str, user_id: str) -> Membershi
         .with_for_update()
         .execution_options(populate_existing=True)
     )
+
+
+def lock_user(session: Session, user_id: str) -> None:
+    """Serialize, per user, a deactivation with the first event of a new membership.
+
+    Neither can lock a row of the other (the deactivation does not know the new membership's
+    organization, and the membership does not know of a deactivation not yet committed), so
+    on Postgres both take a transaction-scoped advisory lock on the user. SQLite runs one
+    writing transaction at a time anyway.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    digest = hashlib.blake2b(f"tokenwarden.user:{user_id}".encode(), digest_size=8).digest()
+    session.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, signed=True))))
+
+
+def deactivated_at(session: Session, user_id: str) -> datetime | None:
+    """When ``user_id`` was last deactivated platform-wide, if ever."""
+    return session.scalar(
+        select(UserDeactivation.deactivated_at).where(UserDeactivation.user_id == user_id)
+    )
+
+
+def audit_stale(
+    session: Session,
+    member: Membership,
+    *,
+    kind: str,
+    at: datetime,
+    now: datetime,
+    source: str,
+    actor: str | None,
+    event_id: str | None,
+) -> None:
+    """Audit (and log) an event about ``member`` that is older than what the row reflects.
+
+    When the user's deactivation is what the event is older than, the row says so, with the
+    deactivation's time: the event is not applied because the user was deactivated after it.
+    """
+    detail = stale_detail(
+        kind=kind,
+        org_id=member.org_id,
+        user_id=member.user_id,
+        at=at,
+        applied=member.last_event_at,
+        deactivated=deactivated_at(session, member.user_id),
+        event_id=event_id,
+    )
+    audit.record(
+        session,
+        action="stale",
+        reason=kind,
+        source=source,
+        at=now,
+        org_id=member.org_id,
+        user_id=member.user_id,
+        actor=actor,
+        event_id=event_id,
+        detail=detail,
+    )
+
+
+def stale_detail(
+    *,
+    kind: str,
+    org_id: str,
+    user_id: str,
+    at: datetime,
+    applied: datetime,
+    deactivated: datetime | None,
+    event_id: str | None,
+) -> dict[str, Any]:
+    """The detail of a ``stale`` audit row; logs the cause when it is the user's deactivation."""
+    detail: dict[str, Any] = {"event_time": at.isoformat(), "applied_time": applied.isoformat()}
+    if deactivated is not None and deactivated > at:
+        detail["cause"] = "user_deactivated"
+        detail["deactivated_at"] = deactivated.isoformat()
+        log.info(
+            "membership.stale",
+            kind=kind,
+            org_id=org_id,
+            user_id=user_id,
+            event_id=event_id,
+            event_time=at.isoformat(),
+            cause="user_deactivated",
+            deactivated_at=deactivated.isoformat(),
+        )
+    return detail

@@ -89,6 +89,23 @@ class Membership(Base):
     __table_args__ = (Index(None, "user_id"),)
 
 
+class UserDeactivation(Base):
+    """The newest platform-wide deactivation of a user.
+
+    ``user.deactivated`` ends the memberships that exist when it is applied; this row keeps
+    its time for the ones that appear later, so that an older ``membership.added`` or
+    ``membership.role_changed`` arriving after it is stale instead of making the user
+    active again.
+    """
+
+    __tablename__ = "user_deactivations"
+
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    deactivated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    event_id: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class Token(Base):
     __tablename__ = "tokens"
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -135,19 +136,7 @@ def queue(
 ) -> str | None:
     """Add a notice to the outbox; return its id, or None if ``dedupe_key`` was used before."""
     notice_id = new_notice_id()
-    body = json.dumps(
-        {
-            "type": kind,
-            "timestamp": now.isoformat(),
-            "data": {
-                "notice_id": notice_id,
-                "recipients": list(recipients),
-                **data,
-                "next_steps": NEXT_STEPS[kind],
-            },
-        },
-        separators=(",", ":"),
-    )
+    body = _body(notice_id, kind=kind, recipients=recipients, data=data, now=now)
     row = Notice(
         id=notice_id,
         kind=kind,
@@ -177,6 +166,90 @@ def queue(
         event_id=event_id,
     )
     return notice_id
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One notice for :func:`queue_many`, with the arguments :func:`queue` takes."""
+
+    kind: str
+    org_id: str | None
+    recipients: Sequence[dict[str, Any]]
+    data: dict[str, Any]
+    event_id: str | None = None
+
+
+def queue_many(session: Session, wanted: Sequence[Queued], *, now: datetime) -> list[str]:
+    """Add many notices to the outbox in one statement; return their ids, in order.
+
+    For notices without a ``dedupe_key`` (one per cause by construction, such as one per
+    offboarding event and organization): a per-row savepoint, which :func:`queue` needs to
+    skip a duplicate, would cost three round trips a notice.
+    """
+    rows: list[dict[str, Any]] = []
+    for notice in wanted:
+        notice_id = new_notice_id()
+        rows.append(
+            {
+                "id": notice_id,
+                "kind": notice.kind,
+                "org_id": notice.org_id,
+                "recipients": list(notice.recipients),
+                "body": _body(
+                    notice_id,
+                    kind=notice.kind,
+                    recipients=notice.recipients,
+                    data=notice.data,
+                    now=now,
+                ),
+                "status": NoticeStatus.PENDING.value,
+                "attempts": 0,
+                "last_error": None,
+                "created_at": now,
+                "next_attempt_at": now,
+                "sent_at": None,
+                "event_id": notice.event_id,
+                "dedupe_key": None,
+            }
+        )
+    if not rows:
+        return []
+    session.execute(insert(cast(Table, Notice.__table__)), rows)
+    for row in rows:
+        remember_notice(session, row["id"])
+        log.info(
+            "notice.queued",
+            notice_id=row["id"],
+            kind=row["kind"],
+            org_id=row["org_id"],
+            recipients=len(row["recipients"]),
+            event_id=row["event_id"],
+        )
+    return [row["id"] for row in rows]
+
+
+def _body(
+    notice_id: str,
+    *,
+    kind: str,
+    recipients: Sequence[dict[str, Any]],
+    data: dict[str, Any],
+    now: datetime,
+) -> str:
+    """The exact bytes every delivery attempt posts."""
+    return json.dumps(
+        {
+            "type": kind,
+            "timestamp": now.isoformat(),
+            "data": {
+                "notice_id": notice_id,
+                "recipients": list(recipients),
+                **data,
+                "next_steps": NEXT_STEPS[kind],
+            },
+        },
+        separators=(",", ":"),
+    )
 
 
 def leak_notice(
@@ -237,18 +310,60 @@ def offboarding_notice(
         kind=OFFBOARDED,
         org_id=org_id,
         recipients=admins(session, org_id),
-        data={
-            "reason": reason,
-            "source": source,
-            "user_id": user_id,
-            "event_id": event_id,
-            "event_time": at.isoformat() if at is not None else None,
-            "revoked_at": now.isoformat(),
-            "tokens": described,
-        },
+        data=offboarding_data(
+            user_id=user_id,
+            described=described,
+            now=now,
+            source=source,
+            event_id=event_id,
+            reason=reason,
+            at=at,
+        ),
         now=now,
         event_id=event_id,
     )
+
+
+def offboarding_data(
+    *,
+    user_id: str,
+    described: list[dict[str, Any]],
+    now: datetime,
+    source: str,
+    event_id: str | None,
+    reason: str,
+    at: datetime | None,
+) -> dict[str, Any]:
+    """What an offboarding notice says, for ``described`` tokens (see :func:`describe`)."""
+    return {
+        "reason": reason,
+        "source": source,
+        "user_id": user_id,
+        "event_id": event_id,
+        "event_time": at.isoformat() if at is not None else None,
+        "revoked_at": now.isoformat(),
+        "tokens": described,
+    }
+
+
+def admins_of(session: Session, org_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """:func:`admins` of several organizations in one query (an org with none maps to [])."""
+    wanted = sorted(set(org_ids))
+    found: dict[str, list[dict[str, Any]]] = {org_id: [] for org_id in wanted}
+    if not wanted:
+        return found
+    rows = session.execute(
+        select(Membership.org_id, Membership.user_id, Membership.email)
+        .where(
+            Membership.org_id.in_(wanted),
+            Membership.active.is_(True),
+            Membership.role == Role.ADMIN.value,
+        )
+        .order_by(Membership.org_id, Membership.user_id)
+    )
+    for org_id, user_id, email in rows:
+        found[org_id].append({"user_id": user_id, "email": email})
+    return found
 
 
 def list_notices(session: Session, *, status: str | None = None, limit: int = 100) -> list[Notice]:

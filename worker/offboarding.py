@@ -9,6 +9,10 @@ it, or before the current active period began), but never one issued at or after
 re-join. Memberships are read ``FOR UPDATE`` so two workers applying events about the same
 membership take turns instead of both acting on what they read first.
 
+A deactivation is also kept per user (``user_deactivations``, newest time wins): a
+membership that appears after it through an older event starts out inactive as of the
+deactivation (see worker.members), so an older join cannot make the user active again.
+
 Notices are queued in the same transaction as the revocations they report, and only for
 tokens revoked by this very call: a replayed event or a second leak report revokes nothing,
 so it tells nobody anything twice.
@@ -24,11 +28,12 @@ from typing import Any
 
 import structlog
 from sqlalchemy import ColumnElement, and_, false, or_, select, true, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker import audit, members, notices
 from worker.members import parse_role
-from worker.models import Membership, Role, Token, TokenKind
+from worker.models import Membership, Role, Token, TokenKind, UserDeactivation
 from worker.revocation import revoke_token
 
 log = structlog.get_logger(__name__)
@@ -72,7 +77,7 @@ def change_role(
         session, org_id=org_id, user_id=user_id, role=parsed, at=at, now=now
     )
     if member.last_event_at > at:
-        _audit_stale(
+        members.audit_stale(
             session,
             member,
             kind="membership.role_changed",
@@ -130,7 +135,7 @@ def remove_member(
     stale = member.last_event_at > at
     ended = False
     if stale:
-        _audit_stale(
+        members.audit_stale(
             session,
             member,
             kind="membership.removed",
@@ -140,7 +145,7 @@ def remove_member(
             actor=actor,
             event_id=event_id,
         )
-        held = _held_at(at, member.active_since)
+        held = held_at(at, member.active_since)
     else:
         ended = created or member.active
         member.active = False
@@ -209,6 +214,10 @@ def deactivate_user(
     Per organization the rules of :func:`remove_member` hold: where the membership saw a
     newer event, only the PATs held at ``at`` are revoked. Returns the revoked token ids.
     """
+    # A membership that does not exist yet is started from the record instead (see
+    # worker.members); the user lock keeps one being created right now from slipping between.
+    members.lock_user(session, user_id)
+    _record_deactivation(session, user_id=user_id, at=at, now=now, event_id=event_id)
     # Lock in a fixed order, the same one every deactivation uses, so two of them cannot
     # deadlock; a removal locks a single row, which cannot form a cycle with this.
     memberships = session.scalars(
@@ -265,7 +274,7 @@ def deactivate_user(
             at=at,
         )
     member_rows = [
-        _audit_row(
+        audit_row(
             action="member",
             reason="deactivated",
             at=now,
@@ -279,7 +288,7 @@ def deactivate_user(
         for org_id in ended
     ]
     stale_rows = [
-        _audit_row(
+        audit_row(
             action="stale",
             reason="user.deactivated",
             at=now,
@@ -403,7 +412,31 @@ def report_leak(
     return TokenOutcome(found, revoked=token is not None)
 
 
-def _held_at(at: datetime, active_since: datetime | None) -> ColumnElement[bool]:
+def _record_deactivation(
+    session: Session, *, user_id: str, at: datetime, now: datetime, event_id: str | None
+) -> None:
+    """Keep the newest deactivation of ``user_id``; an older one arriving late changes nothing."""
+    values = {"user_id": user_id, "deactivated_at": at, "event_id": event_id, "updated_at": now}
+    table = UserDeactivation.__table__
+    statement = (
+        postgresql.insert(UserDeactivation)
+        if session.get_bind().dialect.name == "postgresql"
+        else sqlite.insert(UserDeactivation)
+    ).values(values)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[table.c.user_id],
+            set_={
+                "deactivated_at": statement.excluded.deactivated_at,
+                "event_id": statement.excluded.event_id,
+                "updated_at": statement.excluded.updated_at,
+            },
+            where=table.c.deactivated_at < statement.excluded.deactivated_at,
+        )
+    )
+
+
+def held_at(at: datetime, active_since: datetime | None) -> ColumnElement[bool]:
     """PATs the member held at ``at``: issued by then, or before the current active period."""
     before_rejoin = Token.created_at < active_since if active_since is not None else false()
     return or_(Token.created_at <= at, before_rejoin)
@@ -424,7 +457,35 @@ def _revoke_personal_tokens(
 
     Returns the revoked tokens, by id, with what their audit rows and notices name.
     """
-    rows = session.execute(
+    rows = revoke_statement(session, criteria, reason=reason, now=now)
+    audit.record_many(
+        session,
+        [
+            audit_row(
+                action="revoke",
+                reason=reason,
+                token_id=row.id,
+                org_id=row.org_id,
+                user_id=row.user_id,
+                at=now,
+                source=source,
+                actor=actor,
+                event_id=event_id,
+                detail={"event_time": at.isoformat()},
+            )
+            for row in rows
+        ],
+    )
+    revoked: list[notices.TokenFacts] = sorted(rows, key=lambda row: str(row.id))
+    return revoked
+
+
+def revoke_statement(
+    session: Session, criteria: Sequence[ColumnElement[bool]], *, reason: str, now: datetime
+) -> list[notices.TokenFacts]:
+    """Revoke the live PATs matching ``criteria`` in one statement; the rows it revoked."""
+    rows: list[notices.TokenFacts] = []
+    rows += session.execute(
         update(Token)
         .where(
             Token.kind == TokenKind.PERSONAL.value,
@@ -448,33 +509,14 @@ def _revoke_personal_tokens(
         # RETURNING brings back rather than a second query.
         .execution_options(synchronize_session="fetch")
     ).all()
-    audit.record_many(
-        session,
-        [
-            _audit_row(
-                action="revoke",
-                reason=reason,
-                token_id=row.id,
-                org_id=row.org_id,
-                user_id=row.user_id,
-                at=now,
-                source=source,
-                actor=actor,
-                event_id=event_id,
-                detail={"event_time": at.isoformat()},
-            )
-            for row in rows
-        ],
-    )
-    revoked: list[notices.TokenFacts] = sorted(rows, key=lambda row: str(row.id))
-    return revoked
+    return rows
 
 
 def _org_then_id(token: notices.TokenFacts) -> tuple[str, str]:
     return (token.org_id, token.id)
 
 
-def _audit_row(
+def audit_row(
     *,
     action: str,
     reason: str,
@@ -504,28 +546,3 @@ def _audit_row(
 
 def _stale_detail(at: datetime, applied: datetime) -> dict[str, Any]:
     return {"event_time": at.isoformat(), "applied_time": applied.isoformat()}
-
-
-def _audit_stale(
-    session: Session,
-    member: Membership,
-    *,
-    kind: str,
-    at: datetime,
-    now: datetime,
-    source: str,
-    actor: str | None,
-    event_id: str | None,
-) -> None:
-    audit.record(
-        session,
-        action="stale",
-        reason=kind,
-        source=source,
-        at=now,
-        org_id=member.org_id,
-        user_id=member.user_id,
-        actor=actor,
-        event_id=event_id,
-        detail=_stale_detail(at, member.last_event_at),
-    )
