@@ -716,9 +716,12 @@ def test_the_process_client_is_closed_at_shutdown_and_never_shared_with_a_fork()
     assert again.is_closed
 
 
+@pytest.mark.parametrize("webhook", [True, False], ids=["webhook", "no-webhook"])
 def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, webhook: bool
 ) -> None:
+    """With a webhook the notice is published once committed; without one there is nowhere
+    to post it, so nothing is published and it waits in the outbox."""
     from worker.issuing import create_token
     from worker.members import add_member
     from worker.models import TokenKind
@@ -760,9 +763,17 @@ def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
             seen.append((list(ids), list(other.scalars(select(Notice.id)))))
 
     monkeypatch.setattr(publish, "publish_notice_ids", publish_ids)
+    settings = harness.settings if webhook else settings_for(None)
+    monkeypatch.setattr(publish, "get_settings", lambda: settings)
 
     tasks.events.process_events.run(["evt-leak"])
 
+    if not webhook:
+        assert seen == []
+        with Session(harness.store.engine) as other:
+            (pending,) = other.scalars(select(Notice))
+        assert pending.status == NoticeStatus.PENDING.value
+        return
     ((published, committed),) = seen
     assert published == committed
     assert len(published) == 1

@@ -20,7 +20,7 @@ from weakref import WeakKeyDictionary
 import structlog
 from sqlalchemy.orm import Session
 
-from config.settings import without_password
+from config.settings import get_settings, without_password
 
 log = structlog.get_logger(__name__)
 
@@ -151,8 +151,12 @@ def take_new_notices(session: Session) -> list[str]:
 
 
 def publish_new_notices(app: Any, notice_ids: Sequence[str]) -> None:
-    """Publish after commit; on failure the re-drive delivers them later, so only warn."""
-    if not notice_ids:
+    """Publish after commit; on failure the re-drive delivers them later, so only warn.
+
+    Without a webhook URL there is nowhere to deliver: the notices stay pending in the outbox
+    (``tokenwarden notices``) and nothing is published, as the notice re-drive does.
+    """
+    if not notice_ids or not get_settings().notice_webhook_url:
         return
     try:
         publish_notice_ids(app, notice_ids)
