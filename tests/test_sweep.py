@@ -31,7 +31,7 @@ from worker.app import app
 from worker.members import add_member
 from worker.models import AuditEntry, Notice, Token, TokenKind, TokenReminder
 from worker.revocation import revoke_token
-from worker.sweep import SweepResult, lock_key, run_sweep, single_run
+from worker.sweep import SweepResult, lock_key, run_sweep, single_run, table_walk_pages
 
 
 @pytest.fixture
@@ -443,6 +443,101 @@ def test_a_run_cut_by_its_budget_resumes_on_the_next(committed: Store, now: date
     # Each run wrote the notices of what it swept; together they list every token once.
     assert sorted(listed(notice_bodies(engine, notices.EXPIRED))) == sorted(tokens)
     assert run_sweep(engine, now=now, batch=10).swept == 0
+
+
+def test_a_run_cut_by_its_budget_marks_tokens_even_when_they_lie_late_in_the_table(
+    committed: Store, now: datetime
+) -> None:
+    engine = committed.engine
+    member(engine, "acme", "bob", now=now)
+    # Pages of live tokens first, the expired ones after them: on Postgres the backlog is
+    # swept along the table, and each run starts that walk at its first page.
+    add_tokens(engine, 400, expires_at=now + timedelta(days=30))
+    tokens = add_tokens(engine, 110, expires_at=now - timedelta(days=1))
+
+    runs: list[SweepResult] = []
+    while not (runs and runs[-1].finished) and len(runs) < 10:
+        runs.append(run_sweep(engine, now=now, batch=20, budget_s=0))
+
+    assert runs[-1].finished
+    assert all(r.swept > 0 for r in runs)
+    assert sum(r.swept for r in runs) == 110
+    assert sorted(expire_audits(engine)) == sorted(tokens)
+    assert sorted(listed(notice_bodies(engine, notices.EXPIRED))) == sorted(tokens)
+
+
+def _mixed_backlog(engine: Engine, now: datetime, *, rounds: int) -> tuple[list[str], list[str]]:
+    """Expired, live and already revoked tokens interleaved over many pages: (due, others)."""
+    due: list[str] = []
+    others: list[str] = []
+    past = now - timedelta(days=3)
+    for index in range(rounds):
+        due += add_tokens(engine, 25, expires_at=past - timedelta(minutes=index))
+        others += add_tokens(engine, 40, expires_at=now + timedelta(days=index + 1))
+        due += add_tokens(engine, 5, expires_at=past, app_id="ci", user="alice")
+        others += add_tokens(engine, 3, expires_at=past, revoked=(past, "leaked"))
+    return due, others
+
+
+def test_postgres_sweeps_a_large_backlog_along_the_table_once_each_in_bounded_batches(
+    committed: Store, now: datetime
+) -> None:
+    only_postgres(committed)
+    engine = committed.engine
+    for user, role in (("alice", "admin"), ("bob", "user")):
+        member(engine, "acme", user, role=role, now=now)
+    due, others = _mixed_backlog(engine, now, rounds=40)
+    assert table_walk_pages(engine, now=now, batch=50) is not None
+    before = states(engine)
+    # The last expired token in the table, revoked while the walk is at the start.
+    revoked_ahead = due[-6]
+    steps: list[int] = []
+
+    def watch(result: SweepResult) -> None:
+        if result.phase != "expire":
+            return
+        steps.append(result.swept - sum(steps))
+        if len(steps) == 1:
+            with db.transaction(engine) as session:
+                assert revoke_token(
+                    session, token_id=revoked_ahead, reason="deleted", source="test", now=now
+                )
+
+    result = run_sweep(engine, now=now, batch=50, on_progress=watch)
+
+    swept = [t for t in due if t != revoked_ahead]
+    assert (result.swept, result.finished) == (len(swept), True)
+    assert max(steps) == 50
+    assert len(steps) >= len(swept) // 50
+    found = states(engine)
+    assert {found[t] for t in swept} == {("expired", "expired")}
+    assert found[revoked_ahead] == ("revoked", "deleted")
+    assert {t: found[t] for t in others} == {t: before[t] for t in others}
+    audited = expire_audits(engine)
+    assert sorted(audited) == sorted(swept)  # each once
+    assert sorted(listed(notice_bodies(engine, notices.EXPIRED))) == sorted(swept)
+    assert run_sweep(engine, now=now, batch=50).swept == 0
+
+
+def test_postgres_walks_the_index_for_a_few_expired_tokens_and_the_table_for_a_backlog(
+    committed: Store, now: datetime
+) -> None:
+    only_postgres(committed)
+    engine = committed.engine
+    member(engine, "acme", "bob", now=now)
+    add_tokens(engine, 1000, expires_at=now + timedelta(days=30))
+    add_tokens(engine, 3, expires_at=now - timedelta(days=1))
+    # A few newly expired tokens in a large table: along the partial index.
+    assert table_walk_pages(engine, now=now, batch=10) is None
+
+    add_tokens(engine, 400, expires_at=now - timedelta(days=1))
+    backlog = table_walk_pages(engine, now=now, batch=10)
+    assert backlog is not None
+    pages, counted = backlog
+    # The count stops where the choice is made: two due tokens a page.
+    assert counted == 2 * pages < 403
+    # More than one batch is due, but not two per page: along the index still.
+    assert table_walk_pages(engine, now=now, batch=500) is None
 
 
 def test_a_recipient_with_many_tokens_gets_notices_of_up_to_100(
