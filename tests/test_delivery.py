@@ -834,3 +834,16 @@ def test_the_lease_follows_the_re_drive_setting_and_outlasts_the_request() -> No
         lease = delivery.lease_for(redrive)
         assert delivery.timeout_for(lease) <= lease.total_seconds() / 2
     assert delivery.timeout_for(delivery.lease_for(30)) == delivery.TIMEOUT_S
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.example/services/T0/B0/s3cr3t?token=abc", "https://hooks.example"),
+        ("http://user:pw@127.0.0.1:9000/notices", "http://127.0.0.1:9000"),
+    ],
+)
+def test_log_lines_name_the_receiver_but_never_its_path_or_credentials(
+    url: str, shown: str
+) -> None:
+    assert delivery.Target(url=url, secret=SECRET).receiver == shown

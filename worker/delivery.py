@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Final
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -68,6 +69,16 @@ class Target:
     secret: str
     lease: timedelta = LEASE
     timeout_s: float = TIMEOUT_S
+
+    @property
+    def receiver(self) -> str:
+        """Scheme, host and port of the URL, for log lines: a webhook URL's path or query
+        often carries a secret of the receiver's, so the rest is never logged."""
+        try:
+            parts = urlsplit(self.url)
+        except ValueError:
+            return "(a URL that cannot be parsed)"
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 @dataclass(frozen=True)
@@ -334,7 +345,10 @@ def deliver(engine: Engine, notice_id: str, *, target: Target, client: httpx.Cli
         log.info("notice.not_taken", notice_id=notice_id)
         return Attempt(notice_id, SKIPPED)
     outcome = post(client, target, notice_id=leased.id, body=leased.body, now=clock.now())
-    with db.transaction(engine) as session:
+    with (
+        structlog.contextvars.bound_contextvars(receiver=target.receiver),
+        db.transaction(engine) as session,
+    ):
         return record(session, notice_id, outcome, now=clock.now(), leased_until=leased.until)
 
 

@@ -208,6 +208,7 @@ def test_an_unreachable_webhook_keeps_the_notice_and_says_why(
         assert notice.status == "pending", "an unreachable receiver must not fail the notice"
         assert notice.last_error, "the reason of the failed attempt is kept"
         assert '"notice.attempt"' in log, log[-2000:]
+        assert f'"receiver": "http://127.0.0.1:{DEAD_PORT}"' in log, log[-2000:]
         assert "retry" in log, log[-2000:]
 
 
