@@ -6,15 +6,18 @@ import json
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, update
+import structlog
+import structlog.testing
+from sqlalchemy import event, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from tests.conftest import Store
-from worker import inbox
+from worker import audit, inbox
 from worker.errors import Refused
 from worker.events import InvalidEvent, parse_event
 from worker.handlers import apply_event, apply_pending
@@ -29,6 +32,7 @@ from worker.models import (
     Token,
     TokenKind,
 )
+from worker.tasking import is_transient
 from worker.tokens import hash_token
 from worker.verification import verify_token
 
@@ -643,11 +647,12 @@ def test_a_message_of_removals_is_applied_together_as_each_would_be_alone(
     together = removal_scenario(session, "zqtog", now=now)
     alone = removal_scenario(session, "zqone", now=now)
 
-    with token_updates(store) as updates:
-        outcome = apply_pending(session, together, now=now, retryable=lambda _: False)
-    # One message each, in the order the inbox hands them out: by event time.
-    for event_id in sorted(alone, key=lambda i: str(session.get(InboxEvent, i).time)):  # type: ignore[union-attr]
-        apply_pending(session, [event_id], now=now, retryable=lambda _: False)
+    with structlog.testing.capture_logs() as logged:
+        with token_updates(store) as updates:
+            outcome = apply_pending(session, together, now=now, retryable=lambda _: False)
+        # One message each, in the order the inbox hands them out: by event time.
+        for event_id in sorted(alone, key=lambda i: str(session.get(InboxEvent, i).time)):  # type: ignore[union-attr]
+            apply_pending(session, [event_id], now=now, retryable=lambda _: False)
 
     assert len(updates) == 1, "one statement revokes the PATs of every leaver of the message"
     assert sorted(outcome.done) == together[:5]
@@ -658,6 +663,13 @@ def test_a_message_of_removals_is_applied_together_as_each_would_be_alone(
     assert [status for status, _, _ in seen["events"].values()] == ["done"] * 5 + ["dead"]
     assert seen["events"]["P-e6"][1] == "data.user_id: Field required"
     assert [len(revoked) for _, _, revoked in seen["events"].values()] == [2, 1, 2, 0, 2, 0]
+    # Each removal's line names the tokens it revoked, as its audit rows do, on both paths.
+    removed = [line for line in logged if line["event"] == "member.removed"]
+    assert len(removed) == 10
+    for line in removed:
+        revoke_rows = audit_rows(session, event_id=line["event_id"], action="revoke")
+        assert line["token_ids"] == sorted(str(row.token_id) for row in revoke_rows)
+        assert line["revoked"] == len(revoke_rows)
     kept = [label for label, reason in seen["tokens"] if reason is None]
     assert len(kept) == 1 + 1 + 1  # the AAT, the PAT elsewhere, the PAT issued after re-join
     assert seen["order"] == [
@@ -770,3 +782,63 @@ def test_a_message_of_removals_costs_the_same_statements_whatever_its_size(
 
     assert sent[30] == sent[3]
     assert sent[3] <= 12
+
+
+def bulk_audit_row(**changes: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "at": datetime(2026, 11, 27, 14, 0, tzinfo=timezone(timedelta(hours=2))),
+        "action": "revoke",
+        "reason": "member_removed",
+        "source": SOURCE,
+        "token_id": "tok-1",
+        "org_id": "acme",
+        "user_id": "bob",
+        "actor": None,
+        "event_id": "evt-bulk",
+        "detail": {"event_time": "2026-11-27T11:00:00+00:00", "note": "café"},
+    }
+    return {**row, **changes}
+
+
+def test_audit_rows_added_in_bulk_read_back_as_given_in_order(session: Session) -> None:
+    rows = [bulk_audit_row(), bulk_audit_row(token_id=None, action="member", detail=None)]
+
+    audit.record_many(session, rows)
+
+    first, second = audit_rows(session, event_id="evt-bulk")
+    assert first.at == datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    assert (first.action, first.token_id, first.actor) == ("revoke", "tok-1", None)
+    assert first.detail == {"event_time": "2026-11-27T11:00:00+00:00", "note": "café"}
+    assert (second.action, second.token_id, second.detail) == ("member", None, None)
+    assert first.id < second.id
+
+
+def test_a_bad_audit_row_in_bulk_fails_like_any_statement_and_rolls_back_alone(
+    session: Session,
+) -> None:
+    audit.record_many(session, [bulk_audit_row(event_id="evt-kept")])
+
+    with pytest.raises(DBAPIError) as raised, session.begin_nested():
+        audit.record_many(session, [bulk_audit_row(), bulk_audit_row(action=None)])
+
+    assert not is_transient(raised.value)
+    assert audit_rows(session, event_id="evt-bulk") == []
+    assert len(audit_rows(session, event_id="evt-kept")) == 1
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_while_adding_audit_rows_in_bulk_is_transient(store: Store) -> None:
+    if store.backend != "postgres":
+        pytest.skip("the bulk path that streams rows is Postgres's")
+    with Session(store.engine) as victim:
+        pid = victim.scalar(text("SELECT pg_backend_pid()"))
+        with store.engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+        with pytest.raises(DBAPIError) as raised:
+            audit.record_many(victim, [bulk_audit_row()])
+
+    assert is_transient(raised.value)
+    assert raised.value.connection_invalidated
+    with store.engine.connect() as connection:  # the pool hands out a live connection again
+        assert connection.scalar(text("SELECT 1")) == 1

@@ -88,6 +88,26 @@ def test_json_line_has_event_level_timestamp_fields_and_task_context() -> None:
     assert not {"task_id", "task_name", "event_id"} & second.keys()
 
 
+def test_a_line_about_one_event_leaves_out_the_ids_of_the_whole_message() -> None:
+    stream = configured(json=True)
+    log = structlog.get_logger("worker.handlers")
+    ids = [f"evt-{number}" for number in range(100)]
+
+    with structlog.contextvars.bound_contextvars(task_id="t-3", event_ids=ids):
+        with structlog.contextvars.bound_contextvars(event_id="evt-7"):
+            log.info("event.applied", revoked=5)
+        log.info("member.removed", event_id="evt-8", revoked=5)
+        log.info("events.processed", done=100)
+        logging.getLogger("celery.app.trace").info("Task succeeded")
+
+    applied, removed, processed, succeeded = json_lines(stream)
+    assert (applied["event_id"], applied["task_id"]) == ("evt-7", "t-3")
+    assert (removed["event_id"], removed["task_id"]) == ("evt-8", "t-3")
+    assert "event_ids" not in applied
+    assert "event_ids" not in removed
+    assert processed["event_ids"] == succeeded["event_ids"] == ids
+
+
 def test_stdlib_records_come_out_in_the_same_shape() -> None:
     stream = configured(json=True)
     bind_task_context(task_id="t-2")

@@ -283,9 +283,12 @@ def test_the_log_context_names_the_task_and_events_during_the_run_only(
     logged = lines(log_lines)
     applied = next(line for line in logged if line["event"] == "event.applied")
     assert (applied["task_id"], applied["task_name"]) == ("task-ctx", PROCESS_EVENTS)
-    assert (applied["event_ids"], applied["event_id"]) == ([event_id], event_id)
+    # A line about one event names that one, not the message's whole list.
+    assert applied["event_id"] == event_id
+    assert "event_ids" not in applied
     processed = next(line for line in logged if line["event"] == "events.processed")
     assert (processed["task_id"], processed["done"]) == ("task-ctx", 1)
+    assert processed["event_ids"] == [event_id]
     assert "event_id" not in processed
     assert not {"task_id", "task_name", "event_ids"} & logged[-1].keys()
     assert events_by_id(committed)[event_id].status == EventStatus.DONE
@@ -419,8 +422,10 @@ def test_a_poison_event_is_marked_dead_and_the_others_are_applied(
 def test_each_removal_of_a_message_applied_together_is_logged(
     committed: Store, now: datetime, log_lines: io.StringIO
 ) -> None:
-    for user in ("u-1", "u-2"):
-        member_with_pat(committed, "acme", user, at=now - timedelta(days=1))
+    pats = {
+        user: member_with_pat(committed, "acme", user, at=now - timedelta(days=1))
+        for user in ("u-1", "u-2")
+    }
     ids = store_events(
         committed,
         *(
@@ -446,6 +451,12 @@ def test_each_removal_of_a_message_applied_together_is_logged(
         "e-u-1": (1, False),
         "e-u-2": (1, False),
         "e-u-3": (0, False),
+    }
+    # The tokens each removal revoked, by id: the log line explains each audit row.
+    assert {i: line["token_ids"] for i, line in removed.items()} == {
+        "e-u-1": [pats["u-1"]],
+        "e-u-2": [pats["u-2"]],
+        "e-u-3": [],
     }
     assert {i: line["revoked"] for i, line in applied.items() if i != "j"} == {
         "e-u-1": 1,

@@ -193,6 +193,7 @@ def remove_member(
         org_id=org_id,
         user_id=user_id,
         revoked=len(revoked),
+        token_ids=revoked,
         stale=stale,
         event_id=event_id,
     )
@@ -306,6 +307,7 @@ def deactivate_user(
         "user.deactivated",
         user_id=user_id,
         revoked=len(revoked),
+        token_ids=revoked,
         memberships=len(ended),
         stale=len(stale),
         event_id=event_id,

@@ -92,6 +92,7 @@ def remove_members(
             org_id=leaver.removal.org_id,
             user_id=leaver.removal.user_id,
             revoked=len(tokens),
+            token_ids=[token.id for token in tokens],
             stale=leaver.stale,
             event_id=leaver.removal.event_id,
         )
