@@ -458,6 +458,45 @@ class Load:
         return sum(self.statuses.values())
 
 
+@dataclass(frozen=True)
+class Timed:
+    """One request of a paced load: when to send it, its bytes, and what to do around it."""
+
+    due: float  # time.perf_counter() at which to send
+    request: bytes
+    before: Callable[[], None] = lambda: None
+    after: Callable[[], None] = lambda: None
+
+
+def stamp(times: dict[str, float], key: str) -> None:
+    """Note the time of ``key`` now (a ``Timed`` callback)."""
+    times[key] = time.perf_counter()
+
+
+async def paced(port: int, schedule: Sequence[Timed], connections: int) -> None:
+    """Send each request at its time (late ones at once) over keep-alive connections; each
+    must be answered ``202``."""
+    queue = iter(schedule)
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for item in queue:
+                delay = item.due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                item.before()
+                writer.write(item.request)
+                status, body = await read_response(reader)
+                if status != 202:
+                    raise BenchError(f"an answer {status}: {body[:300]!r}")
+                item.after()
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])

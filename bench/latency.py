@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import threading
@@ -158,35 +159,6 @@ def max_rate(
     return len(members) / (ended - started)
 
 
-async def paced(
-    port: int,
-    schedule: list[tuple[float, str, bytes, str]],
-    watcher: Watcher,
-    accepted: dict[str, float],
-    connections: int,
-) -> None:
-    """Send each request at its time (late ones at once), over keep-alive connections."""
-    queue = iter(schedule)
-
-    async def client() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            for due, event_id, request, token_id in queue:
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                watcher.watch(token_id, event_id)
-                writer.write(request)
-                status, body = await common.read_response(reader)
-                if status != 202:
-                    raise common.BenchError(f"an answer {status}: {body[:300]!r}")
-                accepted[event_id] = time.perf_counter()
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(client() for _ in range(connections)))
-
-
 def paced_run(
     engine: Engine,
     port: int,
@@ -199,17 +171,25 @@ def paced_run(
 ) -> list[float]:
     at = datetime.now(UTC).isoformat()
     start = time.perf_counter() + 0.2
+    watcher = Watcher(engine)
+    accepted: dict[str, float] = {}
     schedule = []
+    event_ids = []
     for index, member in enumerate(members):
         event_id, body = removal(member, tag, at)
-        request = common.http_request(port, "/v1/events", body)
-        schedule.append((start + index / rate, event_id, request, member.pats[0]))
-    watcher = Watcher(engine)
+        event_ids.append(event_id)
+        schedule.append(
+            common.Timed(
+                start + index / rate,
+                common.http_request(port, "/v1/events", body),
+                before=functools.partial(watcher.watch, member.pats[0], event_id),
+                after=functools.partial(common.stamp, accepted, event_id),
+            )
+        )
     thread = threading.Thread(target=watcher.run, name="watcher", daemon=True)
     thread.start()
-    accepted: dict[str, float] = {}
     try:
-        asyncio.run(paced(port, schedule, watcher, accepted, connections))
+        asyncio.run(common.paced(port, schedule, connections))
         common.wait_until(
             lambda: len(watcher.seen) >= len(schedule) or watcher.error is not None,
             timeout_s=120,
@@ -223,7 +203,7 @@ def paced_run(
     if watcher.error is not None:
         raise common.BenchError(f"the watcher failed: {watcher.error}")
     confirm_refusals(engine, members)
-    return [1000 * (watcher.seen[e] - accepted[e]) for _, e, _, _ in schedule]
+    return [1000 * (watcher.seen[e] - accepted[e]) for e in event_ids]
 
 
 def confirm_refusals(engine: Engine, members: list[common.Member]) -> None:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import os
 import secrets
@@ -144,33 +145,6 @@ def leak(member: common.Member, tag: str, at: str) -> bytes:
     return json.dumps(body).encode()
 
 
-async def paced(
-    schedule: list[tuple[float, str, bytes]],
-    port: int,
-    sent: dict[str, float],
-    connections: int,
-) -> None:
-    """Send each request at its time (late ones at once), over keep-alive connections."""
-    queue = iter(schedule)
-
-    async def client() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            for due, token_id, request in queue:
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                sent[token_id] = time.perf_counter()
-                writer.write(request)
-                status, body = await common.read_response(reader)
-                if status != 202:
-                    raise common.BenchError(f"an answer {status}: {body[:300]!r}")
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(client() for _ in range(connections)))
-
-
 def leak_run(
     receiver: Receiver,
     port: int,
@@ -184,17 +158,17 @@ def leak_run(
     """Report each member's leak at ``rate``; the seconds from each report to its notice."""
     at = datetime.now(UTC).isoformat()
     start = time.perf_counter() + 0.2
+    sent: dict[str, float] = {}
     schedule = [
-        (
+        common.Timed(
             start + index / rate,
-            member.pats[0],
             common.http_request(port, "/v1/events", leak(member, tag, at)),
+            before=functools.partial(common.stamp, sent, member.pats[0]),
         )
         for index, member in enumerate(members)
     ]
     token_ids = [member.pats[0] for member in members]
-    sent: dict[str, float] = {}
-    asyncio.run(paced(schedule, port, sent, connections))
+    asyncio.run(common.paced(port, schedule, connections))
     try:
         common.wait_until(
             lambda: receiver.count(token_ids) >= len(token_ids) or bool(receiver.refused),
