@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from config.settings import get_settings
 from worker import clock, handlers, inbox
 from worker.app import app
-from worker.publish import PROCESS_EVENTS, PublishError, publish_event_ids
+from worker.publish import CHUNK, PROCESS_EVENTS, PublishError, publish_event_ids
 from worker.tasking import DatabaseTask, is_transient
 
 log = structlog.get_logger(__name__)
@@ -61,8 +61,11 @@ def process_events(self: DatabaseTask, session: Session, *args: Any, **kwargs: A
         )
         return
     with structlog.contextvars.bound_contextvars(event_ids=event_ids):
+        # A message carries at most CHUNK ids; a shorter one takes other pending events along
+        # (see inbox.pending_besides), so a backlog drains in batches.
+        besides = inbox.pending_besides(session, event_ids, limit=CHUNK - len(event_ids))
         outcome = handlers.apply_pending(
-            session, event_ids, now=now, retryable=_retryable, task=self.name
+            session, [*event_ids, *besides], now=now, retryable=_retryable, task=self.name
         )
         log.info(
             "events.processed",
@@ -70,6 +73,7 @@ def process_events(self: DatabaseTask, session: Session, *args: Any, **kwargs: A
             dead=len(outcome.dead),
             missing=len(outcome.missing),
             skipped=len(outcome.skipped),
+            besides=len(besides),
         )
 
 

@@ -661,3 +661,67 @@ def test_a_dead_letter_that_cannot_be_written_does_not_stop_the_consumer(
     signals.keep_dead_letter(reason="not a task message", task=None, body=b"x")
 
     assert any(line["event"] == "dead_letter.failed" for line in lines(log_lines))
+
+
+# -- a short message takes other pending events along --------------------------------------
+
+
+def test_a_short_message_applies_other_pending_events_and_theirs_then_skip(
+    committed: Store, now: datetime, log_lines: io.StringIO
+) -> None:
+    ids = store_events(
+        committed,
+        *(
+            raw_event("user.deactivated", {"user_id": f"u-{n}"}, at=now, id_=f"evt-{n}")
+            for n in range(5)
+        ),
+        now=now,
+    )
+
+    tasks.events.process_events.run([ids[2]])
+
+    assert {e.id: e.status for e in events_by_id(committed).values()} == dict.fromkeys(
+        ids, EventStatus.DONE
+    )
+    (processed,) = [line for line in lines(log_lines) if line["event"] == "events.processed"]
+    assert (processed["done"], processed["besides"]) == (5, 4)
+    # The other events' own messages find them finished: no second application.
+    tasks.events.process_events.run([ids[0]])
+    assert all(e.attempts == 1 for e in events_by_id(committed).values())
+    assert dead_letters(committed) == []
+
+
+def test_a_full_message_takes_nothing_along(committed: Store, now: datetime) -> None:
+    ids = store_events(
+        committed,
+        *(
+            raw_event("user.deactivated", {"user_id": f"u-{n}"}, at=now, id_=f"evt-{n}")
+            for n in range(tasks.events.CHUNK + 1)
+        ),
+        now=now,
+    )
+
+    tasks.events.process_events.run(ids[: tasks.events.CHUNK])
+
+    left = [e.id for e in events_by_id(committed).values() if e.status == EventStatus.PENDING]
+    assert left == [ids[-1]]
+
+
+def test_events_another_worker_holds_are_skipped_not_waited_for(
+    committed: Store, now: datetime
+) -> None:
+    if committed.backend != "postgres":
+        pytest.skip("SQLite runs one writer at a time: there is no row lock to skip")
+    mine, held = store_events(
+        committed,
+        raw_event("user.deactivated", {"user_id": "u-mine"}, at=now, id_="evt-mine"),
+        raw_event("user.deactivated", {"user_id": "u-held"}, at=now, id_="evt-held"),
+        now=now,
+    )
+    with committed.engine.connect() as other:
+        other.execute(select(InboxEvent.id).where(InboxEvent.id == held).with_for_update()).all()
+        tasks.events.process_events.run([mine])  # would hang here if it waited
+        other.rollback()
+
+    status = {e.id: e.status for e in events_by_id(committed).values()}
+    assert status == {mine: EventStatus.DONE, held: EventStatus.PENDING}

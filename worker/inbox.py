@@ -127,6 +127,29 @@ def due_for_redrive(
     return ids
 
 
+def pending_besides(session: Session, event_ids: Sequence[str], *, limit: int) -> list[str]:
+    """Up to ``limit`` other pending events, oldest received first, locked for this transaction.
+
+    Rows another worker holds are skipped, never waited for. Applying them along with a
+    message's own events turns a backlog of one-event messages into a few batches; their own
+    messages later find them finished and skip them.
+    """
+    if limit <= 0:
+        return []
+    return list(
+        session.scalars(
+            select(InboxEvent.id)
+            .where(
+                InboxEvent.status == EventStatus.PENDING,
+                InboxEvent.id.not_in(list(event_ids)),
+            )
+            .order_by(InboxEvent.received_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
 def claim(session: Session, event_ids: Sequence[str]) -> list[InboxEvent]:
     """Lock the still-pending events among ``event_ids``, oldest event time first."""
     return list(
