@@ -744,6 +744,13 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def _digits(value: float | None) -> int:
+    """Two decimals, or enough for three significant digits below one (0.015 s stays 0.015)."""
+    if not value or abs(value) >= 1:
+        return 2
+    return max(2, 2 - math.floor(math.log10(abs(value))))
+
+
 def result(
     bench: str,
     *,
@@ -758,8 +765,8 @@ def result(
     """The closing JSON object, in the shape every benchmark of bench/ prints."""
     return {
         "bench": bench,
-        "value": rounded(value, 2),
-        "baseline": rounded(baseline, 2),
+        "value": rounded(value, _digits(value)),
+        "baseline": rounded(baseline, _digits(baseline)),
         "ratio": rounded(ratio, 3),
         "target": target,
         "ok": ok,

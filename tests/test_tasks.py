@@ -40,7 +40,7 @@ from worker.models import (
     Token,
     TokenKind,
 )
-from worker.publish import PROCESS_EVENTS, PublishError
+from worker.publish import CHUNK, PROCESS_EVENTS, PublishError
 from worker.tasking import DatabaseTask, TransientDatabaseError
 from worker.tokens import generate
 
@@ -696,12 +696,12 @@ def test_a_full_message_takes_nothing_along(committed: Store, now: datetime) -> 
         committed,
         *(
             raw_event("user.deactivated", {"user_id": f"u-{n}"}, at=now, id_=f"evt-{n}")
-            for n in range(tasks.events.CHUNK + 1)
+            for n in range(CHUNK + 1)
         ),
         now=now,
     )
 
-    tasks.events.process_events.run(ids[: tasks.events.CHUNK])
+    tasks.events.process_events.run(ids[:CHUNK])
 
     left = [e.id for e in events_by_id(committed).values() if e.status == EventStatus.PENDING]
     assert left == [ids[-1]]
