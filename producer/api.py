@@ -5,9 +5,8 @@
 A ``202`` means the events are committed to the inbox. Publishing their ids comes after the
 commit and may fail (the broker is down): the events are then still stored, and the worker's
 periodic re-drive publishes them, so the producer is told ``202`` all the same and must not
-send them again. Requests that wait at the same moment share one commit, and the answer does
-not wait for the publish: a thread of its own publishes the ids of many commits at once
-(producer/inbox_writer.py). Each request still gets the answer it would have had alone.
+send them again. Requests that wait at the same moment share one commit and one publish
+(producer/inbox_writer.py); each still gets the answer it would have had alone.
 """
 
 from __future__ import annotations
@@ -199,8 +198,13 @@ class _Service:
         kinds = Tally({event.id: event.type for event in events}.values())
         for kind, number in kinds.items():
             self.metrics.events_accepted.labels(type=kind).inc(number)
-        # Publishing comes later, on the writer's publisher, which logs each publish.
-        log.info("events.accepted", count=len(outcome.accepted), ids=outcome.accepted[:LOGGED_IDS])
+        (log.warning if outcome.publish_error else log.info)(
+            "events.accepted",
+            count=len(outcome.accepted),
+            ids=outcome.accepted[:LOGGED_IDS],
+            published=outcome.published,
+            publish_error=mask(outcome.publish_error) if outcome.publish_error else None,
+        )
         return outcome.accepted
 
     async def _guarded(self, work: Callable[..., T], *args: Any) -> T:
@@ -322,8 +326,6 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        # The ids committed but not yet published go out before the broker connection closes.
-        await run_in_threadpool(service.writer.close)
         if owns_celery:
             service.celery_app.close()
 

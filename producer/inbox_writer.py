@@ -1,16 +1,10 @@
 """Group commit: the events of every request waiting at once go into the inbox together.
 
 A request hands its prepared events to the :class:`InboxWriter` and waits. The writer takes
-whatever is waiting, stores it in one transaction, commits once and answers each request: a
-``202`` means the request's events are committed. Requests that arrive meanwhile form the
-next group, so under load one commit serves many requests.
-
-The committed ids go to the :class:`Publisher`, a thread of its own that puts every id
-waiting since its last publish on the queue in messages of up to a hundred, a few
-milliseconds after the first of them came (at once when a hundred wait): no request waits
-for the broker, and under load one message serves many groups. An id it could not publish
-(the broker is down), or that the process did not live to publish, stays pending in the
-inbox, and the scheduler's re-drive publishes it.
+whatever is waiting, stores it in one transaction, commits once, publishes the new ids in
+messages of up to a hundred, and only then answers each request: a ``202`` still means the
+request's events are committed. Requests that arrive meanwhile form the next group, so under
+load one commit and one publish serve many requests.
 
 On Postgres the usual group (every id new) is one ``INSERT`` that commits on its own: one
 round trip. Otherwise, and on SQLite, one transaction inserts with ``ON CONFLICT DO NOTHING
@@ -25,9 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,19 +26,16 @@ from datetime import datetime
 from functools import cache
 from typing import Any, Final, cast
 
-import structlog
 from sqlalchemy import Connection, Engine, Table, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from producer.intake import Prepared, mask
+from producer.intake import Prepared
 from worker import clock
 from worker.db import make_engine
 from worker.inbox import Conflict
 from worker.models import EventStatus, InboxEvent
-from worker.publish import CHUNK, PublishError
-
-log = structlog.get_logger(__name__)
+from worker.publish import PublishError
 
 # Events in one transaction: a group takes waiting requests until it holds this many (a
 # request is never split), so one transaction stays short.
@@ -62,15 +50,7 @@ LINGER_S: Final = 0.002
 # in practice.
 MAX_ATTEMPTS: Final = 20
 
-# Publishes are at least this far apart unless a full message's worth (CHUNK) is waiting: ids
-# handed over after a quiet spell go out at once, and under a load of single events one
-# message carries the ids of tens of requests instead of each group paying a publish.
-PUBLISH_LINGER_S: Final = 0.01
-# How long closing the publisher waits for the ids handed to it to go out; past that they are
-# left to the re-drive (one publish gives up on a broker that is down within a second or two).
-CLOSE_TIMEOUT_S: Final = 5.0
-
-# The writers' one thread: a group's database calls block, the event loop must not.
+# The writers' one thread: a group's database and broker calls block, the event loop must not.
 _THREAD: Final = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox-writer")
 _TABLE: Final = cast(Table, InboxEvent.__table__)
 _PENDING: Final = EventStatus.PENDING.value
@@ -112,6 +92,8 @@ class Outcome:
     """What happened to one request's events: all stored (new, or the same content again)."""
 
     accepted: list[str]  # each id once, in the order first sent
+    published: int  # ids of this request put on the queue (0 when publishing failed)
+    publish_error: str | None = None
 
 
 @dataclass
@@ -136,99 +118,12 @@ class _Settled:
     to_publish: list[str] = field(default_factory=list)
 
 
-class Publisher:
-    """Puts committed ids on the queue from a thread of its own (see the module).
-
-    Each publish takes every id handed over since the last one, each once, and logs one line:
-    how many went out, or why none did (``publish`` raises :class:`PublishError`; the ids then
-    stay pending for the re-drive). The thread starts with the first ids; :meth:`close` sends
-    what is waiting and stops it, and the thread is a daemon, so it never holds up the
-    process's exit.
-    """
-
-    def __init__(self, publish: Callable[[Sequence[str]], None]) -> None:
-        self._publish = publish
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._waiting: dict[str, None] = {}  # ids in the order handed, each once
-        self._thread: threading.Thread | None = None
-        self._closing = False
-        self._last_sent = -math.inf  # time.monotonic() of the last publish
-
-    def hand(self, ids: Sequence[str]) -> None:
-        """Publish ``ids`` at once, or within :data:`PUBLISH_LINGER_S` of the last publish;
-        returns at once."""
-        if not ids:
-            return
-        with self._lock:
-            before = len(self._waiting)
-            self._waiting.update(dict.fromkeys(ids))
-            if self._thread is None:
-                self._closing = False
-                self._thread = threading.Thread(
-                    target=self._run, name="inbox-publisher", daemon=True
-                )
-                self._thread.start()
-            if before == 0 or (before < CHUNK <= len(self._waiting)):
-                self._changed.notify()
-
-    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
-        """Publish what is waiting and stop the thread, waiting ``timeout_s`` at most."""
-        with self._lock:
-            self._closing = True
-            thread = self._thread
-            self._changed.notify()
-        if thread is not None:
-            thread.join(timeout_s)
-            if thread.is_alive():
-                log.warning(
-                    "events.publish_unfinished",
-                    waited_s=timeout_s,
-                    then="the inbox re-drive publishes the pending ids",
-                )
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._waiting and not self._closing:
-                    self._changed.wait()
-                deadline = self._last_sent + PUBLISH_LINGER_S
-                while len(self._waiting) < CHUNK and not self._closing:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._changed.wait(left)
-                if not self._waiting:
-                    self._thread = None
-                    return
-                ids, self._waiting = list(self._waiting), {}
-                self._last_sent = time.monotonic()
-            self._send(ids)
-
-    def _send(self, ids: list[str]) -> None:
-        try:
-            self._publish(ids)
-        except PublishError as error:
-            lines = str(error).strip().splitlines()
-            log.warning(
-                "events.publish_failed",
-                count=len(ids),
-                publish_error=mask(lines[0]) if lines else type(error).__name__,
-                then="the inbox re-drive publishes them",
-            )
-        except Exception:
-            log.exception("events.publish_failed", count=len(ids))
-        else:
-            log.info("events.published", count=len(ids))
-
-
 class InboxWriter:
-    """Stores requests' events by group commit, then hands their ids to a :class:`Publisher`
-    (see the module)."""
+    """Stores requests' events by group commit, then publishes their ids (see the module)."""
 
     def __init__(self, database_url: str, publish: Callable[[Sequence[str]], None]) -> None:
         self._database_url = database_url
-        self.publisher = Publisher(publish)
+        self._publish = publish
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: list[_Job] = []
         self._drainer: asyncio.Task[None] | None = None
@@ -272,7 +167,9 @@ class InboxWriter:
 
     async def _settle(self, group: list[_Job]) -> None:
         try:
-            settled = await asyncio.get_running_loop().run_in_executor(_THREAD, self._commit, group)
+            settled, published, problem = await asyncio.get_running_loop().run_in_executor(
+                _THREAD, self._commit, group
+            )
         except asyncio.CancelledError:
             for job in group:
                 job.future.cancel()
@@ -285,7 +182,13 @@ class InboxWriter:
             if fate.conflict is not None:
                 _fail(job, fate.conflict)
             elif not job.future.done():  # its request may have gone; its events stay stored
-                job.future.set_result(Outcome(accepted=list(job.wanted)))
+                job.future.set_result(
+                    Outcome(
+                        accepted=list(job.wanted),
+                        published=len(fate.to_publish) if published else 0,
+                        publish_error=problem,
+                    )
+                )
 
     def _take(self) -> list[_Job]:
         size, count = 0, 0
@@ -297,15 +200,18 @@ class InboxWriter:
         group, self._waiting = self._waiting[:count], self._waiting[count:]
         return group
 
-    def close(self) -> None:
-        """Publish the ids still waiting and stop the publisher's thread."""
-        self.publisher.close()
-
-    def _commit(self, group: list[_Job]) -> list[_Settled]:
-        """Store the group and hand what it added to the publisher (in the writer's thread)."""
+    def _commit(self, group: list[_Job]) -> tuple[list[_Settled], bool, str | None]:
+        """Store the group and publish what it added (in a worker thread)."""
         settled = self._store(group)
-        self.publisher.hand(list(dict.fromkeys(i for fate in settled for i in fate.to_publish)))
-        return settled
+        ids = list(dict.fromkeys(i for fate in settled for i in fate.to_publish))
+        if not ids:
+            return settled, True, None
+        try:
+            self._publish(ids)
+        except PublishError as error:
+            lines = str(error).strip().splitlines()
+            return settled, False, lines[0] if lines else type(error).__name__
+        return settled, True, None
 
     def _store(self, group: list[_Job]) -> list[_Settled]:
         now = clock.now()
@@ -485,8 +391,8 @@ def _insert(connection: Connection, events: list[Prepared], now: datetime) -> se
             "status": _PENDING,
             "attempts": 0,
             "received_at": now,
-            # Counted as published now: the publisher sends the id right after the commit, and
-            # the re-drive steps in only if that did not happen.
+            # Counted as published now: the writer publishes right after the commit, and the
+            # re-drive steps in only if that did not happen.
             "published_at": now,
         }
         for e in events
