@@ -82,6 +82,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     return parsed
 
 
+def stack_options(parsed: argparse.ArgumentParser) -> None:
+    """The options of a bench that runs the API and a worker as ``tokenwarden`` does."""
+    parsed.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
+    parsed.add_argument("--pool", default="prefork", help="the worker's pool (prefork)")
+    parsed.add_argument("--log-level", default="info", help="API and worker log level")
+
+
 def parse(parsed: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parsed.parse_args(argv)
     if args.short:

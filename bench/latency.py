@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import functools
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -222,9 +221,7 @@ def options(argv: list[str] | None) -> argparse.Namespace:
     parsed.add_argument("--burst", type=int, default=None, help="events to find the max rate (600)")
     parsed.add_argument("--rate", type=float, default=None, help="send at this rate instead")
     parsed.add_argument("--connections", type=int, default=4, help="client connections (4)")
-    parsed.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
-    parsed.add_argument("--pool", default="prefork", help="the worker's pool (prefork)")
-    parsed.add_argument("--log-level", default="info", help="API and worker log level")
+    common.stack_options(parsed)
     args = common.parse(parsed, argv)
     args.seconds = args.seconds or common.pick(args, 20, 2)
     args.burst = args.burst or common.pick(args, 600, 50)

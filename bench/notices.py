@@ -26,7 +26,6 @@ import asyncio
 import base64
 import functools
 import json
-import os
 import secrets
 import threading
 import time
@@ -193,9 +192,7 @@ def options(argv: list[str] | None) -> argparse.Namespace:
     parsed.add_argument("--seconds", type=float, default=None, help="leaks sent per run (10 s)")
     parsed.add_argument("--rate", type=float, default=None, help="leaks per second (25)")
     parsed.add_argument("--connections", type=int, default=2, help="client connections (2)")
-    parsed.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
-    parsed.add_argument("--pool", default="prefork", help="the worker's pool (prefork)")
-    parsed.add_argument("--log-level", default="info", help="API and worker log level")
+    common.stack_options(parsed)
     args = common.parse(parsed, argv)
     args.seconds = args.seconds or common.pick(args, 10, 2)
     args.rate = args.rate or common.pick(args, 25, 10)
