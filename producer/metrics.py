@@ -8,9 +8,10 @@ reload) never clash over metric names.
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -124,9 +125,30 @@ class ApiMetrics:
             registry=self.registry,
         )
 
+        # The children of each label set, looked up once: paths are route templates and
+        # statuses few, and finding a child costs a request more than updating it.
+        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._accepted: dict[str, Any] = {}
+
     def observe(self, path: str, status: int, seconds: float) -> None:
-        self.requests.labels(path=path, status=str(status)).inc()
-        self.duration.labels(path=path).observe(seconds)
+        children = self._answered.get((path, status))
+        if children is None:
+            children = (
+                self.requests.labels(path=path, status=str(status)),
+                self.duration.labels(path=path),
+            )
+            self._answered[(path, status)] = children
+        count, duration = children
+        count.inc()
+        duration.observe(seconds)
+
+    def accepted(self, kinds: Iterable[str]) -> None:
+        """Count accepted events by type (``kinds``: one type per event)."""
+        for kind, number in Tally(kinds).items():
+            child = self._accepted.get(kind)
+            if child is None:
+                child = self._accepted[kind] = self.events_accepted.labels(type=kind)
+            child.inc(number)
 
 
 class RequestMetrics:
