@@ -53,6 +53,8 @@ MAX_ATTEMPTS: Final = 20
 # The writers' one thread: a group's database and broker calls block, the event loop must not.
 _THREAD: Final = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox-writer")
 _TABLE: Final = cast(Table, InboxEvent.__table__)
+# Rows are lists of strings and the events' data: nothing can refer to itself.
+_ROWS_ENCODER: Final = json.JSONEncoder(check_circular=False)
 _PENDING: Final = EventStatus.PENDING.value
 
 # Postgres: every row in one JSON parameter, unpacked by the server. Adapting a hundred rows
@@ -271,14 +273,20 @@ def _store_all_new(
 
 
 def _postgres_rows(events: list[Prepared], now: datetime) -> dict[str, Any]:
+    """The parameters of the Postgres inserts: every row in one JSON document."""
     now_text = now.isoformat()
-    document = json.dumps(
-        [
-            [e.id, e.type, e.source, e.time.isoformat() if e.time else now_text, e.data, e.digest]
-            for e in events
-        ]
-    )
-    return {"rows": document, "now": now, "status": _PENDING}
+    # The events of a batch usually share one time: each distinct time is written once.
+    texts: dict[datetime, str] = {}
+    rows = []
+    for e in events:
+        if e.time is None:
+            text = now_text
+        elif e.time in texts:
+            text = texts[e.time]
+        else:
+            text = texts[e.time] = e.time.isoformat()
+        rows.append([e.id, e.type, e.source, text, e.data, e.digest])
+    return {"rows": _ROWS_ENCODER.encode(rows), "now": now, "status": _PENDING}
 
 
 def _settle_future(future: asyncio.Future[None]) -> None:
@@ -357,23 +365,7 @@ def _insert(connection: Connection, events: list[Prepared], now: datetime) -> se
     if not events:
         return set()
     if connection.dialect.name == "postgresql":
-        now_text = now.isoformat()
-        document = json.dumps(
-            [
-                [
-                    e.id,
-                    e.type,
-                    e.source,
-                    e.time.isoformat() if e.time else now_text,
-                    e.data,
-                    e.digest,
-                ]
-                for e in events
-            ]
-        )
-        result = connection.exec_driver_sql(
-            _POSTGRES_INSERT, {"rows": document, "now": now, "status": _PENDING}
-        )
+        result = connection.exec_driver_sql(_POSTGRES_INSERT, _postgres_rows(events, now))
         return {row[0] for row in result}
     statement = (
         sqlite.insert(_TABLE)
