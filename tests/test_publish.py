@@ -7,7 +7,7 @@ import secrets
 import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from config.settings import Settings
 from producer.api import create_app
-from tests.conftest import Store
+from tests.conftest import Store, service_url
 from worker import clock, publish
 from worker.app import make_celery
 from worker.db import transaction
@@ -149,3 +149,97 @@ def test_a_pause_is_kept_per_app(tmp_path: Path) -> None:
         embedded.close()
 
     assert list((tmp_path / "home" / "broker" / "queue").glob("*.msg"))
+
+
+BROKERS = [
+    "embedded",
+    pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
+    pytest.param("redis", marks=pytest.mark.redis),
+]
+# What differs between any two messages, however they were sent.
+_PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "message_count"}
+_REPRS = {"argsrepr", "kwargsrepr"}
+
+
+@pytest.fixture(params=BROKERS)
+def queue_app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """An app on each broker, publishing to a queue of this test's own (deleted afterwards)."""
+    broker = None if request.param == "embedded" else service_url(request.param)
+    queue = f"test-publish-{secrets.token_hex(4)}"
+    app = make_celery(Settings(home=tmp_path / "home", broker_url=broker, queue=queue))
+    try:
+        yield app
+    finally:
+        if broker is not None:
+            with app.connection_for_write() as connection:
+                bound = app.amqp.default_queue(connection.default_channel)
+                # Declared on this channel first: Redis deletes only the bindings it knows.
+                bound.declare()
+                bound.delete()
+                bound.exchange.delete()
+        app.close()
+
+
+def _take_all(app: Any) -> list[Any]:
+    with app.connection_for_write() as connection:
+        queue = app.amqp.default_queue(connection.default_channel)
+        messages = []
+        while (message := queue.get(no_ack=True)) is not None:
+            messages.append(message)
+        return messages
+
+
+def _shape(message: Any) -> dict[str, Any]:
+    """What a worker reads from a message, less its own ids and the argument reprs."""
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {
+                key: scrub(item) for key, item in value.items() if key not in _PER_MESSAGE | _REPRS
+            }
+        return value
+
+    return {
+        "headers": scrub(message.headers),
+        "properties": scrub(message.properties),
+        "delivery_info": scrub(message.delivery_info),
+        "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
+        "body": message.decode(),
+    }
+
+
+def test_a_message_is_the_one_send_task_sends_with_a_short_repr_of_its_ids(
+    queue_app: Any,
+) -> None:
+    app = queue_app
+    ids = [f"evt-{number:03}-{secrets.token_hex(8)}" for number in range(publish.CHUNK)]
+
+    def both() -> None:
+        publish.publish_event_ids(app, ids)
+        app.send_task(publish.PROCESS_EVENTS, args=[ids], retry=False)
+
+    # The re-drive publishes from inside a task: its messages name that task as parent.
+    @app.task(name="test.redrive", shared=False)  # type: ignore[untyped-decorator]
+    def redrive() -> None:
+        both()
+
+    both()
+    redrive.apply(task_id="redrive-1")
+    publish.publish_notice_ids(app, ["ntc-1"])
+    messages = _take_all(app)
+
+    ours = [m for m in messages if m.headers["argsrepr"] == "[100 event ids]"]
+    theirs = [m for m in messages if m.headers["argsrepr"].startswith("[['evt-000-")]
+    [notice] = [m for m in messages if m.headers["task"] == publish.DELIVER_NOTICES]
+    assert len(ours) == len(theirs) == 2, [m.headers["argsrepr"][:40] for m in messages]
+    for message in ours:
+        assert message.headers["kwargsrepr"] == "{}"
+        assert message.decode()[0] == [ids]
+    by_parent = {m.headers["parent_id"]: _shape(m) for m in ours}
+    assert by_parent == {m.headers["parent_id"]: _shape(m) for m in theirs}
+    assert set(by_parent) == {None, "redrive-1"}
+    assert {m.headers["root_id"] for m in messages if m.headers["parent_id"]} == {"redrive-1"}
+    assert by_parent[None]["delivery_info"]["routing_key"] == app.conf.task_default_queue
+    # One id per notice message: Celery's own repr of it stays short and names it.
+    assert notice.headers["argsrepr"] == "[['ntc-1']]"
