@@ -132,6 +132,81 @@ def test_level_filters_both_kinds_of_logger() -> None:
     assert [line["event"] for line in json_lines(stream)] == ["loud"]
 
 
+def test_calls_below_the_level_write_nothing_not_even_a_masked_token() -> None:
+    stream = configured(json=True, level="info")
+    token = generate(TokenKind.PERSONAL)
+    log = structlog.get_logger("producer.api")
+
+    log.debug(f"issued {token}", token=token, ids=[token])
+    log.debug("issued %s", token)
+    logging.getLogger("celery.worker").debug("got %s", token)
+
+    assert stream.getvalue() == ""
+
+
+def test_a_logger_obtained_before_reconfiguring_follows_the_new_level() -> None:
+    log = structlog.get_logger("worker.handlers")
+    quiet = configured(json=True, level="warning")
+    log.info("dropped")
+    loud = configured(json=True, level="debug")
+    log.debug("kept")
+    configured(json=True, level="info")
+    log.debug("dropped again")
+
+    assert quiet.getvalue() == ""
+    assert [line["event"] for line in json_lines(loud)] == ["kept"]
+
+
+def test_capture_logs_still_sees_calls_below_the_level() -> None:
+    stream = configured(json=True, level="warning")
+
+    with structlog.testing.capture_logs() as logs:
+        structlog.get_logger("worker.handlers").debug("event.applied", revoked=1)
+
+    assert [entry["event"] for entry in logs] == ["event.applied"]
+    assert stream.getvalue() == ""
+
+
+def test_records_still_name_their_caller_for_other_handlers() -> None:
+    stream = configured(json=True)
+    seen: list[logging.LogRecord] = []
+
+    class Spy(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    spy = Spy()
+    logging.getLogger().addHandler(spy)
+    try:
+        structlog.get_logger().info("nameless")
+        logging.getLogger("celery.worker").info("got %s", 1)
+    finally:
+        logging.getLogger().removeHandler(spy)
+
+    ours, foreign = seen
+    assert (ours.funcName, ours.name) == (
+        "test_records_still_name_their_caller_for_other_handlers",
+        __name__,
+    )
+    assert (foreign.msg, foreign.args) == ("got %s", (1,))
+    assert [line["logger"] for line in json_lines(stream)] == [__name__, "celery.worker"]
+
+
+def test_tokens_are_masked_in_keys_of_the_event_itself() -> None:
+    stream = configured(json=True)
+    token = generate(TokenKind.APPLICATION)
+
+    structlog.get_logger().info("keyed", before=token, **{f"for_{token}": [token]}, after=3)
+
+    assert_masked(stream.getvalue(), token)
+    (line,) = json_lines(stream)
+    assert (line["before"], line["for_sm_aat_***"], line["after"]) == (
+        "sm_aat_***",
+        ["sm_aat_***"],
+        3,
+    )
+
+
 def test_tokens_are_masked_in_message_fields_and_nested_values() -> None:
     stream = configured(json=True)
     personal, application = generate(TokenKind.PERSONAL), generate(TokenKind.APPLICATION)
