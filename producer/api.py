@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar, cast
 
 import structlog
 from fastapi import FastAPI, Header, Request, Security
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine, text
@@ -136,6 +137,18 @@ _GITLAB_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
         "headers": _RETRY_AFTER_HEADER,
     },
 }
+
+
+class _RequestRoute(APIRoute):
+    """A route whose endpoint takes the :class:`Request` and returns the response itself.
+
+    FastAPI still documents it from the route's arguments, but a request goes straight to the
+    endpoint: with no parameters to solve and no model to serialise, FastAPI's handler only
+    added work (about a third of what the framework spends on a request).
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return cast(Callable[[Request], Coroutine[Any, Any, Response]], self.endpoint)
 
 
 class _Service:
@@ -332,8 +345,15 @@ def create_app(
     app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
 
-    @app.post(
+    async def post_events(request: Request) -> JSONResponse:
+        """Store the events in the inbox, then put their ids on the queue."""
+        accepted = await service.accept(request)
+        return JSONResponse({"accepted": accepted}, status_code=202)
+
+    app.router.add_api_route(
         "/v1/events",
+        post_events,
+        methods=["POST"],
         status_code=202,
         response_model=Accepted,
         responses=_EVENT_RESPONSES,
@@ -342,11 +362,8 @@ def create_app(
         openapi_extra={"requestBody": request_body(), "security": [{_bearer.scheme_name: []}]},
         summary="Send one event or a batch",
         tags=["events"],
+        route_class_override=_RequestRoute,
     )
-    async def post_events(request: Request) -> JSONResponse:
-        """Store the events in the inbox, then put their ids on the queue."""
-        accepted = await service.accept(request)
-        return JSONResponse({"accepted": accepted}, status_code=202)
 
     @app.post(
         "/v1/secret-scanning/github",
