@@ -62,8 +62,12 @@ def process_events(self: DatabaseTask, session: Session, *args: Any, **kwargs: A
         return
     with structlog.contextvars.bound_contextvars(event_ids=event_ids):
         # A message carries at most CHUNK ids; a shorter one takes other pending events along
-        # (see inbox.pending_besides), so a backlog drains in batches.
-        besides = inbox.pending_besides(session, event_ids, limit=CHUNK - len(event_ids))
+        # (see inbox.pending_besides), so a backlog drains in batches. Its own events are
+        # locked first (inbox.hold), so that taking others along cannot deadlock.
+        besides: list[str] = []
+        if len(event_ids) < CHUNK:
+            inbox.hold(session, event_ids)
+            besides = inbox.pending_besides(session, event_ids, limit=CHUNK - len(event_ids))
         outcome = handlers.apply_pending(
             session, [*event_ids, *besides], now=now, retryable=_retryable, task=self.name
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -725,3 +726,50 @@ def test_events_another_worker_holds_are_skipped_not_waited_for(
 
     status = {e.id: e.status for e in events_by_id(committed).values()}
     assert status == {mine: EventStatus.DONE, held: EventStatus.PENDING}
+
+
+def test_two_workers_taking_each_others_events_along_do_not_deadlock(
+    committed: Store, now: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each short message takes pending events along; two at once must not lock in a cycle."""
+    if committed.backend != "postgres":
+        pytest.skip("SQLite runs one writer at a time: there is no row lock to wait for")
+    first, second = store_events(
+        committed,
+        raw_event("user.deactivated", {"user_id": "u-first"}, at=now, id_="evt-first"),
+        raw_event("user.deactivated", {"user_id": "u-second"}, at=now, id_="evt-second"),
+        now=now,
+    )
+    # Each task, having looked for other events, waits (a while) for the other to look too
+    # before applying anything: the moment at which each could take the other's own event
+    # along. A task that is itself waiting for a row lock never looks; the other goes on.
+    looked: list[str] = []
+    both = threading.Condition()
+    look = inbox.pending_besides
+
+    def look_then_wait(session: Session, event_ids: list[str], *, limit: int) -> list[str]:
+        found = look(session, event_ids, limit=limit)
+        with both:
+            looked.extend(event_ids)
+            both.notify_all()
+            both.wait_for(lambda: len(looked) == 2, timeout=1.5)
+        return found
+
+    monkeypatch.setattr(inbox, "pending_besides", look_then_wait)
+    failures: list[BaseException] = []
+
+    def run(event_id: str) -> None:
+        try:
+            tasks.events.process_events.run([event_id])
+        except BaseException as error:  # a deadlock surfaces as a retry
+            failures.append(error)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in (first, second)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+
+    assert failures == []
+    status = {e.id: e.status for e in events_by_id(committed).values()}
+    assert status == {first: EventStatus.DONE, second: EventStatus.DONE}
