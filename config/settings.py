@@ -22,6 +22,8 @@ SIGNING_SECRET_FILE = "notice-signing.secret"  # noqa: S105 - a file name
 # Kombu transports that keep messages inside one process: the API, the worker and the
 # scheduler are separate processes, so a message put there would never reach a worker.
 IN_PROCESS_TRANSPORTS = frozenset({"memory"})
+# A day: a clock further off than that is a mistake to fix, not a skew to allow.
+MAX_CLOCK_SKEW_LIMIT_S = 86400
 
 
 class ConfigError(Exception):
@@ -56,6 +58,8 @@ class Settings(BaseSettings):
     # None (the default) keeps them forever. Their audit rows are always kept.
     retention_days: int | None = None
     redrive_after_s: float = 30.0
+    # How far ahead of the receiver's clock an event's time may be; further ahead is refused.
+    max_clock_skew_s: float = 300.0
     queue: str = "tokenwarden"
     # A worker touches this file every few seconds while it consumes (a liveness check).
     worker_heartbeat_file: Path | None = None
@@ -155,6 +159,13 @@ class Settings(BaseSettings):
     def _positive(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("must be a positive number")
+        return value
+
+    @field_validator("max_clock_skew_s")
+    @classmethod
+    def _skew(cls, value: float) -> float:
+        if not 0 <= value <= MAX_CLOCK_SKEW_LIMIT_S:  # also refuses nan
+            raise ValueError(f"must be a number of seconds from 0 to {MAX_CLOCK_SKEW_LIMIT_S}")
         return value
 
     @model_validator(mode="after")

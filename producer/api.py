@@ -15,6 +15,7 @@ import asyncio
 import hmac
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from functools import partial
 from typing import Annotated, Any, Final, TypeVar, cast
 
@@ -199,6 +200,8 @@ class _Service:
         intake.check_media_type(request.headers.get("content-type"))
         body = await intake.read_capped(request.stream())
         events = intake.prepare(body)
+        max_skew = timedelta(seconds=self.settings.max_clock_skew_s)
+        intake.refuse_future(events, now=clock.now(), max_skew=max_skew)
         try:
             outcome = await self.writer.store(events)
         except Conflict as conflict:

@@ -21,9 +21,11 @@ from typing import Any, Final, Self
 
 import httpx
 import structlog
+from pydantic import TypeAdapter, ValidationError
 
 from config.settings import ConfigError, Settings, get_settings
 from producer.schemas import MAX_BODY_BYTES
+from worker.events import TIME_EXAMPLE, Timestamp
 from worker.tokens import hash_token
 
 log = structlog.get_logger(__name__)
@@ -35,6 +37,7 @@ RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
 MAX_DELAY_S: Final = 30.0
 
 Event = Mapping[str, Any]
+_TIMESTAMP: Final = TypeAdapter(Timestamp)
 
 
 class ProducerError(Exception):
@@ -77,7 +80,18 @@ def _timestamp(value: datetime | str | None) -> str:
     if value is None:
         return datetime.now(UTC).isoformat().replace("+00:00", "Z")
     if isinstance(value, str):
+        # The API would refuse it anyway; saying so here spares a round trip per retry.
+        try:
+            _TIMESTAMP.validate_python(value)
+        except ValidationError:
+            raise ValueError(
+                f"time must be an RFC 3339 date-time with a time zone, such as {TIME_EXAMPLE}"
+            ) from None
         return value
+    if not isinstance(value, datetime):
+        raise ValueError(
+            f"time must be an RFC 3339 string or an aware datetime, such as {TIME_EXAMPLE}"
+        )
     if value.tzinfo is None:
         raise ValueError("time needs a time zone (a naive datetime is ambiguous)")
     return value.isoformat()

@@ -11,10 +11,10 @@ import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal, NotRequired, Union
 
-from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
 
 from producer.schemas import EVENT_MEDIA_TYPES, MAX_BATCH, MAX_BODY_BYTES
@@ -24,10 +24,12 @@ from worker.events import (
     CloudEvent,
     Id,
     InvalidEvent,
+    Timestamp,
     canonical,
     digest,
     hide_leaked_text,
     parse_event,
+    too_far_ahead,
 )
 from worker.tokens import TOKEN_PATTERN, mask_tokens
 
@@ -266,6 +268,26 @@ def prepare(body: bytes) -> list[Prepared]:
     return [_from_event(event) for event in validate(decode(body))]
 
 
+def refuse_future(events: list[Prepared], *, now: datetime, max_skew: timedelta) -> None:
+    """Refuse the request (422, every such event named) when an event's time is more than
+    ``max_skew`` ahead of ``now``: one clock set wrong, or a year mistyped, would otherwise
+    order that event after everything that really happens until then."""
+    problems = [
+        {"index": index, "id": _shown(event.id), "reason": reason}
+        for index, event in enumerate(events)
+        if event.time is not None
+        for reason in [too_far_ahead(event.time, received=now, max_skew=max_skew)]
+        if reason is not None
+    ]
+    if not problems:
+        return
+    if len(events) == 1:
+        detail = f"invalid event: {problems[0]['reason']}"
+    else:
+        detail = f"{len(problems)} of {len(events)} events are invalid; none was accepted"
+    raise Refused(422, detail, errors=problems)
+
+
 def _from_event(event: CloudEvent) -> Prepared:
     return Prepared(
         id=event.id,
@@ -292,7 +314,7 @@ def _plain_envelope(kind: str) -> Any:
             "id": Id,
             "source": _Source,
             "type": Literal[kind],
-            "time": NotRequired[AwareDatetime | None],
+            "time": NotRequired[Timestamp | None],
             "data": DATA_MODELS[kind],
         },
     )

@@ -163,8 +163,11 @@ def event_schema(kind: str) -> dict[str, Any]:
                 "type": "string",
                 "format": "date-time",
                 "description": (
-                    "When it happened, with a time zone (RFC 3339); when absent, the time the "
-                    "API received the event. Decides the order in which events apply."
+                    "When it happened: an RFC 3339 string with a time zone (a number is "
+                    "refused); when absent, the time the API received the event. Decides the "
+                    "order in which events apply, but counts as no later than the event's "
+                    "arrival; more than TOKENWARDEN_MAX_CLOCK_SKEW_S (300 s) ahead of the "
+                    "API's clock, the event is refused."
                 ),
             },
             "data": _data_schema(kind),

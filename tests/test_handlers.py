@@ -193,34 +193,38 @@ def test_a_role_change_is_what_verification_reports_and_revokes_nothing(
     assert verdict.principal["role"] == "admin"
 
 
-def test_a_role_change_before_the_membership_is_known_makes_a_member(
+def test_a_role_change_before_the_join_makes_no_member_but_its_role_is_kept(
     session: Session, now: datetime
 ) -> None:
     changed_at = now - timedelta(minutes=10)
-    apply(
+    joined_at = changed_at - timedelta(minutes=1)
+    changed = apply(
         session,
         "membership.role_changed",
         {"org_id": "acme", "user_id": "u-8", "role": "admin"},
         time=changed_at,
         now=now,
     )
-    # The membership.added it overtook arrives afterwards, older: it is stale.
+
+    assert changed["applied"] is True
+    assert membership(session, "acme", "u-8") == (False, None)
+    with pytest.raises(Refused):
+        pat(session, "acme", "u-8", created=now)
+
+    # The membership.added it overtook arrives afterwards, older: it makes the member, and
+    # the newer role stays.
     added = apply(
         session,
         "membership.added",
         {"org_id": "acme", "user_id": "u-8", "role": "user"},
-        time=changed_at - timedelta(minutes=1),
+        time=joined_at,
         now=now,
     )
 
-    membership = session.get(Membership, ("acme", "u-8"))
-    assert membership is not None
-    assert (membership.active, membership.role, membership.active_since) == (
-        True,
-        "admin",
-        changed_at,
-    )
-    assert added["applied"] is False
+    found = session.get(Membership, ("acme", "u-8"))
+    assert found is not None
+    assert (found.active, found.role, found.active_since) == (True, "admin", joined_at)
+    assert added["applied"] is True
     assert pat(session, "acme", "u-8", created=now).kind is TokenKind.PERSONAL
 
 
@@ -291,11 +295,11 @@ def test_a_deactivated_user_loses_every_pat_in_every_org_but_no_aat(
     app_token = aat(session, "acme", created_by="u-1", created=t0 + timedelta(hours=1))
     join(session, "acme", "u-2", at=t0)
     other_user = pat(session, "acme", "u-2", created=t0 + timedelta(hours=1))
-    # initech already saw a newer event (the user is a member there after the deactivation),
+    # initech already saw a newer event (the user joined there again after the deactivation),
     # and a PAT was issued since: the deactivation arriving late spares that one.
     apply(
         session,
-        "membership.role_changed",
+        "membership.added",
         {"org_id": "initech", "user_id": "u-1", "role": "admin"},
         time=deactivated_at + timedelta(hours=2),
         now=now,
@@ -444,7 +448,7 @@ def joined_event(
     )
 
 
-def membership(session: Session, org_id: str, user_id: str) -> tuple[bool, datetime]:
+def membership(session: Session, org_id: str, user_id: str) -> tuple[bool, datetime | None]:
     found = session.get(Membership, (org_id, user_id))
     assert found is not None
     return found.active, found.last_event_at

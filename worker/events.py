@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
-from typing import Annotated, Any, Literal
+import re
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     StringConstraints,
     TypeAdapter,
@@ -23,6 +25,44 @@ from worker.tokens import TOKEN_PATTERN, hash_token
 Id = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 HashHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Url = Annotated[str, StringConstraints(max_length=2000)]
+
+# RFC 3339 date-time (CloudEvents' Timestamp): date, "T", time with seconds, then the offset.
+# The offset is optional here only so that its absence gets a reason of its own.
+_RFC3339: Final = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?P<offset>[Zz]|[+-]\d{2}:\d{2})?",
+    re.ASCII,
+)
+TIME_EXAMPLE: Final = "2026-11-27T19:00:00Z"
+_JSON_KINDS: Final = {
+    bool: "true or false",
+    int: "a number",
+    float: "a number",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _rfc3339(value: Any) -> Any:
+    """Let only an RFC 3339 string through (or a datetime, as the inbox stores it).
+
+    Pydantic alone also takes a number (read as seconds or milliseconds since 1970), a bare
+    date or a number in a string, and a time without seconds: none of them is what CloudEvents
+    allows, and a number in the wrong unit is a date decades away.
+    """
+    if isinstance(value, datetime) or value is None:
+        return value
+    if not isinstance(value, str):
+        kind = _JSON_KINDS.get(type(value), type(value).__name__)
+        raise ValueError(f"must be an RFC 3339 string such as {TIME_EXAMPLE}, not {kind}")
+    matched = _RFC3339.fullmatch(value)
+    if matched is None:
+        raise ValueError(f"must be an RFC 3339 date-time such as {TIME_EXAMPLE}")
+    if matched["offset"] is None:
+        raise ValueError(f"needs a time zone, e.g. {TIME_EXAMPLE}")
+    return value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_rfc3339)]
 
 
 class InvalidEvent(ValueError):
@@ -100,7 +140,7 @@ class CloudEvent(BaseModel):
     source: Annotated[str, StringConstraints(min_length=1, max_length=500)]
     type: str
     # Optional in CloudEvents; an event without one happened when the API received it.
-    time: datetime | None = None
+    time: Timestamp | None = None
     data: dict[str, Any]
 
     @field_validator("type")
@@ -116,7 +156,7 @@ class CloudEvent(BaseModel):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError("time needs a time zone, e.g. 2026-11-27T19:00:00Z")
+            raise ValueError(f"needs a time zone, e.g. {TIME_EXAMPLE}")
         return as_utc(value)
 
     def payload(self) -> _Data:
@@ -169,6 +209,23 @@ def parse_event(raw: Any) -> CloudEvent:
     except ValidationError as error:
         raise InvalidEvent(_reason(error, "data."), event_id) from None
     return event
+
+
+def too_far_ahead(time: datetime, *, received: datetime, max_skew: timedelta) -> str | None:
+    """Why an event of ``time`` received at ``received`` is refused, if it is: a time further
+    ahead of the receiver's clock than ``max_skew`` is a clock or a typo gone wrong."""
+    if time - received <= max_skew:
+        return None
+    return (
+        f"time: {time.isoformat()} is more than {max_skew.total_seconds():g} s ahead of the "
+        f"receiver's clock ({received.isoformat()}); check the producer's clock"
+    )
+
+
+def ordering_time(time: datetime, *, received: datetime) -> datetime:
+    """When an event counts as having happened, for ordering: its ``time``, but never later
+    than it was received, so that no event is ordered after its own arrival."""
+    return min(time, received)
 
 
 def canonical(event: CloudEvent) -> dict[str, Any]:

@@ -9,6 +9,11 @@ savepoint per event on every batch cost two round trips and a flush per event.) 
 a retry can fix, such as a lost connection, is not the event's fault: it propagates so that
 the whole batch is retried.
 
+An event is ordered by its time, but never after it was received (``received_at``): a producer
+whose clock runs a little ahead cannot place an event after events that really come later.
+One more than ``TOKENWARDEN_MAX_CLOCK_SKEW_S`` ahead of its receipt is invalid (the API refuses
+it; one that reached the inbox another way is marked dead here, with the reason).
+
 A batch made only of removals of distinct, known memberships (what offboarding sends in bulk)
 goes set-based instead (worker.removals): a handful of statements for the whole batch rather
 than some nine per event, with the same outcome. If it raises, it is rolled back and the
@@ -21,13 +26,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from config.settings import get_settings
 from worker import inbox, members, offboarding, removals
 from worker.events import (
     CloudEvent,
@@ -38,7 +44,9 @@ from worker.events import (
     TokenLeakSuspected,
     TokenRevokeRequested,
     UserDeactivated,
+    ordering_time,
     parse_event,
+    too_far_ahead,
 )
 from worker.models import EventStatus, InboxEvent
 from worker.publish import NEW_NOTICES
@@ -65,9 +73,10 @@ def apply_event(session: Session, event: InboxEvent, *, now: datetime) -> dict[s
     """Apply one stored event; return a JSON-safe summary of what it did.
 
     Raises :class:`InvalidEvent` when the stored event does not validate (an unknown type,
-    data of the wrong shape).
+    data of the wrong shape, a time too far ahead of its receipt).
     """
-    return _dispatch(session, event, parse_stored(event), now=now)
+    cloud, at = validated(event)
+    return _dispatch(session, event, cloud, at=at, now=now)
 
 
 def parse_stored(event: InboxEvent) -> CloudEvent:
@@ -84,10 +93,35 @@ def parse_stored(event: InboxEvent) -> CloudEvent:
     )
 
 
+def validated(event: InboxEvent) -> tuple[CloudEvent, datetime]:
+    """The stored event validated again, and the time it is ordered by (its time, but no
+    later than its receipt); raises :class:`InvalidEvent`. Touches no table."""
+    cloud = parse_stored(event)
+    time = cloud.time or event.time
+    reason = too_far_ahead(time, received=event.received_at, max_skew=max_clock_skew())
+    if reason is not None:
+        raise InvalidEvent(reason, event.id)
+    return cloud, ordering_time(time, received=event.received_at)
+
+
+def max_clock_skew() -> timedelta:
+    return timedelta(seconds=get_settings().max_clock_skew_s)
+
+
 def _dispatch(
-    session: Session, event: InboxEvent, cloud: CloudEvent, *, now: datetime
+    session: Session, event: InboxEvent, cloud: CloudEvent, *, at: datetime, now: datetime
 ) -> dict[str, Any]:
-    at, source, event_id = cloud.time or event.time, cloud.source, cloud.id
+    result = _apply_payload(session, cloud, at=at, now=now)
+    if at < event.time:
+        # Dated after its own arrival: ordered as of the arrival instead (see the module).
+        result["ordered_at"] = at.isoformat()
+    return result
+
+
+def _apply_payload(
+    session: Session, cloud: CloudEvent, *, at: datetime, now: datetime
+) -> dict[str, Any]:
+    source, event_id = cloud.source, cloud.id
     match cloud.payload():
         case MembershipAdded() as data:
             applied = members.add_member(
@@ -185,6 +219,8 @@ def apply_pending(
     for event_id in outcome.missing:
         inbox.dead_letter(session, reason=NO_SUCH_EVENT, now=now, event_id=event_id, task=task)
         log.warning("event.dead_letter", event_id=event_id, reason=NO_SUCH_EVENT)
+    # In the order the events count in (see the module), the order one at a time would take.
+    claimed.sort(key=lambda e: (ordering_time(e.time, received=e.received_at), e.id))
     only_removals = _only_removals(claimed)
     if only_removals is not None:
         applied = _apply_removals(session, only_removals, now=now, retryable=retryable)
@@ -213,7 +249,7 @@ def _only_removals(events: Sequence[InboxEvent]) -> list[_Parsed] | None:
     seen: set[tuple[str, str]] = set()
     for event in events:
         try:
-            cloud = parse_stored(event)
+            cloud, at = validated(event)
         except InvalidEvent as error:
             parsed.append((event, None, error.reason))
             continue
@@ -225,7 +261,7 @@ def _only_removals(events: Sequence[InboxEvent]) -> list[_Parsed] | None:
         removal = removals.Removal(
             org_id=data.org_id,
             user_id=data.user_id,
-            at=cloud.time or event.time,
+            at=at,
             source=cloud.source,
             event_id=cloud.id,
         )
@@ -265,12 +301,15 @@ def _apply_removals(
             session, [event for event, _, _ in parsed], now=now, retryable=retryable
         )
     applied: dict[str, bool] = {}
-    for event, _removal, reason in parsed:
+    for event, removal, reason in parsed:
         with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
             if reason is None:
-                result = {"revoked": revoked[event.id]}
+                assert removal is not None
+                result: dict[str, Any] = {"revoked": revoked[event.id]}
+                if removal.at < event.time:
+                    result["ordered_at"] = removal.at.isoformat()
                 inbox.finish(session, event, status=EventStatus.DONE, now=now, result=result)
-                log.info("event.applied", revoked=len(result["revoked"]))
+                _log_applied(event, result)
             else:
                 inbox.finish(session, event, status=EventStatus.DEAD, now=now, reason=reason)
                 log.warning("event.invalid", reason=reason)
@@ -309,12 +348,13 @@ def _apply_together(
                     event_id=event.id, event_type=event.type
                 ):
                     try:
-                        cloud = parse_stored(event)
+                        cloud, at = validated(event)
                     except InvalidEvent as error:
                         outcomes.append((event, None, error.reason))
                         continue
                     try:
-                        outcomes.append((event, _dispatch(session, event, cloud, now=now), None))
+                        applied_now = _dispatch(session, event, cloud, at=at, now=now)
+                        outcomes.append((event, applied_now, None))
                     except Exception as error:
                         if retryable(error):
                             raise
@@ -333,7 +373,7 @@ def _apply_together(
             if reason is None:
                 assert result is not None
                 inbox.finish(session, event, status=EventStatus.DONE, now=now, result=result)
-                log.info("event.applied", revoked=len(result.get("revoked", ())))
+                _log_applied(event, result)
             else:
                 inbox.finish(session, event, status=EventStatus.DEAD, now=now, reason=reason)
                 log.warning("event.invalid", reason=reason)
@@ -363,13 +403,24 @@ def _apply_one(
         reason = redact(f"{type(error).__name__}: {error}".splitlines()[0])
         log.exception("event.failed", reason=reason)
     else:
-        log.info("event.applied", revoked=len(result.get("revoked", ())))
+        _log_applied(event, result)
         return True
     _forget_notices_since(session, remembered)
     inbox.finish(session, event, status=EventStatus.DEAD, now=now, reason=reason)
     # Flushed now, outside any savepoint, so that a later event's rollback cannot undo it.
     session.flush()
     return False
+
+
+def _log_applied(event: InboxEvent, result: dict[str, Any]) -> None:
+    if "ordered_at" in result:
+        log.warning(
+            "event.time_clamped",
+            event_time=event.time.isoformat(),
+            received_at=event.received_at.isoformat(),
+            ordered_at=result["ordered_at"],
+        )
+    log.info("event.applied", revoked=len(result.get("revoked", ())))
 
 
 def _forget_notices_since(session: Session, remembered: int) -> None:

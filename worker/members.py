@@ -1,5 +1,10 @@
 """Memberships of users in organizations, with the time of the last event applied.
 
+Two times per membership: ``last_event_at``, of the newest join, removal or deactivation
+applied (it decides whether the user is a member), and ``role_at``, of the newest join or role
+change (it decides the role). Only a join makes a member: a role change sets the role of a
+membership, active or not, and an event older than what decides the same thing is stale.
+
 A user's platform-wide deactivation is kept per user (``user_deactivations``): it ends the
 memberships that exist when it is applied, and a membership that first appears later through
 an event older than the deactivation starts out as the deactivation left it (inactive, as of
@@ -51,19 +56,22 @@ def add_member(
 ) -> bool:
     """Record that ``user_id`` is an active member of ``org_id`` as of ``at``.
 
-    Returns False, and audits the event as stale, when the membership already reflects an
-    event newer than ``at``.
+    Returns False, and audits the event as stale, when the membership already reflects a
+    join, removal or deactivation newer than ``at``. A role change newer than ``at`` keeps
+    its role.
     """
     parsed = parse_role(role)
     member, _created = membership_for_update(
         session, org_id=org_id, user_id=user_id, role=parsed.value, at=at, now=now
     )
-    if member.last_event_at > at:
+    if after(member.last_event_at, at):
+        assert member.last_event_at is not None
         audit_stale(
             session,
             member,
             kind="membership.added",
             at=at,
+            applied=member.last_event_at,
             now=now,
             source=source,
             actor=actor,
@@ -73,7 +81,14 @@ def add_member(
     if not member.active:
         member.active_since = at
     member.active = True
-    member.role = parsed.value
+    detail: dict[str, Any] = {"role": parsed.value}
+    if after(member.role_at, at):
+        assert member.role_at is not None
+        # Overtaken by a role change: the newer role stays.
+        detail = {"role": member.role, "role_changed_at": member.role_at.isoformat()}
+    else:
+        member.role = parsed.value
+        member.role_at = at
     member.email = email if email is not None else member.email
     member.last_event_at = at
     member.updated_at = now
@@ -87,15 +102,30 @@ def add_member(
         user_id=user_id,
         actor=actor,
         event_id=event_id,
-        detail={"role": parsed.value},
+        detail=detail,
     )
     return True
 
 
+def after(stamp: datetime | None, at: datetime) -> bool:
+    """Whether ``stamp`` (None: nothing seen yet) is later than ``at``."""
+    return stamp is not None and stamp > at
+
+
 def membership_for_update(
-    session: Session, *, org_id: str, user_id: str, role: str, at: datetime, now: datetime
+    session: Session,
+    *,
+    org_id: str,
+    user_id: str,
+    role: str,
+    at: datetime | None,
+    now: datetime,
 ) -> tuple[Membership, bool]:
     """The membership row, locked; inserted inactive as of ``at`` when missing.
+
+    ``at`` is the time of a join, removal or deactivation; None for a role change, which
+    inserts the row without a time of its own (so that an older join arriving later still
+    makes the member).
 
     Returns the row and whether this call inserted it. ``SELECT … FOR UPDATE`` cannot lock a
     row that does not exist yet, so a missing one is inserted with ``ON CONFLICT DO NOTHING``
@@ -119,7 +149,8 @@ def membership_for_update(
         "email": None,
         "active": False,
         "active_since": None,
-        "last_event_at": max(at, deactivated) if deactivated is not None else at,
+        "last_event_at": latest(at, deactivated),
+        "role_at": None,
         "updated_at": now,
     }
     statement: Executable = (
@@ -131,6 +162,11 @@ def membership_for_update(
     member = lock_membership(session, org_id=org_id, user_id=user_id)
     assert member is not None
     return member, inserted is not None
+
+
+def latest(*stamps: datetime | None) -> datetime | None:
+    """The latest of ``stamps`` that are set; None when none is."""
+    return max((stamp for stamp in stamps if stamp is not None), default=None)
 
 
 def lock_membership(session: Session, *, org_id: str, user_id: str) -> Membership | None:
@@ -171,12 +207,14 @@ def audit_stale(
     *,
     kind: str,
     at: datetime,
+    applied: datetime,
     now: datetime,
     source: str,
     actor: str | None,
     event_id: str | None,
 ) -> None:
-    """Audit (and log) an event about ``member`` that is older than what the row reflects.
+    """Audit (and log) an event about ``member`` older than ``applied``, the time of the
+    newer event the row reflects.
 
     When the user's deactivation is what the event is older than, the row says so, with the
     deactivation's time: the event is not applied because the user was deactivated after it.
@@ -186,7 +224,7 @@ def audit_stale(
         org_id=member.org_id,
         user_id=member.user_id,
         at=at,
-        applied=member.last_event_at,
+        applied=applied,
         deactivated=deactivated_at(session, member.user_id),
         event_id=event_id,
     )

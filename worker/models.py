@@ -82,8 +82,11 @@ class Membership(Base):
     active: Mapped[bool] = mapped_column(Boolean)
     # Start of the current active period: a late removal spares tokens issued from then on.
     active_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # Time of the newest event applied to this row; an older event is stale.
-    last_event_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Time of the newest join, removal or deactivation applied to this row; an older one is
+    # stale. None while only role changes are known: a role change never makes a member.
+    last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Time of the event that set ``role`` (a join or a role change); an older one leaves it.
+    role_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index(None, "user_id"),)

@@ -2,8 +2,10 @@
 
 Each function applies one event as of its time ``at`` and stamps what it changes with ``now``.
 
-Ordering: a membership row keeps the time of the newest event applied to it
-(``last_event_at``); an event older than that is stale and leaves the membership alone. A stale
+Ordering: a membership row keeps the time of the newest join, removal or deactivation applied
+to it (``last_event_at``); an older one is stale and leaves the membership alone. A role
+change has a time of its own (``role_at``, see worker.members): it never makes a member, and
+never makes a removal or deactivation stale. A stale
 removal still revokes the personal tokens that the leaver held at ``at`` (created at or before
 it, or before the current active period began), but never one issued at or after a later
 re-join. Memberships are read ``FOR UPDATE`` so two workers applying events about the same
@@ -68,20 +70,24 @@ def change_role(
 ) -> bool:
     """Give ``user_id`` the role ``role`` in ``org_id`` as of ``at``; False when stale.
 
-    A role change implies membership, and may be delivered before ``membership.added``: an
-    unknown or inactive membership becomes active from ``at``. No token is revoked; a PAT acts
-    with whatever role the membership holds when it is verified.
+    A role change never makes a member: only a join does. On a membership that is inactive
+    (the user left) or not known yet (the join may still be on its way) the role is recorded
+    and the membership stays inactive; a later join makes the member, with this role if this
+    change is the newer. Stale: older than the newest event the membership reflects. No token
+    is revoked; a PAT acts with whatever role the membership holds when it is verified.
     """
     parsed = parse_role(role).value
     member, created = members.membership_for_update(
-        session, org_id=org_id, user_id=user_id, role=parsed, at=at, now=now
+        session, org_id=org_id, user_id=user_id, role=parsed, at=None, now=now
     )
-    if member.last_event_at > at:
+    newest = members.latest(member.last_event_at, member.role_at)
+    if newest is not None and newest > at:
         members.audit_stale(
             session,
             member,
             kind="membership.role_changed",
             at=at,
+            applied=newest,
             now=now,
             source=source,
             actor=actor,
@@ -89,12 +95,9 @@ def change_role(
         )
         return False
     previous = None if created else member.role
-    changed = created or not member.active or member.role != parsed
-    if not member.active:
-        member.active = True
-        member.active_since = at
+    changed = created or member.role != parsed
     member.role = parsed
-    member.last_event_at = at
+    member.role_at = at
     member.updated_at = now
     if changed:
         audit.record(
@@ -107,7 +110,15 @@ def change_role(
             user_id=user_id,
             actor=actor,
             event_id=event_id,
-            detail={"role": parsed, "previous_role": previous},
+            detail={"role": parsed, "previous_role": previous, "active": member.active},
+        )
+    if not member.active:
+        log.info(
+            "member.role_recorded_inactive",
+            org_id=org_id,
+            user_id=user_id,
+            role=parsed,
+            event_id=event_id,
         )
     return True
 
@@ -132,14 +143,16 @@ def remove_member(
     member, created = members.membership_for_update(
         session, org_id=org_id, user_id=user_id, role=Role.USER.value, at=at, now=now
     )
-    stale = member.last_event_at > at
+    stale = members.after(member.last_event_at, at)
     ended = False
     if stale:
+        assert member.last_event_at is not None
         members.audit_stale(
             session,
             member,
             kind="membership.removed",
             at=at,
+            applied=member.last_event_at,
             now=now,
             source=source,
             actor=actor,
@@ -228,12 +241,15 @@ def deactivate_user(
         .with_for_update()
         .execution_options(populate_existing=True)
     ).all()
-    stale = [m for m in memberships if m.last_event_at > at]
-    ended = [m.org_id for m in memberships if m.last_event_at <= at and m.active]
+    stale = [m for m in memberships if members.after(m.last_event_at, at)]
+    ended = [m.org_id for m in memberships if not members.after(m.last_event_at, at) and m.active]
     if len(stale) < len(memberships):
         session.execute(
             update(Membership)
-            .where(Membership.user_id == user_id, Membership.last_event_at <= at)
+            .where(
+                Membership.user_id == user_id,
+                or_(Membership.last_event_at.is_(None), Membership.last_event_at <= at),
+            )
             .values(active=False, last_event_at=at, updated_at=now)
         )
     # One statement for every organization: a token is spared only where its membership saw
@@ -546,5 +562,6 @@ def audit_row(
     }
 
 
-def _stale_detail(at: datetime, applied: datetime) -> dict[str, Any]:
-    return {"event_time": at.isoformat(), "applied_time": applied.isoformat()}
+def _stale_detail(at: datetime, applied: datetime | None) -> dict[str, Any]:
+    # ``applied`` is set on a stale membership: None would not have been newer.
+    return {"event_time": at.isoformat(), "applied_time": applied.isoformat() if applied else None}

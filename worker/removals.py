@@ -50,7 +50,7 @@ class _Leaver:
 
     @property
     def stale(self) -> bool:
-        return bool(self.before.last_event_at > self.removal.at)
+        return members.after(self.before.last_event_at, self.removal.at)
 
     @property
     def key(self) -> tuple[str, str]:

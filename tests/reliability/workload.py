@@ -269,7 +269,8 @@ class MemberState:
     active: bool
     # None: not compared (an inactive membership's role depends on the order applied).
     role: str | None
-    last_event_at: datetime
+    # Of the newest join, removal or deactivation; None when only role changes are known.
+    last_event_at: datetime | None
 
 
 @dataclass
@@ -283,7 +284,7 @@ class Oracle:
     def compute(cls, universe: Universe, events: Sequence[dict[str, Any]]) -> Oracle:
         by_hash = {hash_token(token.text): token for token in universe.tokens}
         by_id = {token.id: token for token in universe.tokens}
-        newest: dict[tuple[str, str], tuple[datetime, bool, str | None]] = {
+        newest: dict[tuple[str, str], tuple[datetime | None, bool, str | None]] = {
             pair: (universe.seeded_at, True, role) for pair, role in universe.members.items()
         }
         causes: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
@@ -298,8 +299,13 @@ class Oracle:
             at = event_time(event)
             data, kind, event_id = event["data"], event["type"], event["id"]
             touched: list[tuple[tuple[str, str], bool, str | None]] = []
-            if kind in (ADDED, ROLE_CHANGED):
+            if kind == ADDED:
                 touched.append(((data["org_id"], data["user_id"]), True, data["role"]))
+            elif kind == ROLE_CHANGED:
+                # Sets the role, never the membership: a role change does not make a member.
+                pair = (data["org_id"], data["user_id"])
+                seen = newest.get(pair)
+                newest[pair] = (seen[0], seen[1], data["role"]) if seen else (None, False, None)
             elif kind == REMOVED:
                 pair = (data["org_id"], data["user_id"])
                 touched.append((pair, False, None))
@@ -325,7 +331,7 @@ class Oracle:
                     unknown.add(event_id)
             for pair, active, role in touched:
                 previous = newest.get(pair)
-                if previous is None or previous[0] < at:
+                if previous is None or previous[0] is None or previous[0] < at:
                     newest[pair] = (at, active, role)
         members = {
             pair: MemberState(active, role if active else None, at)
@@ -461,7 +467,7 @@ def judge(
             wrong_members += 1
             problems.append(
                 f"membership {pair}: active={member.active} role={member.role} "
-                f"last_event_at={member.last_event_at.isoformat()}; expected {expected}"
+                f"last_event_at={member.last_event_at}; expected {expected}"
             )
     extra_members = sorted(set(stored) - set(oracle.members))
     wrong_members += len(extra_members)
