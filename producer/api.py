@@ -23,7 +23,7 @@ from fastapi import FastAPI, Header, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 
@@ -50,7 +50,7 @@ from producer.schemas import (
     request_body,
 )
 from worker import clock
-from worker.db import engine_for, transaction
+from worker.db import engine_for, reader, transaction
 from worker.events import CloudEvent
 from worker.inbox import Conflict, Stored, store_events
 from worker.publish import PublishError, publish_event_ids
@@ -182,7 +182,7 @@ class _Service:
             return store_events(session, events, now=now), usable
 
     def check_database(self) -> None:
-        with self.engine().connect() as connection:
+        with reader(self.engine()).connect() as connection:
             connection.execute(text("SELECT 1"))
 
     def check_broker(self) -> None:
@@ -460,7 +460,7 @@ def create_app(
         summary="Prometheus metrics",
     )
     def prometheus() -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
