@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -61,6 +62,8 @@ T = TypeVar("T")
 
 RETRY_AFTER_S: Final = 5
 READY_TIMEOUT_S: Final = 3.0
+# /readyz answers with a probe at most this old: each probe opens a broker connection.
+READY_MAX_AGE_S: Final = 1.0
 # Ids named in one log line; a batch of a thousand would make the line unreadable.
 LOGGED_IDS: Final = 20
 
@@ -163,6 +166,8 @@ class _Service:
         self.metrics = ApiMetrics(self.engine)
         self.github_keys = github_keys or GitHubKeys(settings.github_keys_url)
         self.writer = InboxWriter(self.database_url, partial(publish_event_ids, celery_app))
+        self._readiness: tuple[float, Readiness] | None = None  # (fresh until, answer)
+        self._probing: asyncio.Future[Readiness] | None = None
 
     def engine(self) -> Engine:
         # Created on first use, so an app on a store that is down still starts and says so.
@@ -302,13 +307,32 @@ class _Service:
         )
 
     async def readiness(self) -> Readiness:
-        database, broker = await asyncio.gather(
-            _probe("database", self.check_database), _probe("broker", self.check_broker)
-        )
-        ready = database == broker == "ok"
-        return Readiness(
-            status="ready" if ready else "unavailable", database=database, broker=broker
-        )
+        """The last probe's answer if under :data:`READY_MAX_AGE_S` old, else a new probe's.
+
+        Anyone may call /readyz, as often as they like, and each probe opens a broker
+        connection: requests that arrive while a probe is under way wait for its answer, and
+        the answer serves every request for a second, so a flood opens about one a second.
+        """
+        if self._readiness is not None and time.monotonic() < self._readiness[0]:
+            return self._readiness[1]
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(self._check_both())
+        # Shielded: a caller that goes away must not cancel the probe the others wait for.
+        return await asyncio.shield(self._probing)
+
+    async def _check_both(self) -> Readiness:
+        try:
+            database, broker = await asyncio.gather(
+                _probe("database", self.check_database), _probe("broker", self.check_broker)
+            )
+            ready = database == broker == "ok"
+            readiness = Readiness(
+                status="ready" if ready else "unavailable", database=database, broker=broker
+            )
+            self._readiness = (time.monotonic() + READY_MAX_AGE_S, readiness)
+            return readiness
+        finally:
+            self._probing = None
 
 
 def create_app(

@@ -24,7 +24,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from config.settings import Settings
 from producer import metrics
-from producer.api import create_app
+from producer.api import READY_MAX_AGE_S, create_app
 from producer.metrics import STORE_MAX_AGE_S
 from tests.conftest import Store
 from worker import clock, inbox
@@ -216,3 +216,47 @@ def test_the_inbox_counts_follow_the_store_and_concurrent_scrapes_read_it_once(
     while (shown := _events_shown(api.get("/metrics").text)) != expected:
         assert time.monotonic() - changed < STORE_MAX_AGE_S + 2, shown
         time.sleep(0.1)
+
+
+class _CountingBroker:
+    """Counts the broker connections the API opens; can play a broker that went down."""
+
+    def __init__(self) -> None:
+        self.opened: list[float] = []
+        self.down = False
+
+    def wrap(self, celery_app: Any) -> None:
+        original = celery_app.connection_for_write
+
+        def connection_for_write(*args: Any, **kwargs: Any) -> Any:
+            self.opened.append(time.monotonic())
+            time.sleep(0.1)  # a broker a little slow to answer, so that probes overlap
+            if self.down:
+                raise ConnectionRefusedError("the broker is down")
+            return original(*args, **kwargs)
+
+        celery_app.connection_for_write = connection_for_write
+
+
+def test_readiness_probes_open_at_most_one_broker_connection_a_second(serve: Serve) -> None:
+    broker = _CountingBroker()
+    api = serve(wrap=broker.wrap)
+    started = time.monotonic()
+    answers: list[int] = []
+    with ThreadPoolExecutor(SCRAPERS) as pool:
+        while time.monotonic() - started < 2.5:
+            answers += pool.map(lambda _: api.get("/readyz").status_code, range(SCRAPERS))
+    elapsed = time.monotonic() - started
+    assert set(answers) == {200}
+    assert broker.opened, "no probe reached the broker"
+    assert len(broker.opened) <= elapsed / READY_MAX_AGE_S + 1, (len(answers), broker.opened)
+    assert len(answers) >= 5 * len(broker.opened)
+
+    # The answer is at most a second old: a broker that goes down is reported that soon.
+    broker.down = True
+    went_down = time.monotonic()
+    while (probe := api.get("/readyz")).status_code == 200:
+        assert time.monotonic() - went_down < READY_MAX_AGE_S + 1
+        time.sleep(0.05)
+    assert probe.status_code == 503
+    assert probe.json()["broker"].startswith("unreachable")
