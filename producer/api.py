@@ -72,6 +72,11 @@ _bearer = HTTPBearer(
     scheme_name="producerKey",
     description="A producer key from TOKENWARDEN_PRODUCER_KEYS.",
 )
+_metrics_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="metricsKey",
+    description="TOKENWARDEN_METRICS_KEY, when it is set.",
+)
 _gitlab_token = APIKeyHeader(
     name="Authorization",
     auto_error=False,
@@ -476,14 +481,24 @@ def create_app(
         status = 200 if readiness.status == "ready" else 503
         return JSONResponse(readiness.model_dump(), status_code=status)
 
+    metrics_responses: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}}
+    }
+    if settings.metrics_key:
+        metrics_responses[401] = {"model": Problem, "description": "No valid metrics key."}
+
     @app.get(
         "/metrics",
         response_class=Response,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        responses=metrics_responses,
+        # Documents the key when one is set; the handler checks it.
+        dependencies=[Security(_metrics_bearer)] if settings.metrics_key else None,
         tags=["operations"],
         summary="Prometheus metrics",
     )
-    def prometheus() -> Response:
+    def prometheus(request: Request) -> Response:
+        if settings.metrics_key:
+            _authorize_scrape(request.headers.get("authorization"), settings.metrics_key)
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -522,6 +537,19 @@ def _authenticate(credentials: HTTPAuthorizationCredentials | None, keys: Sequen
         else "no producer key is configured: set TOKENWARDEN_PRODUCER_KEYS"
     )
     raise Refused(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _authorize_scrape(authorization: str | None, key: str) -> None:
+    """Accept ``Bearer <key>`` only, compared in constant time."""
+    scheme, _, given = (authorization or "").partition(" ")
+    matched = hmac.compare_digest(given.strip().encode(), key.encode())
+    if scheme.lower() == "bearer" and matched:
+        return
+    raise Refused(
+        401,
+        "send the metrics key as 'Authorization: Bearer KEY'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 async def _probe(name: str, check: Callable[[], None]) -> str:

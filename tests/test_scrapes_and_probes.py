@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import event, func, select, text, update
 from starlette.exceptions import StarletteDeprecationWarning
 
-from config.settings import Settings
+from config.settings import Settings, load_settings
 from producer import metrics
 from producer.api import READY_MAX_AGE_S, create_app
 from producer.metrics import STORE_MAX_AGE_S
@@ -38,6 +38,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 AUTH = {"Authorization": "Bearer k1"}
+METRICS_KEY = "scrape-key-0123456789abcdef"
 SCRAPERS = 16
 
 
@@ -216,6 +217,44 @@ def test_the_inbox_counts_follow_the_store_and_concurrent_scrapes_read_it_once(
     while (shown := _events_shown(api.get("/metrics").text)) != expected:
         assert time.monotonic() - changed < STORE_MAX_AGE_S + 2, shown
         time.sleep(0.1)
+
+
+def test_metrics_key_refuses_a_scrape_without_it(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENWARDEN_METRICS_KEY", METRICS_KEY)
+    settings = load_settings()
+    assert settings.metrics_key == METRICS_KEY
+    api = serve(metrics_key=settings.metrics_key)
+    refusals = {
+        "none": {},
+        "wrong key": {"Authorization": "Bearer " + METRICS_KEY[:-1] + "x"},
+        "key with a suffix": {"Authorization": f"Bearer {METRICS_KEY}x"},
+        "key one character short": {"Authorization": f"Bearer {METRICS_KEY[:-1]}"},
+        "not a bearer": {"Authorization": f"Basic {METRICS_KEY}"},
+        "key alone": {"Authorization": METRICS_KEY},
+        "producer key": AUTH,
+    }
+    for name, headers in refusals.items():
+        refused = api.get("/metrics", headers=headers)
+        assert refused.status_code == 401, name
+        assert refused.headers["WWW-Authenticate"] == "Bearer", name
+        assert "tokenwarden_" not in refused.text, name
+        assert METRICS_KEY not in refused.text, name
+    allowed = api.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    assert allowed.status_code == 200
+    assert "tokenwarden_store_up 1.0" in allowed.text
+    operation = api.get("/openapi.json").json()["paths"]["/metrics"]["get"]
+    assert operation["security"] == [{"metricsKey": []}]
+    assert "401" in operation["responses"]
+
+
+def test_metrics_are_open_without_a_metrics_key(serve: Serve) -> None:
+    api = serve()
+    assert api.get("/metrics").status_code == 200
+    operation = api.get("/openapi.json").json()["paths"]["/metrics"]["get"]
+    assert "security" not in operation
+    assert "401" not in operation["responses"]
 
 
 class _CountingBroker:
