@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     producer_key: str | None = None
     github_keys_url: str = GITHUB_KEYS_URL
     gitlab_revocation_token: str | None = None
+    # When set, GET /metrics answers only 'Authorization: Bearer <this key>'.
+    metrics_key: str | None = None
     reminder_days: Annotated[tuple[int, ...], NoDecode] = (60, 30, 7)
     sweep_interval_s: int = 300
     sweep_batch: int = 1000
@@ -243,7 +245,13 @@ class Settings(BaseSettings):
 
 
 SECRET_FIELDS = frozenset(
-    {"producer_keys", "producer_key", "notice_signing_secret", "gitlab_revocation_token"}
+    {
+        "producer_keys",
+        "producer_key",
+        "notice_signing_secret",
+        "gitlab_revocation_token",
+        "metrics_key",
+    }
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -24,7 +25,7 @@ from fastapi import FastAPI, Header, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 
@@ -51,7 +52,7 @@ from producer.schemas import (
     request_body,
 )
 from worker import clock
-from worker.db import engine_for, transaction
+from worker.db import engine_for, reader, transaction
 from worker.events import CloudEvent
 from worker.inbox import Conflict, Stored, store_events
 from worker.publish import PublishError, publish_event_ids
@@ -62,6 +63,8 @@ T = TypeVar("T")
 
 RETRY_AFTER_S: Final = 5
 READY_TIMEOUT_S: Final = 3.0
+# /readyz answers with a probe at most this old: each probe opens a broker connection.
+READY_MAX_AGE_S: Final = 1.0
 # Ids named in one log line; a batch of a thousand would make the line unreadable.
 LOGGED_IDS: Final = 20
 
@@ -69,6 +72,11 @@ _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="producerKey",
     description="A producer key from TOKENWARDEN_PRODUCER_KEYS.",
+)
+_metrics_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="metricsKey",
+    description="TOKENWARDEN_METRICS_KEY, when it is set.",
 )
 _gitlab_token = APIKeyHeader(
     name="Authorization",
@@ -164,6 +172,8 @@ class _Service:
         self.metrics = ApiMetrics(self.engine)
         self.github_keys = github_keys or GitHubKeys(settings.github_keys_url)
         self.writer = InboxWriter(self.database_url, partial(publish_event_ids, celery_app))
+        self._readiness: tuple[float, Readiness] | None = None  # (fresh until, answer)
+        self._probing: asyncio.Future[Readiness] | None = None
 
     def engine(self) -> Engine:
         # Created on first use, so an app on a store that is down still starts and says so.
@@ -183,7 +193,7 @@ class _Service:
             return store_events(session, events, now=now), usable
 
     def check_database(self) -> None:
-        with self.engine().connect() as connection:
+        with reader(self.engine()).connect() as connection:
             connection.execute(text("SELECT 1"))
 
     def check_broker(self) -> None:
@@ -305,13 +315,32 @@ class _Service:
         )
 
     async def readiness(self) -> Readiness:
-        database, broker = await asyncio.gather(
-            _probe("database", self.check_database), _probe("broker", self.check_broker)
-        )
-        ready = database == broker == "ok"
-        return Readiness(
-            status="ready" if ready else "unavailable", database=database, broker=broker
-        )
+        """The last probe's answer if under :data:`READY_MAX_AGE_S` old, else a new probe's.
+
+        Anyone may call /readyz, as often as they like, and each probe opens a broker
+        connection: requests that arrive while a probe is under way wait for its answer, and
+        the answer serves every request for a second, so a flood opens about one a second.
+        """
+        if self._readiness is not None and time.monotonic() < self._readiness[0]:
+            return self._readiness[1]
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(self._check_both())
+        # Shielded: a caller that goes away must not cancel the probe the others wait for.
+        return await asyncio.shield(self._probing)
+
+    async def _check_both(self) -> Readiness:
+        try:
+            database, broker = await asyncio.gather(
+                _probe("database", self.check_database), _probe("broker", self.check_broker)
+            )
+            ready = database == broker == "ok"
+            readiness = Readiness(
+                status="ready" if ready else "unavailable", database=database, broker=broker
+            )
+            self._readiness = (time.monotonic() + READY_MAX_AGE_S, readiness)
+            return readiness
+        finally:
+            self._probing = None
 
 
 def create_app(
@@ -455,15 +484,25 @@ def create_app(
         status = 200 if readiness.status == "ready" else 503
         return JSONResponse(readiness.model_dump(), status_code=status)
 
+    metrics_responses: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}}
+    }
+    if settings.metrics_key:
+        metrics_responses[401] = {"model": Problem, "description": "No valid metrics key."}
+
     @app.get(
         "/metrics",
         response_class=Response,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        responses=metrics_responses,
+        # Documents the key when one is set; the handler checks it.
+        dependencies=[Security(_metrics_bearer)] if settings.metrics_key else None,
         tags=["operations"],
         summary="Prometheus metrics",
     )
-    def prometheus() -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    def prometheus(request: Request) -> Response:
+        if settings.metrics_key:
+            _authorize_scrape(request.headers.get("authorization"), settings.metrics_key)
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -501,6 +540,19 @@ def _authenticate(credentials: HTTPAuthorizationCredentials | None, keys: Sequen
         else "no producer key is configured: set TOKENWARDEN_PRODUCER_KEYS"
     )
     raise Refused(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _authorize_scrape(authorization: str | None, key: str) -> None:
+    """Accept ``Bearer <key>`` only, compared in constant time."""
+    scheme, _, given = (authorization or "").partition(" ")
+    matched = hmac.compare_digest(given.strip().encode(), key.encode())
+    if scheme.lower() == "bearer" and matched:
+        return
+    raise Refused(
+        401,
+        "send the metrics key as 'Authorization: Bearer KEY'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 async def _probe(name: str, check: Callable[[], None]) -> str:

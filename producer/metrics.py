@@ -7,21 +7,29 @@ reload) never clash over metric names.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker import clock
-from worker.db import transaction
+from worker.db import read_transaction
 from worker.inbox import counts, recent_apply_seconds
 from worker.models import DeadLetter, Token
 
@@ -31,31 +39,87 @@ log = structlog.get_logger(__name__)
 # cannot grow the number of time series without bound.
 UNMATCHED: Final = "unmatched"
 APPLY_WINDOW: Final = timedelta(minutes=15)
+# A scrape shows the store as read at most this many seconds ago (see StoreCollector) ...
+STORE_MAX_AGE_S: Final = 5.0
+# ... or longer when reading it is slow: reads take at most this share of the time.
+STORE_READ_SHARE: Final = 0.1
+# The whole page (the API's own counters too) is rendered at most once in this long.
+PAGE_MAX_AGE_S: Final = 1.0
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """What a scrape shows of the store, as read at one moment."""
+
+    events: dict[tuple[str, str], int]  # (type, status) -> events
+    revoked: list[tuple[str | None, int]]  # (reason, tokens)
+    dead_letters: int
+    applied: int  # events received in the last 15 minutes and applied since
+    applied_seconds: float  # their acceptance-to-applied times, summed
+    applied_slowest: float
+
+
+def read_store(engine: Engine) -> StoreSnapshot:
+    """Read what the metrics show, in one read-only transaction (no write lock on SQLite)."""
+    with read_transaction(engine) as session:
+        by_type = counts(session)
+        revoked = session.execute(
+            select(Token.revoke_reason, func.count())
+            .where(Token.revoked_at.is_not(None))
+            .group_by(Token.revoke_reason)
+        ).all()
+        dead = session.scalar(select(func.count()).select_from(DeadLetter)) or 0
+        applied = recent_apply_seconds(session, now=clock.now(), window=APPLY_WINDOW)
+    return StoreSnapshot(
+        events=by_type,
+        revoked=[(reason, number) for reason, number in revoked],
+        dead_letters=dead,
+        applied=len(applied),
+        applied_seconds=sum(applied),
+        applied_slowest=max(applied, default=0.0),
+    )
 
 
 class StoreCollector(Collector):
-    """Events by type and status, revocations by reason and dead letters, from the database."""
+    """Events by type and status, revocations by reason and dead letters, from the database.
+
+    The counts are whole-table aggregates, whose cost grows with the inbox. Anyone who can
+    reach the API can scrape it (unless ``TOKENWARDEN_METRICS_KEY`` is set), as often as they
+    like: so the store is read at most once every :data:`STORE_MAX_AGE_S` seconds whatever the
+    number of scrapes, concurrent scrapes wait for the one read under way and share its
+    result, and a read that takes long is kept for longer, so reads take at most
+    :data:`STORE_READ_SHARE` of the time. The read itself never takes SQLite's write lock.
+    """
 
     def __init__(self, engine: Callable[[], Engine]) -> None:
         self._engine = engine
+        self._lock = threading.Lock()
+        self._snapshot: StoreSnapshot | None = None
+        self._fresh_until = float("-inf")
+
+    def snapshot(self) -> StoreSnapshot | None:
+        """The store's figures at most a few seconds old; None when the store did not answer."""
+        with self._lock:
+            started = time.monotonic()
+            if started < self._fresh_until:
+                return self._snapshot
+            try:
+                self._snapshot = read_store(self._engine())
+            except Exception as error:
+                # A scrape must still answer (and say the store is down) when it is not.
+                log.warning("metrics.store_unavailable", error=type(error).__name__)
+                self._snapshot = None
+            ended = time.monotonic()
+            self._fresh_until = ended + max(STORE_MAX_AGE_S, (ended - started) / STORE_READ_SHARE)
+            return self._snapshot
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily(
-            "tokenwarden_store_up", "1 when the token store answered this scrape, else 0."
+            "tokenwarden_store_up",
+            "1 when the token store answered its latest read (a few seconds ago), else 0.",
         )
-        try:
-            with transaction(self._engine()) as session:
-                by_type = counts(session)
-                revoked = session.execute(
-                    select(Token.revoke_reason, func.count())
-                    .where(Token.revoked_at.is_not(None))
-                    .group_by(Token.revoke_reason)
-                ).all()
-                dead = session.scalar(select(func.count()).select_from(DeadLetter)) or 0
-                applied = recent_apply_seconds(session, now=clock.now(), window=APPLY_WINDOW)
-        except Exception as error:
-            # A scrape must still answer (and say the store is down) when the database is not.
-            log.warning("metrics.store_unavailable", error=type(error).__name__)
+        store = self.snapshot()
+        if store is None:
             up.add_metric([], 0)
             yield up
             return
@@ -64,31 +128,32 @@ class StoreCollector(Collector):
         events = GaugeMetricFamily(
             "tokenwarden_events", "Inbox events by type and status.", labels=["type", "status"]
         )
-        for (kind, status), number in sorted(by_type.items()):
+        for (kind, status), number in sorted(store.events.items()):
             events.add_metric([kind, status], number)
         yield events
         revocations = GaugeMetricFamily(
             "tokenwarden_revoked_tokens", "Revoked or expired tokens by reason.", labels=["reason"]
         )
-        for reason, number in sorted(revoked, key=lambda row: row[0] or ""):
+        for reason, number in sorted(store.revoked, key=lambda row: row[0] or ""):
             revocations.add_metric([reason or "unknown"], number)
         yield revocations
         yield GaugeMetricFamily(
-            "tokenwarden_dead_letters", "Queue messages the worker could not use.", value=dead
+            "tokenwarden_dead_letters",
+            "Queue messages the worker could not use.",
+            value=store.dead_letters,
         )
         # The worker's processes each keep their own counters; the inbox rows tell how long
         # events took from acceptance to done, whichever process applied them.
-        timing = SummaryMetricFamily(
+        yield SummaryMetricFamily(
             "tokenwarden_recent_event_apply_seconds",
             "Seconds from acceptance to applied, for events received in the last 15 minutes.",
-            count_value=len(applied),
-            sum_value=sum(applied),
+            count_value=store.applied,
+            sum_value=store.applied_seconds,
         )
-        yield timing
         yield GaugeMetricFamily(
             "tokenwarden_recent_event_apply_seconds_max",
             "Slowest acceptance-to-applied time in the last 15 minutes.",
-            value=max(applied, default=0.0),
+            value=store.applied_slowest,
         )
 
 
@@ -129,6 +194,22 @@ class ApiMetrics:
         # statuses few, and finding a child costs a request more than updating it.
         self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._accepted: dict[str, Any] = {}
+        self._render_lock = threading.Lock()
+        self._rendered = b""
+        self._rendered_until = float("-inf")
+
+    def render(self) -> bytes:
+        """The metrics page, rendered at most :data:`PAGE_MAX_AGE_S` seconds ago.
+
+        Rendering takes about a millisecond and a half of the API's CPU (and the GIL): a
+        flood of scrapes would otherwise take it from the producers. Scrapes that arrive
+        during a rendering wait for it and share it.
+        """
+        with self._render_lock:
+            if time.monotonic() >= self._rendered_until:
+                self._rendered = generate_latest(self.registry)
+                self._rendered_until = time.monotonic() + PAGE_MAX_AGE_S
+            return self._rendered
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         children = self._answered.get((path, status))

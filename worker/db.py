@@ -78,6 +78,24 @@ def transaction(engine: Engine) -> Iterator[Session]:
         yield session
 
 
+def reader(engine: Engine) -> Engine:
+    """``engine`` for work that only reads: on SQLite its transactions never take the write lock.
+
+    A reader then neither waits for a writer nor makes one wait, however long it reads (in
+    WAL mode it reads the snapshot of its first statement). Only for work that never writes:
+    a deferred transaction that writes after a concurrent commit fails at once with
+    "database is locked" (see :func:`_tune_sqlite`). Same pool as ``engine``.
+    """
+    return engine.execution_options(**{READ_ONLY: True})
+
+
+@contextmanager
+def read_transaction(engine: Engine) -> Iterator[Session]:
+    """:func:`transaction` on :func:`reader`: a session for work that only reads."""
+    with transaction(reader(engine)) as session:
+        yield session
+
+
 def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
