@@ -382,3 +382,38 @@ def test_a_leak_replayed_after_retention_revokes_and_tells_nothing_more(
 
     assert sorted(deliver(engine, [leak, revoke], now=now)) == ["evt-leak", "evt-revoke"]
     assert outcome() == before
+
+
+def test_an_old_deactivation_replayed_after_retention_spares_a_later_rejoin(
+    committed: Store, now: datetime
+) -> None:
+    engine = committed.engine
+    gone, back = now - timedelta(days=80), now - timedelta(days=70)
+    member = {"org_id": "acme", "user_id": "dan", "role": "user"}
+    deactivation = cloud("evt-deactivated", "user.deactivated", gone, {"user_id": "dan"})
+    deliver(
+        engine,
+        [cloud("evt-first-join", "membership.added", gone - timedelta(days=9), member)],
+        now=gone - timedelta(days=9),
+    )
+    deliver(engine, [deactivation], now=gone)
+    deliver(engine, [cloud("evt-rejoin", "membership.added", back, member)], now=back)
+    with db.transaction(engine) as session:
+        issued = create_token(
+            session,
+            kind=TokenKind.PERSONAL,
+            org_id="acme",
+            user_id="dan",
+            name="new laptop",
+            expires_at=now + timedelta(days=365),
+            now=back + timedelta(days=1),
+        )
+    assert run_sweep(engine, now=now, batch=10, inbox_retention_days=DAYS).inbox_deleted == 3
+
+    assert deliver(engine, [deactivation], now=now) == ["evt-deactivated"]
+
+    with db.transaction(engine) as session:
+        verdict = verify_token(session, issued.token, now=now)
+        assert verdict.usable, verdict.reason
+        assert session.get_one(Membership, ("acme", "dan")).active
+    assert audit_rows(engine, action="revoke", token_id=issued.id) == []
