@@ -83,7 +83,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": timedelta(seconds=min(REDRIVE_EVERY_S, settings.redrive_after_s)),
             },
             # Expiry (tasks.expiry): the sweep resumes whatever the previous run left, and
-            # a lock in the database makes a second scheduler's run return at once.
+            # a lock in the database makes a second scheduler's run return at once. The same
+            # run deletes finished inbox events past TOKENWARDEN_INBOX_RETENTION_DAYS.
             "sweep-expired": {
                 "task": "tokenwarden.sweep_expired",
                 "schedule": timedelta(seconds=settings.sweep_interval_s),

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # Revoked and expired tokens are deleted this many days after they stopped working;
     # None (the default) keeps them forever. Their audit rows are always kept.
     retention_days: int | None = None
+    # Done and dead inbox events and dead letters are deleted this many days after they
+    # finished; an event id is only remembered that long. None keeps them forever.
+    inbox_retention_days: int | None = 30
     redrive_after_s: float = 30.0
     # How far ahead of the receiver's clock an event's time may be; further ahead is refused.
     max_clock_skew_s: float = 300.0
@@ -88,6 +91,17 @@ class Settings(BaseSettings):
             raise ValueError("must be a whole number of days, e.g. 365, or empty to keep tokens")
         if value is not None and int(value) <= 0:
             raise ValueError("must be a positive number of days, or empty to keep tokens")
+        return value
+
+    @field_validator("inbox_retention_days", mode="before")
+    @classmethod
+    def _inbox_retention(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str) and not value.strip().isdigit():
+            raise ValueError("must be a whole number of days, e.g. 30, or empty to keep events")
+        if value is not None and int(value) <= 0:
+            raise ValueError("must be a positive number of days, or empty to keep events")
         return value
 
     @field_validator(

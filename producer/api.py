@@ -138,7 +138,11 @@ _GITLAB_UNAUTHORIZED: Final[dict[str, Any]] = {
 _GITLAB_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     204: {"description": "Every token accepted for eventual revocation (whatever it was)."},
     401: _GITLAB_UNAUTHORIZED,
-    413: {"model": Problem, "description": f"The body is larger than {MAX_BODY_BYTES} bytes."},
+    413: {
+        "model": Problem,
+        "description": f"The body is larger than {MAX_BODY_BYTES} bytes, or holds more than "
+        f"{gitlab.MAX_REPORTS} tokens; nothing was stored.",
+    },
     422: {"model": Problem, "description": "Not a JSON array of tokens; nothing was stored."},
     503: {
         "model": Problem,

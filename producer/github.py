@@ -44,7 +44,7 @@ from producer.intake import Refused
 from producer.schemas import GitHubReport
 from worker.events import CloudEvent, parse_event
 from worker.models import Token
-from worker.tokens import hash_token, kind_of, mask_tokens
+from worker.tokens import hash_token, kind_of, mask_encoded_tokens, mask_tokens
 
 log = structlog.get_logger(__name__)
 
@@ -232,8 +232,8 @@ def decode_reports(body: bytes, model: type[Model]) -> list[Model]:
 
 
 def storable(text: str, limit: int) -> str:
-    """``text`` fit for the inbox: token-shaped parts masked, no NUL, valid UTF-8, cut short."""
-    masked = mask_tokens(text).replace("\x00", "\ufffd")
+    """``text`` fit for the inbox: tokens masked, even encoded, no NUL, valid UTF-8, cut short."""
+    masked = mask_encoded_tokens(text).replace("\x00", "\ufffd")
     # A lone surrogate survives JSON decoding but neither Postgres nor a JSON response takes it.
     return masked.encode("utf-8", "replace").decode("utf-8")[:limit]
 

@@ -10,7 +10,10 @@ secret-detection rules whose ids are ``tokenwarden_personal_access_token`` and
 ``POST /v1/revoke_tokens`` answers ``204`` to every well-formed, authenticated request, whatever
 the tokens turn out to be: an unknown type or a malformed token is dropped without a database
 look-up, and every well-formed one of a known type becomes a leak event, ours or not, so the
-answer and its timing reveal nothing about the store.
+answer and its timing reveal nothing about the store. A request holds at most
+:data:`MAX_REPORTS` tokens, as ``POST /v1/events`` takes at most that many events: a larger one
+is refused whole with ``413`` and stores nothing (GitLab's contract names no status for it,
+and 413 is HTTP's own for a request larger than the server takes).
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from typing import Final
 
 from producer.github import leak_event
 from producer.intake import Refused
-from producer.schemas import GitLabReport
+from producer.schemas import MAX_BATCH, GitLabReport
 from worker.events import CloudEvent
 from worker.tokens import hash_token, kind_of
 
 EVENT_SOURCE: Final = "gitlab"
+# Tokens per request, like the events of a batch: one request is stored in one transaction.
+MAX_REPORTS: Final = MAX_BATCH
 REPORTER: Final = "gitlab"
 # Either kind of token is revoked under either type: the token's own prefix says what it is.
 REVOCABLE_TYPES: Final = (
@@ -57,7 +62,16 @@ def authenticate(authorization: str | None, configured: str | None) -> None:
 
 
 def leak_events(reports: Sequence[GitLabReport]) -> list[CloudEvent]:
-    """An event for each well-formed token of a type we listed; the rest are dropped."""
+    """An event for each well-formed token of a type we listed; the rest are dropped.
+
+    More than :data:`MAX_REPORTS` tokens is :class:`Refused` (413) before any event is made.
+    """
+    if len(reports) > MAX_REPORTS:
+        raise Refused(
+            413,
+            f"the request has {len(reports)} tokens; at most {MAX_REPORTS} per request: "
+            "send them in several requests",
+        )
     return [
         leak_event(
             source=EVENT_SOURCE,

@@ -31,7 +31,7 @@ from worker.events import (
     parse_event,
     too_far_ahead,
 )
-from worker.tokens import TOKEN_PATTERN, mask_tokens
+from worker.tokens import TOKEN_PATTERN, mask_encoded_tokens
 
 # Events are small and flat; a cap on nesting keeps every later step (validation, hashing,
 # storing) clear of Python's recursion limit.
@@ -41,8 +41,8 @@ MAX_REASON: Final = 300
 
 
 def mask(text: str) -> str:
-    """``text`` with anything shaped like a token masked, as the log renderer masks it."""
-    return mask_tokens(text)
+    """``text`` with anything shaped like a token masked, percent-encoded or not."""
+    return mask_encoded_tokens(text)
 
 
 def _quoted(text: str) -> str:
@@ -187,7 +187,7 @@ def _one(raw: Any) -> CloudEvent:
     if not isinstance(raw, dict):
         raise InvalidEvent("an event must be a JSON object")
     event_id = raw.get("id") if isinstance(raw.get("id"), str) else None
-    if event_id is not None and TOKEN_PATTERN.search(event_id):
+    if event_id is not None and mask(event_id) != event_id:
         # Masking an id would make different ids equal; the producer must choose another.
         raise InvalidEvent("id: must not contain anything shaped like a token", event_id)
     # Only these reach database columns (or, for data.token, the hash); extension attributes
@@ -335,6 +335,9 @@ _PLAIN_BATCH: Final = _plain_batch()
 def _prepare_plain(body: bytes) -> list[Prepared] | None:
     """The plain events of ``body``, or None when any part of it is not plain."""
     if b"\\" in body or _TOKEN_BYTES.search(body):
+        return None
+    # A '%' may start a percent-encoded token, which the full path masks in its string.
+    if b"%" in body and mask(text := body.decode("utf-8", "replace")) != text:
         return None
     try:
         document = json.loads(body)

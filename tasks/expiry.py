@@ -52,7 +52,7 @@ def sweep_budget_s() -> float:
     expires=get_settings().sweep_interval_s,
 )
 def sweep_expired() -> dict[str, Any]:
-    """Mark expired tokens, write their notices, apply the retention; one run at a time."""
+    """Mark expired tokens, write their notices, apply both retentions; one run at a time."""
     settings = get_settings()
     result = run_sweep(
         store_engine(),
@@ -60,6 +60,7 @@ def sweep_expired() -> dict[str, Any]:
         batch=settings.sweep_batch,
         budget_s=sweep_budget_s(),
         retention_days=settings.retention_days,
+        inbox_retention_days=settings.inbox_retention_days,
         publish=_publish,
     )
     if not result.ran:

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,11 +21,12 @@ from pydantic import (
 )
 
 from worker.clock import as_utc
-from worker.tokens import TOKEN_PATTERN, hash_token
+from worker.tokens import TOKEN_PATTERN, hash_token, mask_encoded_tokens
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 HashHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-Url = Annotated[str, StringConstraints(max_length=2000)]
+# A URL that reaches the worker with a token in it, percent-encoded or not, is used masked.
+Url = Annotated[str, StringConstraints(max_length=2000), AfterValidator(mask_encoded_tokens)]
 
 # RFC 3339 date-time (CloudEvents' Timestamp): date, "T", time with seconds, then the offset.
 # The offset is optional here only so that its absence gets a reason of its own.

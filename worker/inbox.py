@@ -13,7 +13,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Executable, Table, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Executable,
+    Select,
+    Table,
+    any_,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -213,6 +226,45 @@ def dead_letter(
             body=body[:BODY_EXCERPT] if body else None,
         )
     )
+
+
+def purge_finished(session: Session, *, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` done or dead events that finished before ``before``; how many.
+
+    A pending event is never deleted, however old: only a finished one has a ``finished_at``,
+    and the status is checked as well. Once deleted, an event's id is free again: the same
+    event sent again is stored and applied as a new one (the ordering rules make a replay of
+    an old membership event stale, and a leak or revocation replay finds the token revoked).
+    """
+    due = (
+        select(InboxEvent.id)
+        # "Not pending" rather than "done or dead": an equality on the status would lead
+        # SQLite to the (status, received_at) index, then to sorting every finished event.
+        .where(InboxEvent.status != EventStatus.PENDING.value, InboxEvent.finished_at < before)
+        .order_by(InboxEvent.finished_at)
+        .limit(limit)
+    )
+    return _delete_chosen(session, InboxEvent.__table__, InboxEvent.id, due)
+
+
+def purge_dead_letters(session: Session, *, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` dead letters kept since before ``before``; how many."""
+    due = select(DeadLetter.id).where(DeadLetter.at < before).order_by(DeadLetter.at).limit(limit)
+    return _delete_chosen(session, DeadLetter.__table__, DeadLetter.id, due)
+
+
+def _delete_chosen(session: Session, table: Any, key: Any, due: Select[Any]) -> int:
+    # On Postgres ``key = ANY(ARRAY(subquery))`` keeps the planner on the index for large
+    # batches, where ``IN`` may switch to a scan of the whole table.
+    chosen: ColumnElement[bool] = (
+        key == any_(func.array(due.scalar_subquery()))
+        if session.get_bind().dialect.name == "postgresql"
+        else key.in_(due.scalar_subquery())
+    )
+    result = session.execute(
+        delete(table).where(chosen).execution_options(synchronize_session=False)
+    )
+    return cast(CursorResult[Any], result).rowcount
 
 
 def list_events(

@@ -205,6 +205,13 @@ class InboxEvent(Base):
             sqlite_where=text("status = 'pending'"),
         ),
         Index(None, "status", "received_at"),
+        # Finished (done or dead) events by when they finished: what the retention deletes.
+        Index(
+            "ix_events_finished",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+            sqlite_where=text("finished_at IS NOT NULL"),
+        ),
     )
 
 
@@ -221,6 +228,9 @@ class DeadLetter(Base):
     event_id: Mapped[str | None] = mapped_column(String(200))
     task: Mapped[str | None] = mapped_column(String(200))
     body: Mapped[str | None] = mapped_column(String(4000))
+
+    # By age: what the retention deletes.
+    __table_args__ = (Index(None, "at"),)
 
 
 class NoticeStatus(enum.StrEnum):

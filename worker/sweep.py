@@ -18,6 +18,9 @@ A run has three phases, each in short transactions of at most ``batch`` rows:
 3. **Retain** (only with ``TOKENWARDEN_RETENTION_DAYS``): tokens that stopped working more
    than that many days ago are deleted, audited, in windows of ``batch`` primary keys; a pass
    over the table resumes where the previous run stopped, and starts at most once a day.
+4. **Prune the inbox** (``TOKENWARDEN_INBOX_RETENTION_DAYS``): done and dead events that
+   finished longer ago than that, then dead letters kept that long, are deleted, oldest first,
+   ``batch`` rows a transaction; pending events never are, whatever their age.
 
 Every phase gets at least one transaction per run (the table walk: one that marks tokens),
 then goes on while the run's time budget lasts; whatever is left waits for the next run, which
@@ -62,7 +65,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from worker import db, notices
+from worker import db, inbox, notices
 from worker.models import (
     AuditEntry,
     JobCursor,
@@ -234,10 +237,19 @@ class RunStats:
 class SweepResult(RunStats):
     swept: int = 0
     deleted: int = 0
+    # Finished inbox events and dead letters deleted past the inbox retention.
+    inbox_deleted: int = 0
+    dead_letters_deleted: int = 0
     phase: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"swept": self.swept, "deleted": self.deleted, **super().as_dict()}
+        return {
+            "swept": self.swept,
+            "deleted": self.deleted,
+            "inbox_deleted": self.inbox_deleted,
+            "dead_letters_deleted": self.dead_letters_deleted,
+            **super().as_dict(),
+        }
 
 
 class Budget:
@@ -778,6 +790,7 @@ def run_sweep(
     batch: int,
     budget_s: float | None = None,
     retention_days: int | None = None,
+    inbox_retention_days: int | None = None,
     publish: Publish | None = None,
     on_progress: Progress | None = None,
 ) -> SweepResult:
@@ -809,6 +822,17 @@ def run_sweep(
                     now=now,
                     batch=batch,
                     retention_days=retention_days,
+                    on=on_progress,
+                )
+            if inbox_retention_days is not None:
+                complete &= _prune_inbox_all(
+                    engine,
+                    lock,
+                    result,
+                    budget,
+                    now=now,
+                    batch=batch,
+                    retention_days=inbox_retention_days,
                     on=on_progress,
                 )
             result.finished = complete
@@ -942,3 +966,50 @@ def _purge_all(
             return True
         if not (budget.left() and lock.held()):
             return False
+
+
+def _prune_inbox_all(
+    engine: Engine,
+    lock: RunLock,
+    result: SweepResult,
+    budget: Budget,
+    *,
+    now: datetime,
+    batch: int,
+    retention_days: int,
+    on: Progress | None,
+) -> bool:
+    """Delete finished events, then dead letters, older than the retention; ``batch`` a time.
+
+    A transaction deletes at most ``batch`` rows of both kinds together, so a backlog (the
+    first run after an upgrade, say) is worked off in short transactions like the sweep's.
+    """
+    result.phase = "prune"
+    before = now - timedelta(days=retention_days)
+    complete = False
+    try:
+        while True:
+            with timed_transaction(engine, result) as session:
+                events = inbox.purge_finished(session, before=before, limit=batch)
+                letters = (
+                    inbox.purge_dead_letters(session, before=before, limit=batch - events)
+                    if events < batch
+                    else 0
+                )
+            result.inbox_deleted += events
+            result.dead_letters_deleted += letters
+            if on is not None:
+                on(result)
+            if events + letters < batch:
+                complete = True
+                return True
+            if not (budget.left() and lock.held()):
+                return False
+    finally:
+        log.info(
+            "inbox.retention",
+            events=result.inbox_deleted,
+            dead_letters=result.dead_letters_deleted,
+            retention_days=retention_days,
+            finished=complete,
+        )

@@ -70,6 +70,37 @@ def mask_tokens(text: str) -> str:
     return TOKEN_PATTERN.sub(lambda match: match.group()[:7] + MASK, text)
 
 
+# Percent-decoding passes that may uncover a token: a double-encoded one (``%255F``) takes two.
+DECODE_PASSES: Final = 4
+# What replaces a text still percent-encoded after DECODE_PASSES: what it hides cannot be told.
+WITHHELD: Final = f"(withheld: percent-encoded more than {DECODE_PASSES} times)"
+
+
+def mask_encoded_tokens(text: str) -> str:
+    """``text`` with every token masked, percent-encoded ones too (``sm%5Fpat%5F…``, ``%255F``).
+
+    For text that others wrote and we keep or show, a URL above all: a token in a query string
+    is often percent-encoded, whole or in part, once or twice. The text is decoded until it
+    stops changing; if that uncovers a token, the decoded text is returned with its tokens
+    masked (a mask cannot be put back inside the encoding), else ``text`` is returned as it
+    came. Text still encoded after :data:`DECODE_PASSES` passes becomes :data:`WITHHELD`.
+    """
+    if "%" not in text:
+        return mask_tokens(text)
+    decoded = text
+    for _ in range(DECODE_PASSES):
+        step = unquote(decoded)
+        if step == decoded:
+            break
+        decoded = step
+    else:
+        if unquote(decoded) != decoded:
+            return WITHHELD
+    # Decoding leaves a plain token as it was (it holds no '%'), so nothing found in the
+    # decoded text means nothing in ``text`` either.
+    return mask_tokens(decoded) if TOKEN_PATTERN.search(decoded) else text
+
+
 def hint(text: str) -> str:
     """The last four characters: enough for a person to tell tokens apart, useless to a thief."""
     return text[-4:]

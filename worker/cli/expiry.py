@@ -45,7 +45,8 @@ def _first_line(error: BaseException) -> str:
 def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
     """Mark tokens past their expiry as expired, audit them and queue "expired" notices.
 
-    Also deletes tokens dead for longer than TOKENWARDEN_RETENTION_DAYS, when that is set.
+    Also deletes tokens dead for longer than TOKENWARDEN_RETENTION_DAYS, when that is set,
+    and finished inbox events and dead letters older than TOKENWARDEN_INBOX_RETENTION_DAYS.
     Returns at once if another sweep (the scheduler's, say) is running.
     """
     from worker.sweep import count_due, run_sweep
@@ -63,6 +64,7 @@ def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
             batch=batch or current.sweep_batch,
             budget_s=budget,
             retention_days=current.retention_days,
+            inbox_retention_days=current.inbox_retention_days,
             publish=_publish,
             on_progress=progress,
         )
@@ -88,6 +90,13 @@ def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
         f" in {result.duration_s:.2f} s (longest transaction "
         f"{result.longest_transaction_ms:.0f} ms)"
     )
+    if current.inbox_retention_days is not None:
+        click.echo(
+            f"deleted {result.inbox_deleted:,} finished event"
+            f"{'s' if result.inbox_deleted != 1 else ''} and {result.dead_letters_deleted:,}"
+            f" dead letter{'s' if result.dead_letters_deleted != 1 else ''} past the"
+            f" {current.inbox_retention_days}-day inbox retention"
+        )
     if not result.finished:
         click.echo("stopped at the --budget; run again (or let the schedule) to continue")
 
@@ -107,8 +116,10 @@ class _Progress:
             line = f"expiring: {result.swept:,}{share}, {rate:,.0f} tokens/s"
         elif result.phase == "notify":
             line = f"expired {result.swept:,}; notices queued: {result.notices:,}"
-        else:
+        elif result.phase == "retain":
             line = f"expired {result.swept:,}; retention: {result.deleted:,} deleted"
+        else:
+            line = f"expired {result.swept:,}; inbox retention: {result.inbox_deleted:,} deleted"
         self.width = max(self.width, len(line))
         click.echo("\r" + line.ljust(self.width), err=True, nl=False)
 
