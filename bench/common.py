@@ -42,7 +42,7 @@ from worker.tokens import generate, hash_token, hint
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@127.0.0.1:5672//"
-PRODUCER_KEY: Final = "twp_bench_key"
+PRODUCER_KEY: Final = "twp_bench_producer_key"
 # The flags `tokenwarden worker` passes to Celery (worker/cli/runtime.py, which adds a node name
 # of its own too); a bench-only worker uses the same ones so that it differs from ours only in
 # what its tasks do.

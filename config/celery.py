@@ -18,7 +18,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     if url.startswith("filesystem://"):
         folder = settings.broker_folder
         for sub in ("queue", "processed", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
+            (folder / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         return {
             # Producers and consumers share one folder, so they share one queue.
             "data_folder_in": str(folder / "queue"),

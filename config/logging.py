@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,15 @@ from worker.tokens import TOKEN_PATTERN, mask_tokens
 
 # Tells a reader that a token was there (and which kind) without revealing any of it, not
 # even the last four characters that ``worker.tokens.hint`` shows to the owner.
+# HTTP clients announce every request with its full URL, a webhook's secret query or
+# credentials included; what they have to say that matters comes at WARNING or above.
+_QUIET_LOGGERS: Final = {"httpx": logging.WARNING, "httpcore": logging.WARNING}
+# A URL's password (``user:PASSWORD@``) and its query's values (``?secret=VALUE``).
+_URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)[^\s/@]*@")
+_URL_QUERY: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?#]*\?)([^\s#'\"<>]*)")
+_QUERY_VALUE: Final = re.compile(r"=[^&;]*")
+# The fields where text from outside (a library's message, an error's) reaches a line.
+_FOREIGN_TEXT: Final = ("event", "exception")
 # The handler's name marks it as ours, so a second call replaces it and leaves others alone.
 _HANDLER_NAME: Final = "tokenwarden"
 # uvicorn installs its own handlers; without them its lines reach the root handler instead.
@@ -74,6 +84,27 @@ def redact_tokens(logger: WrappedLogger, method_name: str, event_dict: EventDict
                 event_dict[key] = mask_tokens(value)
         elif kind not in _SCALARS:
             event_dict[key] = _redact(value)
+    return event_dict
+
+
+def mask_url_secrets(text: str) -> str:
+    """``text`` with every URL's password and query values masked (``?secret=***``)."""
+    if "://" not in text:
+        return text
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    return _URL_QUERY.sub(lambda m: m.group(1) + _QUERY_VALUE.sub("=***", m.group(2)), text)
+
+
+def redact_url_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Mask URL credentials and query values in a line's message and traceback.
+
+    A library's own line, or an error it raised, can quote a URL whole (a webhook's
+    ``?secret=…``); our own lines name a receiver by scheme, host and port only.
+    """
+    for key in _FOREIGN_TEXT:
+        value = event_dict.get(key)
+        if isinstance(value, str) and "://" in value:
+            event_dict[key] = mask_url_secrets(value)
     return event_dict
 
 
@@ -221,6 +252,7 @@ def configure_logging(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             redact_tokens,
+            redact_url_secrets,
             renderer,
         ],
     )
@@ -233,6 +265,8 @@ def configure_logging(
     handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name, quiet in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(quiet)
     for name in _UVICORN_LOGGERS:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()

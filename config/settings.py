@@ -7,12 +7,19 @@ file-backed Celery broker, so the embedded default needs no server at all.
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "TOKENWARDEN_"
@@ -24,6 +31,22 @@ SIGNING_SECRET_FILE = "notice-signing.secret"  # noqa: S105 - a file name
 IN_PROCESS_TRANSPORTS = frozenset({"memory"})
 # A day: a clock further off than that is a mistake to fix, not a skew to allow.
 MAX_CLOCK_SKEW_LIMIT_S = 86400
+# A shared secret shorter than this can be guessed or was typed by hand; the generated ones
+# are 32 random bytes (43 characters).
+MIN_KEY_LENGTH = 16
+MAKE_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+# Owner only: the home holds keys, the store emails, the audit trail and token hashes.
+PRIVATE_UMASK = 0o077
+
+
+def keep_files_private() -> None:
+    """Make every file and folder this process creates readable by its owner alone.
+
+    Set once at each entry point (the CLI, the Celery app, the API factory), so it covers
+    what libraries create too: SQLite's ``-wal`` and ``-shm`` files, the file broker's
+    messages, the generated key files.
+    """
+    os.umask(PRIVATE_UMASK)
 
 
 class ConfigError(Exception):
@@ -36,23 +59,49 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+def _blank_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _strong_key(value: str | None) -> str | None:
+    if value is not None and len(value) < MIN_KEY_LENGTH:
+        raise ValueError(
+            f"a key must be at least {MIN_KEY_LENGTH} characters long; make one with {MAKE_KEY}"
+        )
+    return value
+
+
+def _strong_keys(values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        _strong_key(value)
+    return values
+
+
+# A shared secret that callers present (Bearer keys, shared tokens): unset, or 16+ characters.
+Key = Annotated[str | None, BeforeValidator(_blank_is_none), AfterValidator(_strong_key)]
+# Several of them, comma-separated; none shorter than 16 characters.
+Keys = Annotated[
+    tuple[str, ...], NoDecode, BeforeValidator(_split_csv), AfterValidator(_strong_keys)
+]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     home: Path = Path(".tokenwarden")
     database_url: str | None = None
     broker_url: str | None = None
-    producer_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    producer_keys: Keys = ()
     notice_webhook_url: str | None = None
     notice_signing_secret: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_url: str = "http://127.0.0.1:8000"
-    producer_key: str | None = None
+    producer_key: Key = None
     github_keys_url: str = GITHUB_KEYS_URL
-    gitlab_revocation_token: str | None = None
+    gitlab_revocation_token: Key = None
     # When set, GET /metrics answers only 'Authorization: Bearer <this key>'.
-    metrics_key: str | None = None
+    metrics_key: Key = None
     reminder_days: Annotated[tuple[int, ...], NoDecode] = (60, 30, 7)
     sweep_interval_s: int = 300
     sweep_batch: int = 1000
@@ -68,11 +117,6 @@ class Settings(BaseSettings):
     queue: str = "tokenwarden"
     # A worker touches this file every few seconds while it consumes (a liveness check).
     worker_heartbeat_file: Path | None = None
-
-    @field_validator("producer_keys", mode="before")
-    @classmethod
-    def _keys(cls, value: Any) -> Any:
-        return _split_csv(value)
 
     @field_validator("reminder_days", mode="before")
     @classmethod
@@ -104,12 +148,10 @@ class Settings(BaseSettings):
             raise ValueError("must be a positive number of days, or empty to keep events")
         return value
 
-    @field_validator(
-        "database_url", "broker_url", "notice_webhook_url", "gitlab_revocation_token", mode="before"
-    )
+    @field_validator("database_url", "broker_url", "notice_webhook_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
+        return _blank_is_none(value)
 
     @field_validator("database_url")
     @classmethod
@@ -223,7 +265,7 @@ class Settings(BaseSettings):
         return (self.home / "broker").resolve()
 
     def ensure_home(self) -> Path:
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.home
 
     def _home_secret(self, filename: str, make: str) -> str:
@@ -234,6 +276,11 @@ class Settings(BaseSettings):
         path.touch(mode=0o600)
         path.write_text(make + "\n")
         return make
+
+    @property
+    def producer_key_path(self) -> Path:
+        """Where ``run`` keeps the producer key it generated."""
+        return self.home / PRODUCER_KEY_FILE
 
     def accepted_producer_keys(self) -> tuple[str, ...]:
         """Keys the producer API accepts: the variable, else the one ``run`` generated."""
@@ -267,6 +314,8 @@ SECRET_FIELDS = frozenset(
         "metrics_key",
     }
 )
+# Any other field named like a credential is never echoed either.
+SECRET_SUFFIXES = ("_key", "_keys", "_token", "_tokens", "_secret", "_secrets", "_password")
 
 
 def _transport_problem(url: str) -> str | None:
@@ -313,7 +362,11 @@ def without_password(url: str) -> str:
 
 def _shown(field: str, value: Any) -> str:
     """The offending value, fit for an error line: never a secret, never a password."""
-    if field in SECRET_FIELDS or not isinstance(value, str | int):
+    if (
+        field in SECRET_FIELDS
+        or field.endswith(SECRET_SUFFIXES)
+        or not isinstance(value, str | int)
+    ):
         return ""
     return f" (got {without_password(str(value))!r})"
 

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 
-from config.settings import Settings, get_settings
+from config.settings import Settings, get_settings, keep_files_private
 from producer import github, gitlab, intake
 from producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER, GitHubKeys
 from producer.inbox_writer import InboxWriter, StoreUnavailable
@@ -357,6 +357,7 @@ def create_app(
 
     ``github_keys`` replaces the cache of GitHub's signing keys (tests give it their clock).
     """
+    keep_files_private()
     settings = settings or get_settings()
     owns_celery = celery_app is None
     if celery_app is None:

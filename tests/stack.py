@@ -28,7 +28,7 @@ from worker.supervise import STOP_GRACE_S, command, wait_for_http
 from worker.verification import Verdict, verify_token
 
 T = TypeVar("T")
-KEY = "twp_test_key"
+KEY = "twp_stack_test_key_0001"
 
 
 def event(

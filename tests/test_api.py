@@ -517,7 +517,10 @@ def test_readyz_names_what_is_down(serve: Serve, store: Store) -> None:
 @pytest.mark.rabbitmq
 def test_readyz_and_publishing_on_rabbitmq(store: Store, home: Path) -> None:
     settings = Settings(
-        home=home, database_url=store.url, broker_url=service_url("rabbitmq"), producer_keys=("k",)
+        home=home,
+        database_url=store.url,
+        broker_url=service_url("rabbitmq"),
+        producer_keys=("twp_test_producer_key",),
     )
     celery_app = make_celery(settings)
     # A queue of this test's own, so that no worker of another test takes the message.

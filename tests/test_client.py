@@ -35,7 +35,7 @@ from worker.db import transaction
 from worker.models import InboxEvent, TokenKind
 from worker.tokens import generate, hash_token
 
-KEY = "k-client"
+KEY = "twp_client_test_key_01"
 
 
 @contextmanager
@@ -332,8 +332,9 @@ def test_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with ProducerClient.from_settings(Settings(home=home, api_url="http://api.test:9/")) as client:
         assert client.api_url == "http://api.test:9"
         assert client._http.headers["Authorization"] == f"Bearer {generated}"
-    with ProducerClient.from_settings(Settings(home=home, producer_key="explicit")) as client:
-        assert client._http.headers["Authorization"] == "Bearer explicit"
+    explicit = Settings(home=home, producer_key="twp_explicit_producer_key")
+    with ProducerClient.from_settings(explicit) as client:
+        assert client._http.headers["Authorization"] == "Bearer twp_explicit_producer_key"
 
 
 def test_make_event_defaults() -> None:

@@ -814,6 +814,38 @@ def test_each_attempt_is_logged_with_the_task_and_the_notice(harness: Harness) -
     assert not {"task_id", "task_name", "notice_id"} & logged[-1].keys()
 
 
+def test_a_secret_in_the_webhook_url_never_reaches_a_log(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = harness.receiver.url.split(":")[2].split("/")[0]
+    url = f"http://hookuser:hookpa55word@127.0.0.1:{port}/hooks/notices?secret=qu3rys3cret"
+    use_settings(monkeypatch, harness, settings_for(url))
+    notice_id = harness.queue()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    config = structlog.get_config()
+    stream = io.StringIO()
+    configure_logging(json=True, level="DEBUG", stream=stream)
+    try:
+        harness.deliver(notice_id)
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+        structlog.configure(**config)
+
+    assert harness.row(notice_id).status == NoticeStatus.SENT
+    assert len(harness.receiver.received) == 1
+    output = stream.getvalue()
+    assert "notice.attempt" in output
+    assert "hookpa55word" not in output
+    assert "qu3rys3cret" not in output
+
+
 # -- the arithmetic ------------------------------------------------------------------------
 
 

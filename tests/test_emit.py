@@ -21,7 +21,7 @@ from worker.inbox import dead_letter
 from worker.models import TokenKind
 from worker.tokens import generate, hash_token
 
-KEY = "k-emit"
+KEY = "twp_emit_test_key_0001"
 
 
 @pytest.fixture
@@ -154,7 +154,9 @@ def test_emit_refused_by_the_api_exits_2_with_its_reason(run: Cli) -> None:
 
 def test_emit_with_a_wrong_key_exits_2(run: Cli, api_url: str, tmp_path: Path) -> None:
     wrong = command_line(
-        tmp_path / "home", TOKENWARDEN_API_URL=api_url, TOKENWARDEN_PRODUCER_KEY="wrong"
+        tmp_path / "home",
+        TOKENWARDEN_API_URL=api_url,
+        TOKENWARDEN_PRODUCER_KEY="twp_wrong_producer_key",
     )
     result = wrong("emit", "user.deactivated", "--data", '{"user_id": "u"}')
     assert result.code == 2
@@ -178,7 +180,9 @@ def test_emit_without_a_key_says_how_to_get_one(tmp_path: Path) -> None:
 
 def test_emit_when_the_api_is_unreachable(tmp_path: Path) -> None:
     cli = command_line(
-        tmp_path / "home", TOKENWARDEN_API_URL="http://127.0.0.1:1", TOKENWARDEN_PRODUCER_KEY="k"
+        tmp_path / "home",
+        TOKENWARDEN_API_URL="http://127.0.0.1:1",
+        TOKENWARDEN_PRODUCER_KEY="twp_some_producer_key",
     )
     result = cli("emit", "user.deactivated", "--data", '{"user_id": "u"}')
     assert result.code == 2

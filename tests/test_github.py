@@ -185,7 +185,7 @@ def start(store: Store, keys_server: KeysServer, tmp_path: Path) -> Iterator[Sta
         defaults: dict[str, Any] = {
             "home": home,
             "database_url": store.url,
-            "producer_keys": ("k",),
+            "producer_keys": ("twp_test_producer_key",),
             "github_keys_url": keys_server.url,
         }
         settings = Settings(**(defaults | options))

@@ -330,3 +330,35 @@ def test_uvicorn_loggers_defer_to_the_root_handler() -> None:
 
     assert [line["event"] for line in json_lines(stream)] == ["GET / 200"]
     assert stray.stream.getvalue() == ""
+
+
+def test_url_passwords_and_query_values_are_masked_in_library_lines_and_tracebacks() -> None:
+    stream = configured(json=True, level="DEBUG")
+    url = "https://hooks:pa55word@hooks.example/notices?secret=qu3rys3cret&team=ops"
+
+    logging.getLogger("somelib").info("POST %s", url)
+    try:
+        raise ConnectionError(f"cannot reach '{url}'")
+    except ConnectionError:
+        logging.getLogger("somelib").warning("gave up", exc_info=True)
+        structlog.get_logger("worker.delivery").exception("notice.attempt")
+
+    output = stream.getvalue()
+    assert "pa55word" not in output
+    assert "qu3rys3cret" not in output
+    assert "ops" not in output
+    library, traced, ours = json_lines(stream)
+    masked = "https://hooks:***@hooks.example/notices?secret=***&team=***"
+    assert library["event"] == f"POST {masked}"
+    assert masked in traced["exception"]
+    assert masked in ours["exception"]
+
+
+def test_http_client_request_lines_are_not_written_even_at_debug() -> None:
+    stream = configured(json=True, level="DEBUG")
+
+    logging.getLogger("httpx").info("HTTP Request: POST http://127.0.0.1:9/h?secret=x")
+    logging.getLogger("httpcore.http11").debug("send_request_headers.started")
+    logging.getLogger("httpx").warning("something worth knowing")
+
+    assert [line["event"] for line in json_lines(stream)] == ["something worth knowing"]

@@ -76,7 +76,7 @@ def test_a_post_while_the_broker_is_down_is_accepted_at_once_and_left_to_the_red
         home=tmp_path / "home",
         database_url=store.url,
         broker_url=DEAD_BROKER,
-        producer_keys=("k",),
+        producer_keys=("twp_test_producer_key",),
     )
     celery_app = make_celery(settings)  # the app's own connection timeout and retries
     sent = [_event() for _ in range(3)]

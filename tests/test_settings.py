@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from config.settings import GITHUB_KEYS_URL, ConfigError, Settings, load_settings
+from tests.conftest import TOKENWARDEN
 
 
 @pytest.fixture(autouse=True)
@@ -59,12 +61,15 @@ def test_home_moves_the_embedded_files(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert settings.broker_folder == tmp_path / "elsewhere" / "broker"
 
 
+K1, K2, K3 = "twp_first_key_0001", "twp_second_key_002", "twp_third_key_0003"
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("k1", ("k1",)),
-        ("k1,k2", ("k1", "k2")),
-        (" k1 , k2 ,, k3 ,", ("k1", "k2", "k3")),
+        (K1, (K1,)),
+        (f"{K1},{K2}", (K1, K2)),
+        (f" {K1} , {K2} ,, {K3} ,", (K1, K2, K3)),
         ("", ()),
         (" , ", ()),
     ],
@@ -204,6 +209,47 @@ def test_a_bad_secret_value_is_never_echoed(field: str, value: Any) -> None:
     message = str(raised.value)
     assert message.startswith(f"TOKENWARDEN_{field.upper()}: ")
     assert str(UNUSABLE_SECRET) not in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TOKENWARDEN_PRODUCER_KEYS", "ci"),
+        ("TOKENWARDEN_PRODUCER_KEYS", "twp_long_enough_key_1,short-key-15ch"),
+        ("TOKENWARDEN_PRODUCER_KEY", "xyzzy"),
+        ("TOKENWARDEN_GITLAB_REVOCATION_TOKEN", "glrt-123456789"),
+    ],
+)
+def test_a_key_under_16_characters_is_refused_naming_the_variable(
+    variable: str, value: str
+) -> None:
+    message = config_error(**{variable: value})
+
+    assert message.startswith(f"{variable}: a key must be at least 16 characters long")
+    assert "\n" not in message
+    for part in value.split(","):
+        assert part not in message
+
+
+def test_a_key_of_16_characters_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENWARDEN_PRODUCER_KEYS", "0123456789abcdef")
+
+    assert load_settings().producer_keys == ("0123456789abcdef",)
+
+
+def test_a_short_key_stops_the_cli_with_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWARDEN_")}
+    env.update(TOKENWARDEN_HOME=str(tmp_path), TOKENWARDEN_PRODUCER_KEYS="ci")
+
+    done = subprocess.run(
+        [str(TOKENWARDEN), "token", "list"], capture_output=True, text=True, env=env, check=False
+    )
+
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: TOKENWARDEN_PRODUCER_KEYS: a key must be at least 16 characters long; make one "
+        'with python -c "import secrets; print(secrets.token_urlsafe(32))"'
+    ]
 
 
 def test_a_refused_database_url_does_not_echo_its_password() -> None:

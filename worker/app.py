@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config.celery import celery_config
-from config.settings import Settings, get_settings
+from config.settings import Settings, get_settings, keep_files_private
 
 TASK_MODULES = ["tasks.events", "tasks.notices", "tasks.expiry", "worker.signals"]
 
@@ -16,4 +16,5 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+keep_files_private()
 app = make_celery(get_settings())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from worker.cli import admin, events, expiry, members, notices, runtime, tokens
@@ -20,4 +22,27 @@ for module in (admin, members, tokens, events, notices, expiry, runtime):
 
 
 def main() -> None:
-    cli()
+    """Run the command; a usage error is shown with anything token-shaped masked.
+
+    Click repeats a bad argument in its error (``Invalid value for '--kind': 'sm_pat_…'``), and
+    the token may be what was mistyped into that place.
+    """
+    from config.settings import keep_files_private
+    from worker.tokens import mask_tokens
+
+    keep_files_private()
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.ClickException as error:
+        text = mask_tokens(error.format_message())
+        shown = (
+            click.UsageError(text, error.ctx)
+            if isinstance(error, click.UsageError)
+            else click.ClickException(text)
+        )
+        shown.show()
+        sys.exit(error.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -25,8 +25,10 @@ EXIT_USAGE = 2  # a request refused: nothing changed
 
 
 def fail(message: str) -> NoReturn:
-    """Print a one-line reason and exit 2; nothing was changed."""
-    click.echo(f"error: {message}", err=True)
+    """Print a one-line reason and exit 2; nothing was changed. Never echoes a token."""
+    from worker.tokens import mask_tokens
+
+    click.echo(f"error: {mask_tokens(message)}", err=True)
     sys.exit(EXIT_USAGE)
 
 

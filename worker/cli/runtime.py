@@ -163,6 +163,11 @@ def run(as_json: bool) -> None:
         else f"filesystem ({current.broker_folder})",
         "producer_key": key,
     }
+    if key is not None and not sys.stdout.isatty():
+        # Standard output that is not a terminal usually ends up in a log file: say where the
+        # key is kept rather than print it there.
+        facts["producer_key"] = None
+        facts["producer_key_file"] = str(current.producer_key_path.resolve())
     if as_json:
         click.echo(json.dumps(facts))
     else:
@@ -173,7 +178,11 @@ def run(as_json: bool) -> None:
 
 def _banner(facts: dict[str, str | None], current: Settings) -> str:
     where = "embedded default: no server needed" if current.embedded else "configured services"
-    key = facts["producer_key"] or "<one of TOKENWARDEN_PRODUCER_KEYS>"
+    key = facts["producer_key"] or (
+        f"$(cat {facts['producer_key_file']})"
+        if facts.get("producer_key_file")
+        else "<one of TOKENWARDEN_PRODUCER_KEYS>"
+    )
     lines = [
         f"tokenwarden is running ({where})",
         f"  producer API  {facts['api']}   (OpenAPI docs: {facts['docs']})",
@@ -182,6 +191,8 @@ def _banner(facts: dict[str, str | None], current: Settings) -> str:
     ]
     if facts["producer_key"]:
         lines.append(f"  producer key  {facts['producer_key']}")
+    elif facts.get("producer_key_file"):
+        lines.append(f"  producer key  in {facts['producer_key_file']}")
     lines += [
         "",
         "Send an event:",

@@ -21,7 +21,7 @@ from worker.cli.common import (
 from worker.issuing import create_token, list_tokens, parse_kind
 from worker.models import Token, TokenKind
 from worker.revocation import revoke_token
-from worker.tokens import ExtractError, from_header, from_url
+from worker.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
 from worker.verification import verify_token
 
 
@@ -191,6 +191,12 @@ def revoke(token_id: str, confirm: str | None, actor: str | None, as_json: bool)
     actor = actor or getpass.getuser()
     with transaction() as session:
         known = session.get(Token, token_id)
+        if known is None and TOKEN_PATTERN.search(token_id):
+            fail(
+                "that is a token, not a token id: `tokenwarden token list` shows the ids "
+                "(to revoke a token you hold, report it: tokenwarden emit "
+                "token.leak_suspected --data -)"
+            )
         if known is None:
             fail(f"no token with id {token_id!r}")
         revoked = revoke_token(
