@@ -40,7 +40,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from fastapi.testclient import TestClient
 
-AUTH = {"Authorization": "Bearer k2"}
+K1, K2 = "twp_api_test_key_one", "twp_api_test_key_two"
+AUTH = {"Authorization": f"Bearer {K2}"}
 MIB = 1024 * 1024
 UNREACHABLE_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:1/none"
 UNREACHABLE_BROKER = "amqp://guest:guest@127.0.0.1:1//"
@@ -80,7 +81,7 @@ def serve(home: Path) -> Iterator[Serve]:
     opened: list[tuple[TestClient, Any]] = []
 
     def start(*, broker_retries: int | None = None, **options: Any) -> TestClient:
-        defaults: dict[str, Any] = {"home": home, "producer_keys": ("k1", "k2")}
+        defaults: dict[str, Any] = {"home": home, "producer_keys": (K1, K2)}
         settings = Settings(**(defaults | options))
         celery_app = make_celery(settings)
         if broker_retries is not None:
@@ -166,10 +167,10 @@ def test_a_batch_is_stored_and_published_together(
     [
         {},
         {"Authorization": "Bearer wrong"},
-        {"Authorization": "Bearer k1x"},
+        {"Authorization": f"Bearer {K1}x"},
         {"Authorization": "Basic azE6"},
         {"Authorization": "Bearer"},
-        {"Authorization": "k1"},
+        {"Authorization": K1},
     ],
     ids=["none", "wrong", "longer", "basic", "empty", "no-scheme"],
 )
@@ -210,10 +211,10 @@ def test_every_key_is_compared_in_constant_time(
     calls.clear()
     # The first key matches, and the second is compared all the same: no early exit.
     assert (
-        api.post("/v1/events", json=event(), headers={"Authorization": "Bearer k1"}).status_code
+        api.post("/v1/events", json=event(), headers={"Authorization": f"Bearer {K1}"}).status_code
         == 202
     )
-    assert [b for _, b in calls] == [b"k1", b"k2"]
+    assert [b for _, b in calls] == [K1.encode(), K2.encode()]
 
 
 def test_refuses_every_event_until_a_key_is_configured(
@@ -534,7 +535,9 @@ def test_readyz_and_publishing_on_rabbitmq(store: Store, home: Path) -> None:
                 "database": "ok",
                 "broker": "ok",
             }
-            response = api.post("/v1/events", json=sent, headers={"Authorization": "Bearer k"})
+            response = api.post(
+                "/v1/events", json=sent, headers={"Authorization": "Bearer twp_test_producer_key"}
+            )
             assert response.status_code == 202
         with celery_app.connection_for_write() as connection:
             channel = connection.default_channel

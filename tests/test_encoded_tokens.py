@@ -39,7 +39,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from fastapi.testclient import TestClient
 
-PRODUCER = {"Authorization": "Bearer k1"}
+PRODUCER = {"Authorization": "Bearer twp_encoded_test_key"}
 GITLAB_SECRET = "gl-" + "revocation-secret"
 PAT_TYPE = "gitleaks_rule_id_tokenwarden_personal_access_token"
 
@@ -103,7 +103,7 @@ def api(store: Store, keys_server: KeysServer, tmp_path: Path) -> Iterator[TestC
     settings = Settings(
         home=tmp_path / "home",
         database_url=store.url,
-        producer_keys=("k1",),
+        producer_keys=("twp_encoded_test_key",),
         gitlab_revocation_token=GITLAB_SECRET,
         github_keys_url=keys_server.url,
     )

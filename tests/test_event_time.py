@@ -55,7 +55,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from fastapi.testclient import TestClient
 
-KEY = "k-time"
+KEY = "twp_event_time_test_key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SKEW = timedelta(seconds=300)  # the default of TOKENWARDEN_MAX_CLOCK_SKEW_S
 AHEAD_REASON = "ahead of the receiver's clock"

@@ -32,7 +32,7 @@ with warnings.catch_warnings():
 
 PASSWORD = "s3cretBrokerPw"
 DEAD_BROKER = f"amqp://guest:{PASSWORD}@127.0.0.1:1//"  # nothing listens on port 1
-AUTH = {"Authorization": "Bearer k"}
+AUTH = {"Authorization": "Bearer twp_test_producer_key"}
 QUICK_S = 2.0
 
 

@@ -37,7 +37,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from fastapi.testclient import TestClient
 
-AUTH = {"Authorization": "Bearer k1"}
+AUTH = {"Authorization": "Bearer twp_scrapes_test_key"}
 METRICS_KEY = "scrape-key-0123456789abcdef"
 SCRAPERS = 16
 
@@ -71,7 +71,10 @@ def serve(store: Store, tmp_path: Path) -> Iterator[Serve]:
     opened: list[tuple[TestClient, Any]] = []
 
     def start(*, wrap: Callable[[Any], None] | None = None, **options: Any) -> TestClient:
-        defaults: dict[str, Any] = {"home": tmp_path / "home", "producer_keys": ("k1",)}
+        defaults: dict[str, Any] = {
+            "home": tmp_path / "home",
+            "producer_keys": ("twp_scrapes_test_key",),
+        }
         settings = Settings(**(defaults | options | {"database_url": store.url}))
         celery_app = make_celery(settings)
         if wrap is not None:
