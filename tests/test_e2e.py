@@ -20,7 +20,7 @@ from sqlalchemy import func, select, text
 
 from config.settings import Settings
 from tests.conftest import fresh_postgres_database, service_url
-from tests.stack import LiveStack, check_broker, event, stack_env
+from tests.stack import KEY, LiveStack, check_broker, event, stack_env
 from worker.models import AuditEntry, DeadLetter, EventStatus, InboxEvent, TokenKind
 from worker.supervise import free_port
 
@@ -288,7 +288,7 @@ def test_the_live_api_refuses_what_it_cannot_take(live: LiveStack) -> None:
     wrong_type = httpx.post(
         f"{live.api_url}/v1/events",
         content=json.dumps(good),
-        headers={"Authorization": "Bearer twp_test_key", "Content-Type": "text/plain"},
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"},
     )
     assert wrong_type.status_code == 415
     assert live.send(good) == [good["id"]]
