@@ -272,13 +272,14 @@ class _Service:
         intake.check_declared_length(request.headers.get("content-length"))
         body = await intake.read_capped(request.stream())
         try:
-            key = await run_in_threadpool(self.github_keys.key, identifier)
+            key = await self.github_keys.key(identifier)
         except github.KeysUnavailable as error:
             raise Refused(
                 503,
                 "GitHub's public keys cannot be fetched now; nothing was stored",
                 headers={"Retry-After": str(error.retry_after)},
                 cause=mask(error.cause),
+                level="warning",
             ) from None
         except github.UnknownKey:
             raise Refused(401, f"unknown {IDENTIFIER_HEADER}") from None
@@ -516,7 +517,7 @@ async def _refused(request: Request, refusal: Refused) -> JSONResponse:
     details: dict[str, Any] = {"cause": refusal.cause} if refusal.cause else {}
     if refusal.errors:
         details["invalid"] = len(refusal.errors)
-    (log.error if refusal.status >= 500 else log.info)(
+    getattr(log, refusal.level)(
         "events.refused",
         status=refusal.status,
         reason=refusal.detail,

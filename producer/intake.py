@@ -62,6 +62,7 @@ class Refused(Exception):
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
         cause: str | None = None,
+        level: str | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(detail)
@@ -71,6 +72,9 @@ class Refused(Exception):
         self.headers = headers or {}
         # What went wrong on our side, for the log line only.
         self.cause = cause
+        # The log line's level: by default error for a 5xx (our fault), else info. A 503 that
+        # sheds load or waits on an outside service is a warning: nothing here is broken.
+        self.level = level or ("error" if status >= 500 else "info")
         self.fields = fields
 
     def body(self) -> dict[str, Any]:
