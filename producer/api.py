@@ -52,6 +52,7 @@ from producer.schemas import (
     gitlab_request_body,
     request_body,
 )
+from producer.serving import BODY_TIMED_OUT
 from worker import clock
 from worker.db import engine_for, reader, transaction
 from worker.events import CloudEvent
@@ -178,6 +179,7 @@ class _Service:
         self.database_url = settings.resolved_database_url
         self.metrics = ApiMetrics(self.engine)
         self.github_keys = github_keys or GitHubKeys(settings.github_keys_url)
+        self.unverified = github.UnverifiedBytes()
         self.writer = InboxWriter(self.database_url, partial(publish_event_ids, celery_app))
         self._readiness: tuple[float, Readiness] | None = None  # (fresh until, answer)
         self._probing: asyncio.Future[Readiness] | None = None
@@ -273,7 +275,7 @@ class _Service:
                 400, f"send the {IDENTIFIER_HEADER} and {SIGNATURE_HEADER} headers of GitHub"
             )
         intake.check_declared_length(request.headers.get("content-length"))
-        body = await intake.read_capped(request.stream())
+        # The key before the body: a request naming no key of GitHub's is refused unread.
         try:
             key = await self.github_keys.key(identifier)
         except github.KeysUnavailable as error:
@@ -286,8 +288,10 @@ class _Service:
             ) from None
         except github.UnknownKey:
             raise Refused(401, f"unknown {IDENTIFIER_HEADER}") from None
-        if not github.signature_valid(key, body, signature):
-            raise Refused(401, "the signature does not match the body")
+        with self.unverified.account() as take:
+            body = await intake.read_capped(request.stream(), take=take)
+            if not github.signature_valid(key, body, signature):
+                raise Refused(401, "the signature does not match the body")
         checked = github.check_reports(github.decode_reports(body, GitHubReport))
         events = [item.event for item in checked if item.event is not None]
         usable: set[str] = set()
@@ -534,10 +538,12 @@ async def _refused(request: Request, refusal: Refused) -> JSONResponse:
 async def _disconnected(request: Request, _: ClientDisconnect) -> Response:
     """The client left before its body was read: nobody to answer, nothing gone wrong.
 
-    The metrics count it under nginx's 499 ("client closed request"), never as a 500.
+    The metrics count it under nginx's 499 ("client closed request"), or 408 when the server
+    itself gave up on a body too slow in coming (producer/serving.py), never as a 500.
     """
-    log.debug("request.disconnected", path=request.url.path)
-    return Response(status_code=CLIENT_CLOSED_REQUEST)
+    timed_out = request.scope.get("state", {}).get(BODY_TIMED_OUT, False)
+    log.debug("request.disconnected", path=request.url.path, timed_out=timed_out)
+    return Response(status_code=408 if timed_out else CLIENT_CLOSED_REQUEST)
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -7,7 +7,8 @@ An identifier we do not know may mean that GitHub rotated its keys, so it trigge
 but at most one per :data:`REFETCH_FLOOR_S` whatever became of the last (success, failure,
 an identifier still unknown): whoever sends made-up identifiers cannot make us hammer GitHub,
 whose API allows an unauthenticated client 60 requests an hour, nor make requests queue up
-behind a slow fetch.
+behind a slow fetch. The identifier is checked before the body is read, so a request naming
+no key of GitHub's costs no more than its headers.
 
 Every well-formed match (prefix, length and checksum: no database is needed to tell) becomes a
 ``token.leak_suspected`` event whether the token is ours or not, so the work done, and with it
@@ -26,7 +27,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -57,6 +59,10 @@ EVENT_SOURCE: Final = "github"
 FETCH_DEADLINE_S: Final = 10.0
 # GitHub's document is a few kilobytes; anything this large is not it.
 MAX_KEYS_BYTES: Final = 1024 * 1024
+# Bytes of GitHub request bodies read and not yet verified, all requests together (eight
+# bodies of the API's largest size).
+UNVERIFIED_LIMIT_BYTES: Final = 8 * 1024 * 1024
+BUSY_RETRY_AFTER_S: Final = 5
 # Least time between the starts of two fetches, whatever became of the last one: GitHub allows
 # an unauthenticated client 60 requests an hour.
 REFETCH_FLOOR_S: Final = 60.0
@@ -229,6 +235,43 @@ class GitHubKeys:
                 if len(body) > self.max_bytes:
                     raise too_large
         return bytes(body)
+
+
+class UnverifiedBytes:
+    """Bytes of bodies held before their signature is checked, all requests together.
+
+    GitHub's key identifiers are public, so anyone can name one and have us read what they
+    send until the signature fails to match. Each request may send up to the API's 1 MiB,
+    but all of them together hold at most ``limit`` bytes at once; a request that would pass
+    it is refused with ``503`` and ``Retry-After``. GitHub's own reports are a few kilobytes
+    and never come near it. One event loop updates the count, so it needs no lock.
+    """
+
+    def __init__(self, limit: int = UNVERIFIED_LIMIT_BYTES) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextmanager
+    def account(self) -> Iterator[Callable[[int], None]]:
+        """A ``take`` for :func:`producer.intake.read_capped`, given back on exit."""
+        taken = 0
+
+        def take(size: int) -> None:
+            nonlocal taken
+            if self.held + size > self.limit:
+                raise Refused(
+                    503,
+                    "too many unverified reports are being read at once; send again later",
+                    headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+                    level="warning",
+                )
+            self.held += size
+            taken += size
+
+        try:
+            yield take
+        finally:
+            self.held -= taken
 
 
 def _p256_key(pem: str) -> ec.EllipticCurvePublicKey | None:

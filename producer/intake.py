@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal, NotRequired, Union
@@ -106,13 +106,20 @@ def check_media_type(content_type: str | None) -> None:
         )
 
 
-async def read_capped(chunks: AsyncIterator[bytes]) -> bytes:
-    """The body, refused as soon as it passes the cap whatever Content-Length said."""
+async def read_capped(
+    chunks: AsyncIterator[bytes], *, take: Callable[[int], None] | None = None
+) -> bytes:
+    """The body, refused as soon as it passes the cap whatever Content-Length said.
+
+    ``take`` is told the size of each piece before it is kept, and may refuse it.
+    """
     body = bytearray()
     async for chunk in chunks:
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
+        if len(body) + len(chunk) > MAX_BODY_BYTES:
             raise Refused(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        if take is not None:
+            take(len(chunk))
+        body += chunk
     return bytes(body)
 
 
