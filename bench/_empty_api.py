@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from config.logging import configure_logging
+    from producer.serving import uvicorn_options
 
     options = argparse.ArgumentParser(description=__doc__)
     options.add_argument("--host", default="127.0.0.1")
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,
         log_level=args.log_level,
         access_log=False,
+        **uvicorn_options(),
     )
 
 

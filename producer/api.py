@@ -28,6 +28,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from config.settings import Settings, get_settings, keep_files_private
 from producer import github, gitlab, intake
@@ -51,6 +52,7 @@ from producer.schemas import (
     gitlab_request_body,
     request_body,
 )
+from producer.serving import BODY_TIMED_OUT
 from worker import clock
 from worker.db import engine_for, reader, transaction
 from worker.events import CloudEvent
@@ -62,6 +64,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 RETRY_AFTER_S: Final = 5
+# The status a request is counted under when its client left before it was read (nginx's).
+CLIENT_CLOSED_REQUEST: Final = 499
 READY_TIMEOUT_S: Final = 3.0
 # /readyz answers with a probe at most this old: each probe opens a broker connection.
 READY_MAX_AGE_S: Final = 1.0
@@ -175,6 +179,7 @@ class _Service:
         self.database_url = settings.resolved_database_url
         self.metrics = ApiMetrics(self.engine)
         self.github_keys = github_keys or GitHubKeys(settings.github_keys_url)
+        self.unverified = github.UnverifiedBytes()
         self.writer = InboxWriter(self.database_url, partial(publish_event_ids, celery_app))
         self._readiness: tuple[float, Readiness] | None = None  # (fresh until, answer)
         self._probing: asyncio.Future[Readiness] | None = None
@@ -270,20 +275,23 @@ class _Service:
                 400, f"send the {IDENTIFIER_HEADER} and {SIGNATURE_HEADER} headers of GitHub"
             )
         intake.check_declared_length(request.headers.get("content-length"))
-        body = await intake.read_capped(request.stream())
+        # The key before the body: a request naming no key of GitHub's is refused unread.
         try:
-            key = await run_in_threadpool(self.github_keys.key, identifier)
+            key = await self.github_keys.key(identifier)
         except github.KeysUnavailable as error:
             raise Refused(
                 503,
                 "GitHub's public keys cannot be fetched now; nothing was stored",
                 headers={"Retry-After": str(error.retry_after)},
                 cause=mask(error.cause),
+                level="warning",
             ) from None
         except github.UnknownKey:
             raise Refused(401, f"unknown {IDENTIFIER_HEADER}") from None
-        if not github.signature_valid(key, body, signature):
-            raise Refused(401, "the signature does not match the body")
+        with self.unverified.account() as take:
+            body = await intake.read_capped(request.stream(), take=take)
+            if not github.signature_valid(key, body, signature):
+                raise Refused(401, "the signature does not match the body")
         checked = github.check_reports(github.decode_reports(body, GitHubReport))
         events = [item.event for item in checked if item.event is not None]
         usable: set[str] = set()
@@ -380,6 +388,7 @@ def create_app(
     )
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, _disconnected)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
 
     async def post_events(request: Request) -> JSONResponse:
@@ -516,7 +525,7 @@ async def _refused(request: Request, refusal: Refused) -> JSONResponse:
     details: dict[str, Any] = {"cause": refusal.cause} if refusal.cause else {}
     if refusal.errors:
         details["invalid"] = len(refusal.errors)
-    (log.error if refusal.status >= 500 else log.info)(
+    getattr(log, refusal.level)(
         "events.refused",
         status=refusal.status,
         reason=refusal.detail,
@@ -524,6 +533,17 @@ async def _refused(request: Request, refusal: Refused) -> JSONResponse:
         **details,
     )
     return JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)
+
+
+async def _disconnected(request: Request, _: ClientDisconnect) -> Response:
+    """The client left before its body was read: nobody to answer, nothing gone wrong.
+
+    The metrics count it under nginx's 499 ("client closed request"), or 408 when the server
+    itself gave up on a body too slow in coming (producer/serving.py), never as a 500.
+    """
+    timed_out = request.scope.get("state", {}).get(BODY_TIMED_OUT, False)
+    log.debug("request.disconnected", path=request.url.path, timed_out=timed_out)
+    return Response(status_code=408 if timed_out else CLIENT_CLOSED_REQUEST)
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal, NotRequired, Union
@@ -62,6 +62,7 @@ class Refused(Exception):
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
         cause: str | None = None,
+        level: str | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(detail)
@@ -71,6 +72,9 @@ class Refused(Exception):
         self.headers = headers or {}
         # What went wrong on our side, for the log line only.
         self.cause = cause
+        # The log line's level: by default error for a 5xx (our fault), else info. A 503 that
+        # sheds load or waits on an outside service is a warning: nothing here is broken.
+        self.level = level or ("error" if status >= 500 else "info")
         self.fields = fields
 
     def body(self) -> dict[str, Any]:
@@ -102,13 +106,20 @@ def check_media_type(content_type: str | None) -> None:
         )
 
 
-async def read_capped(chunks: AsyncIterator[bytes]) -> bytes:
-    """The body, refused as soon as it passes the cap whatever Content-Length said."""
+async def read_capped(
+    chunks: AsyncIterator[bytes], *, take: Callable[[int], None] | None = None
+) -> bytes:
+    """The body, refused as soon as it passes the cap whatever Content-Length said.
+
+    ``take`` is told the size of each piece before it is kept, and may refuse it.
+    """
     body = bytearray()
     async for chunk in chunks:
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
+        if len(body) + len(chunk) > MAX_BODY_BYTES:
             raise Refused(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        if take is not None:
+            take(len(chunk))
+        body += chunk
     return bytes(body)
 
 

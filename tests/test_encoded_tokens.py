@@ -108,7 +108,7 @@ def api(store: Store, keys_server: KeysServer, tmp_path: Path) -> Iterator[TestC
         github_keys_url=keys_server.url,
     )
     celery_app = make_celery(settings)
-    keys = GitHubKeys(settings.github_keys_url, timeout=2.0)
+    keys = GitHubKeys(settings.github_keys_url, deadline_s=2.0)
     with TestClient(create_app(settings, celery_app=celery_app, github_keys=keys)) as client:
         yield client
     celery_app.close()

@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -93,18 +94,57 @@ class _KeysHTTPServer(ThreadingHTTPServer):
         self.body = b'{"public_keys": []}'
         self.status = 200
         self.fetches = 0
+        # Hostile modes: the body a byte at a time (for at most ``drip_for`` seconds, then
+        # the rest at once), or padded with white space to any size, with or without a
+        # Content-Length (without one, the body ends when the connection does).
+        self.drip_every: float | None = None
+        self.drip_for = 0.0
+        self.padding = 0
+        self.declare_length = True
+        self.written = 0  # bytes of body the last fetch took before it hung up
+        self.closing = threading.Event()
 
 
 class _KeysHandler(BaseHTTPRequestHandler):
     server: _KeysHTTPServer
 
     def do_GET(self) -> None:
-        self.server.fetches += 1
-        self.send_response(self.server.status)
+        server = self.server
+        server.fetches += 1
+        server.written = 0
+        body = server.body
+        self.send_response(server.status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(self.server.body)))
+        if server.declare_length:
+            self.send_header("Content-Length", str(len(body) + server.padding))
         self.end_headers()
-        self.wfile.write(self.server.body)
+        try:
+            if server.drip_every is not None:
+                self._drip(body[:-1], server.drip_every, time.monotonic() + server.drip_for)
+                self._write(b" " * server.padding + body[-1:])
+            else:
+                padding, piece = server.padding, b" " * 65536
+                self._write(body[:-1])
+                while padding > 0:
+                    self._write(piece[:padding])
+                    padding -= len(piece)
+                self._write(body[-1:])
+        except OSError:
+            pass  # the client hung up: what it took is in ``written``
+        self.close_connection = True
+
+    def _drip(self, data: bytes, every: float, until: float) -> None:
+        for index in range(len(data)):
+            if time.monotonic() >= until or self.server.closing.is_set():
+                self._write(data[index:])
+                return
+            self._write(data[index : index + 1])
+            time.sleep(every)
+
+    def _write(self, data: bytes) -> None:
+        self.wfile.write(data)
+        self.wfile.flush()
+        self.server.written += len(data)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -132,7 +172,20 @@ class KeysServer:
     def serve(self, body: bytes, status: int = 200) -> None:
         self._server.body, self._server.status = body, status
 
+    def drip(self, every: float, *, for_s: float) -> None:
+        """Send the body a byte every ``every`` seconds, for ``for_s`` at most."""
+        self._server.drip_every, self._server.drip_for = every, for_s
+
+    def pad(self, size: int, *, declare_length: bool = True) -> None:
+        """Make the (still valid) document ``size`` bytes larger."""
+        self._server.padding, self._server.declare_length = size, declare_length
+
+    @property
+    def written(self) -> int:
+        return self._server.written
+
     def close(self) -> None:
+        self._server.closing.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -180,7 +233,9 @@ def start(store: Store, keys_server: KeysServer, tmp_path: Path) -> Iterator[Sta
     """Start the API on the test store, its GitHub keys served by ``keys_server``."""
     opened: list[tuple[TestClient, Any]] = []
 
-    def run(*, broker_retries: int | None = None, **options: Any) -> GitHub:
+    def run(
+        *, broker_retries: int | None = None, deadline_s: float = 2.0, **options: Any
+    ) -> GitHub:
         home = tmp_path / "home"
         defaults: dict[str, Any] = {
             "home": home,
@@ -193,7 +248,7 @@ def start(store: Store, keys_server: KeysServer, tmp_path: Path) -> Iterator[Sta
         if broker_retries is not None:
             celery_app.conf.broker_transport_options = {"max_retries": broker_retries}
         ticks = Ticks()
-        keys = GitHubKeys(settings.github_keys_url, timeout=2.0, clock=ticks)
+        keys = GitHubKeys(settings.github_keys_url, deadline_s=deadline_s, clock=ticks)
         client = TestClient(create_app(settings, celery_app=celery_app, github_keys=keys))
         client.__enter__()
         opened.append((client, celery_app))
@@ -466,16 +521,17 @@ def test_keys_that_cannot_be_had_answer_503_until_they_can(
     sent = [report(add_token(store))]
     first = github.report(sent)
     assert first.status_code == 503
-    assert first.headers["Retry-After"] == "5"
+    assert first.headers["Retry-After"] == "60"
     assert "GitHub's public keys" in first.json()["detail"]
-    # Moments later: told to wait, without another fetch.
-    github.ticks.now += 2
-    second = github.report(sent)
-    assert (second.status_code, second.headers["Retry-After"]) == (503, "3")
+    # Moments later, and for the rest of the minute: told to wait, without another fetch.
+    github.keys.publish(github.signer.entry())
+    for elapsed, retry_after in [(2, "58"), (59, "1")]:
+        github.ticks.now = 1000.0 + elapsed
+        later = github.report(sent)
+        assert (later.status_code, later.headers["Retry-After"]) == (503, retry_after)
     assert github.keys.fetches == 1
     assert stored(store) == {}
-    github.keys.publish(github.signer.entry())
-    github.ticks.now += 3
+    github.ticks.now = 1060.0
     recovered = github.report(sent)
     assert recovered.status_code == 200
     assert recovered.json()[0]["label"] == "true_positive"
@@ -489,8 +545,118 @@ def test_a_keys_server_that_is_down_answers_503(start: Start, store: Store) -> N
         github = start(github_keys_url=f"http://127.0.0.1:{closed.getsockname()[1]}/keys")
         response = github.report([report(add_token(store))])
     assert response.status_code == 503
-    assert response.headers["Retry-After"] == "5"
+    assert response.headers["Retry-After"] == "60"
     assert stored(store) == {}
+
+
+def test_a_keys_server_dripping_its_answer_is_given_up_at_the_deadline(
+    start: Start, store: Store
+) -> None:
+    github = start(deadline_s=1.0)
+    # A byte every 50 ms passes any per-read timeout; only a deadline on the whole stops it.
+    github.keys.drip(0.05, for_s=8)
+    sent = [report(add_token(store))]
+    began = time.monotonic()
+    response = github.report(sent)
+    took = time.monotonic() - began
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "60"
+    assert took < 2.5, f"the fetch held the request {took:.1f} s"
+    # Whatever became of it, the next fetch is a minute after this one began.
+    github.keys.drip(0.0, for_s=0)
+    github.ticks.now += 59
+    assert github.report(sent).status_code == 503
+    assert github.keys.fetches == 1
+    github.ticks.now += 1
+    assert github.report(sent).status_code == 200
+    assert github.keys.fetches == 2
+
+
+@pytest.mark.parametrize("declare_length", [True, False], ids=["declared", "until-close"])
+def test_an_oversized_keys_document_is_refused_unread(
+    github: GitHub, store: Store, declare_length: bool
+) -> None:
+    # A valid document, padded to 64 MiB: read whole, it would have been accepted.
+    github.keys.pad(64 * 1024 * 1024, declare_length=declare_length)
+    sent = [report(add_token(store))]
+    response = github.report(sent)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "60"
+    # What the server got out before the client hung up: the 1 MiB cap and socket buffers.
+    assert github.keys.written < 16 * 1024 * 1024
+    github.keys.pad(0)
+    github.ticks.now += 30
+    assert github.report(sent).status_code == 503
+    github.ticks.now += 30
+    assert github.report(sent).status_code == 200
+    assert github.keys.fetches == 2
+
+
+def _timed(call: Callable[[], httpx.Response]) -> tuple[int, float]:
+    began = time.monotonic()
+    status = call().status_code
+    return status, time.monotonic() - began
+
+
+def test_unknown_key_ids_are_refused_at_once_while_a_fetch_hangs(start: Start) -> None:
+    github = start(deadline_s=3.0)
+    token = generate(TokenKind.PERSONAL)
+    assert github.report([report(token)]).status_code == 200
+    github.ticks.now += 3600  # long enough that an unknown identifier may fetch again
+    github.keys.drip(0.05, for_s=10)
+    fetching: list[tuple[int, float]] = []
+    thread = threading.Thread(
+        target=lambda: fetching.append(
+            _timed(lambda: github.report([report(token)], signer=Signer()))
+        )
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while github.keys.fetches < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert github.keys.fetches == 2
+        # The fetch hangs: others are answered from the cache at once, never queued behind it.
+        unknown = [
+            _timed(lambda: github.report([report(token)], signer=Signer())) for _ in range(20)
+        ]
+        known = _timed(lambda: github.report([report(token)]))
+    finally:
+        thread.join(timeout=15)
+    assert {status for status, _ in unknown} == {401}
+    assert max(took for _, took in unknown) < 0.5
+    assert known[0] == 200
+    assert known[1] < 1.0
+    [(status, took)] = fetching
+    assert status == 503
+    assert 2.5 < took < 5.0
+    assert github.keys.fetches == 2
+
+
+def test_requests_are_told_to_retry_at_once_while_the_first_fetch_hangs(start: Start) -> None:
+    github = start(deadline_s=3.0)
+    github.keys.drip(0.05, for_s=10)
+    token = generate(TokenKind.PERSONAL)
+    first: list[tuple[int, float]] = []
+    thread = threading.Thread(
+        target=lambda: first.append(_timed(lambda: github.report([report(token)])))
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while github.keys.fetches < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        began = time.monotonic()
+        waiting = [
+            github.report([report(token)], signer=signer) for signer in (github.signer, Signer())
+        ]
+        took = time.monotonic() - began
+    finally:
+        thread.join(timeout=15)
+    assert [(r.status_code, r.headers["Retry-After"]) for r in waiting] == [(503, "3")] * 2
+    assert took < 1.0
+    assert first[0][0] == 503
+    assert github.keys.fetches == 1
 
 
 def test_a_key_that_is_not_p256_is_skipped(github: GitHub) -> None:

@@ -116,6 +116,7 @@ def api(host: str | None, port: int | None, log_level: str) -> None:
     import uvicorn
 
     from producer.api import create_app
+    from producer.serving import uvicorn_options
 
     current = settings()
     _require_schema(current)
@@ -132,6 +133,7 @@ def api(host: str | None, port: int | None, log_level: str) -> None:
         log_config=None,
         log_level=log_level,
         access_log=False,
+        **uvicorn_options(),
     )
 
 
