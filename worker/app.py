@@ -6,11 +6,14 @@ from celery import Celery
 
 from config.celery import celery_config
 from config.settings import Settings, get_settings, keep_files_private
+from worker import file_transport
 
 TASK_MODULES = ["tasks.events", "tasks.notices", "tasks.expiry", "worker.signals"]
 
 
 def make_celery(settings: Settings) -> Celery:
+    # Before any connection: the embedded broker's messages are written whole (see there).
+    file_transport.install()
     app = Celery("tokenwarden", include=TASK_MODULES)
     app.conf.update(celery_config(settings))
     return app
