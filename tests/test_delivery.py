@@ -783,16 +783,16 @@ def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
     assert issued.token[7:39].encode() not in got.body
 
 
-def test_each_attempt_is_logged_with_the_task_and_the_notice(harness: Harness) -> None:
-    notice_id = harness.queue()
+@contextlib.contextmanager
+def logged_lines(level: str = "INFO") -> Iterator[io.StringIO]:
+    """What is logged meanwhile, as JSON lines; the logging set-up is restored afterwards."""
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    handlers, root_level = list(root.handlers), root.level
     config = structlog.get_config()
     stream = io.StringIO()
-    configure_logging(json=True, stream=stream)
+    configure_logging(json=True, level=level, stream=stream)
     try:
-        tasks.notices.deliver_notices.apply(args=[[notice_id]], task_id="task-notice")
-        structlog.get_logger("test").info("after the run")
+        yield stream
     finally:
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
@@ -800,9 +800,16 @@ def test_each_attempt_is_logged_with_the_task_and_the_notice(harness: Harness) -
         for handler in handlers:
             if handler not in root.handlers:
                 root.addHandler(handler)
-        root.setLevel(level)
+        root.setLevel(root_level)
         structlog.configure(**config)
         structlog.contextvars.clear_contextvars()
+
+
+def test_each_attempt_is_logged_with_the_task_and_the_notice(harness: Harness) -> None:
+    notice_id = harness.queue()
+    with logged_lines() as stream:
+        tasks.notices.deliver_notices.apply(args=[[notice_id]], task_id="task-notice")
+        structlog.get_logger("test").info("after the run")
 
     logged = [json.loads(line) for line in stream.getvalue().splitlines()]
     attempt = next(line for line in logged if line["event"] == "notice.attempt")
@@ -821,22 +828,8 @@ def test_a_secret_in_the_webhook_url_never_reaches_a_log(
     url = f"http://hookuser:hookpa55word@127.0.0.1:{port}/hooks/notices?secret=qu3rys3cret"
     use_settings(monkeypatch, harness, settings_for(url))
     notice_id = harness.queue()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    config = structlog.get_config()
-    stream = io.StringIO()
-    configure_logging(json=True, level="DEBUG", stream=stream)
-    try:
+    with logged_lines(level="DEBUG") as stream:
         harness.deliver(notice_id)
-    finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-            handler.close()
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
-        structlog.configure(**config)
 
     assert harness.row(notice_id).status == NoticeStatus.SENT
     assert len(harness.receiver.received) == 1
