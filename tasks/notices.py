@@ -2,7 +2,7 @@
 
 Delivery talks to a receiver that may be slow, so unlike the event tasks it gets no
 transaction per run: each notice is leased, posted and recorded in short transactions of its
-own (worker.delivery.deliver), and no database lock is held while the receiver answers.
+own (worker.runtime.delivery.deliver), and no database lock is held while the receiver answers.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import structlog
 from celery import signals
 
 from config.settings import get_settings
-from worker import clock, db, delivery, handlers
-from worker.app import app
-from worker.publish import DELIVER_NOTICES, PublishError, publish_notice_ids
-from worker.tasking import CountedTask
+from worker.domain import clock, db, handlers
+from worker.runtime import delivery
+from worker.runtime.celery_app import app
+from worker.runtime.publishing import DELIVER_NOTICES, PublishError, publish_notice_ids
+from worker.runtime.tasking import CountedTask
 
 log = structlog.get_logger(__name__)
 
 REDRIVE_NOTICES: Final = "tokenwarden.redrive_notices"
-# More ids than any publisher sends in one message (worker.publish sends one per message).
+# More ids than any publisher sends in one message (worker.runtime.publishing sends
+# one per message).
 MAX_IDS: Final = 1000
 ID_MAX_LENGTH: Final = 40  # notices.id
 NO_SUCH_NOTICE: Final = "no such notice in the outbox"

@@ -33,12 +33,13 @@ import tasks.notices
 from config.logging import configure_logging
 from config.settings import Settings
 from tests.conftest import Store
-from worker import clock, db, delivery, inbox, notices, publish, tasking
-from worker.app import app
-from worker.events import parse_event
-from worker.models import DeadLetter, Notice, NoticeStatus
-from worker.publish import DELIVER_NOTICES
-from worker.supervise import free_port
+from worker.domain import clock, db, inbox, notices
+from worker.domain.events import parse_event
+from worker.domain.models import DeadLetter, Notice, NoticeStatus
+from worker.ops.supervisor import free_port
+from worker.runtime import delivery, publishing, tasking
+from worker.runtime.celery_app import app
+from worker.runtime.publishing import DELIVER_NOTICES
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -722,9 +723,9 @@ def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
 ) -> None:
     """With a webhook the notice is published once committed; without one there is nowhere
     to post it, so nothing is published and it waits in the outbox."""
-    from worker.issuing import create_token
-    from worker.members import add_member
-    from worker.models import TokenKind
+    from worker.domain.issuing import create_token
+    from worker.domain.members import add_member
+    from worker.domain.models import TokenKind
 
     now = clock.now()
     with db.transaction(harness.store.engine) as session:
@@ -762,9 +763,9 @@ def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
         with Session(harness.store.engine) as other:  # sees committed rows only
             seen.append((list(ids), list(other.scalars(select(Notice.id)))))
 
-    monkeypatch.setattr(publish, "publish_notice_ids", publish_ids)
+    monkeypatch.setattr(publishing, "publish_notice_ids", publish_ids)
     settings = harness.settings if webhook else settings_for(None)
-    monkeypatch.setattr(publish, "get_settings", lambda: settings)
+    monkeypatch.setattr(publishing, "get_settings", lambda: settings)
 
     tasks.events.process_events.run(["evt-leak"])
 

@@ -25,8 +25,8 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker.models import Membership, Notice, NoticeStatus, Role, TokenKind
-from worker.publish import remember_notice
+from worker.domain.models import Membership, Notice, NoticeStatus, Role, TokenKind
+from worker.runtime.publishing import remember_notice
 
 log = structlog.get_logger(__name__)
 

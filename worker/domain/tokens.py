@@ -16,7 +16,7 @@ import zlib
 from typing import Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from worker.models import TokenKind
+from worker.domain.models import TokenKind
 
 ALPHABET: Final = string.digits + string.ascii_uppercase + string.ascii_lowercase
 BODY_LENGTH: Final = 32

@@ -111,7 +111,7 @@ def _send(app: Any, producer: Any, task: str, part: list[str], *, what: str | No
         ignore_result=None,  # send_task's header: the task's own setting decides
         # What a worker log line and task events show for the arguments. Celery would
         # repr the whole list, which costs more than the rest of the publish for a long one;
-        # a worker line names the ids anyway (worker.signals binds them).
+        # a worker line names the ids anyway (worker.runtime.signals binds them).
         argsrepr=None if what is None else f"[{len(part)} {what}]",
         kwargsrepr=None if what is None else "{}",
     )

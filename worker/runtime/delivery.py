@@ -31,8 +31,8 @@ from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from config.settings import Settings
-from worker import clock, db
-from worker.models import Notice, NoticeStatus
+from worker.domain import clock, db
+from worker.domain.models import Notice, NoticeStatus
 
 log = structlog.get_logger(__name__)
 
