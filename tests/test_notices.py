@@ -17,8 +17,8 @@ from worker.domain.handlers import apply_event
 from worker.domain.issuing import IssuedToken, create_token
 from worker.domain.members import add_member
 from worker.domain.models import InboxEvent, Notice, NoticeStatus, Token, TokenKind
+from worker.domain.notices import take_new_notices
 from worker.domain.tokens import hash_token
-from worker.runtime.publishing import take_new_notices
 
 SOURCE = "hr://workday"
 

@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 from config.settings import ENV_PREFIX, ConfigError, Settings, get_settings
 from worker.domain import db
 from worker.domain.errors import Refused
-from worker.runtime.publishing import publish_new_notices, take_new_notices
+from worker.domain.notices import take_new_notices
+from worker.runtime.publishing import publish_new_notices
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -49,8 +49,8 @@ from worker.domain.events import (
     too_far_ahead,
 )
 from worker.domain.models import EventStatus, InboxEvent
+from worker.domain.notices import NEW_NOTICES
 from worker.domain.tokens import mask_tokens
-from worker.runtime.publishing import NEW_NOTICES
 
 log = structlog.get_logger(__name__)
 

@@ -76,7 +76,7 @@ from worker.domain.models import (
     TokenReminder,
     UTCDateTime,
 )
-from worker.runtime.publishing import take_new_notices
+from worker.domain.notices import take_new_notices
 
 log = structlog.get_logger(__name__)
 

@@ -28,7 +28,8 @@ from sqlalchemy.orm import Session
 
 from config.settings import get_settings
 from worker.domain import db
-from worker.runtime.publishing import publish_new_notices, take_new_notices
+from worker.domain.notices import take_new_notices
+from worker.runtime.publishing import publish_new_notices
 
 log = structlog.get_logger(__name__)
 
