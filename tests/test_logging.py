@@ -341,7 +341,7 @@ def test_url_passwords_and_query_values_are_masked_in_library_lines_and_tracebac
         raise ConnectionError(f"cannot reach '{url}'")
     except ConnectionError:
         logging.getLogger("somelib").warning("gave up", exc_info=True)
-        structlog.get_logger("worker.runtime.delivery").exception("notice.attempt")
+        structlog.get_logger("worker.runtime.webhook").exception("notice.attempt")
 
     output = stream.getvalue()
     assert "pa55word" not in output
