@@ -26,7 +26,7 @@ MARK: Final = "bench.mark"
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("tokenwarden-bench-noop", include=["worker.signals"])
+    app = Celery("tokenwarden-bench-noop", include=["worker.runtime.signals"])
     app.conf.update(celery_config(settings))
     return app
 

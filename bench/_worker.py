@@ -19,7 +19,9 @@ from config.logging import configure_logging
 
 def main(argv: list[str] | None = None) -> None:
     options = argparse.ArgumentParser(description=__doc__)
-    options.add_argument("module", help="module with the Celery app: worker.app or bench._noop_app")
+    options.add_argument(
+        "module", help="module with the Celery app: worker.runtime.celery_app or bench._noop_app"
+    )
     options.add_argument("--pool", choices=["prefork", "threads", "solo"], default="prefork")
     options.add_argument("--concurrency", type=int, default=None)
     options.add_argument("--log-level", default="info")

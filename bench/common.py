@@ -35,9 +35,9 @@ from typing import IO, Any, Final
 from sqlalchemy import Engine, insert, make_url, text
 
 from config.settings import Settings
-from worker import db
-from worker.models import Base, Membership, Token, TokenKind
-from worker.tokens import generate, hash_token, hint
+from worker.domain import db
+from worker.domain.models import Base, Membership, Token, TokenKind
+from worker.domain.tokens import generate, hash_token, hint
 
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -395,8 +395,8 @@ def python(*args: str) -> list[str]:
 
 
 def tokenwarden(*args: str) -> list[str]:
-    """The ``tokenwarden`` command of this interpreter (as worker.supervise.command)."""
-    from worker.supervise import command
+    """The ``tokenwarden`` command of this interpreter (as worker.ops.supervisor.command)."""
+    from worker.ops.supervisor import command
 
     return command(*args)
 

@@ -3,7 +3,8 @@
 Each event removes one member, revoking their 5 personal tokens and sparing the application
 token they created. The events are stored in the inbox in bulk before the clock starts (as the
 API would have stored them), then their ids are published in messages of
-``worker.publish.CHUNK``; the drain is timed from the first publish until no event is pending.
+``worker.runtime.publishing.CHUNK``; the
+drain is timed from the first publish until no event is pending.
 
 The limit is what the broker and Celery can deliver at all: a bench-only worker
 (``bench/_noop_app.py``) with the same configuration, pool, concurrency, prefetch and log level
@@ -34,11 +35,11 @@ from sqlalchemy import func, select
 
 from bench import common
 from config.celery import celery_config
-from worker import db
-from worker.events import CloudEvent, parse_event
-from worker.inbox import store_events
-from worker.models import EventStatus, InboxEvent, Token, TokenKind
-from worker.publish import publish_event_ids
+from worker.domain import db
+from worker.domain.events import CloudEvent, parse_event
+from worker.domain.inbox import store_events
+from worker.domain.models import EventStatus, InboxEvent, Token, TokenKind
+from worker.runtime.publishing import publish_event_ids
 
 NAME: Final = "events"
 TARGET: Final = 0.7

@@ -8,11 +8,11 @@ then every measurement runs on a fresh copy of it (``CREATE DATABASE … TEMPLAT
 sweep and the baseline start from identical, freshly loaded tables. Every database this
 script creates is dropped at the end; nobody else's data is touched.
 
-Per run: our sweep (:func:`worker.sweep.run_sweep`, as the scheduled task runs it) marks the
+Per run: our sweep (:func:`worker.domain.sweep.run_sweep`, as the scheduled task runs it) marks the
 expired tokens, audits them and writes their "expired" notices; the baseline is one
 ``UPDATE tokens SET revoked_at=…, revoke_reason='expired' WHERE expires_at < … AND revoked_at
 IS NULL``. Reported: rows/s of the sweep's expiry phase (what the baseline does, plus the
-audit rows; with this backlog on Postgres it walks the table, see :mod:`worker.sweep`), the
+audit rows; with this backlog on Postgres it walks the table, see :mod:`worker.domain.sweep`), the
 longest transaction of the expiry phase and of the whole sweep (notices included), the notice
 phase's rate, and the peak RSS of this process. The notice phase writes one notice per
 recipient (most of 300,000 here) at about a thousand a second, so each run samples it for
@@ -45,9 +45,9 @@ from typing import Any, Final
 
 from sqlalchemy import Engine, insert, make_url, text
 
-from worker import db
-from worker.models import Membership, Token
-from worker.sweep import SweepResult, run_sweep
+from worker.domain import db
+from worker.domain.models import Membership, Token
+from worker.domain.sweep import SweepResult, run_sweep
 
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TARGET_RATIO: Final = 0.5
@@ -349,7 +349,7 @@ def measure_baseline(url: str, *, now: datetime) -> tuple[int, float]:
 
 
 def _bind_time(engine: Engine, value: datetime) -> Any:
-    # SQLite stores naive UTC text (worker.models.UTCDateTime); Postgres takes the instant.
+    # SQLite stores naive UTC text (worker.domain.models.UTCDateTime); Postgres takes the instant.
     if engine.dialect.name == "sqlite":
         return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
     return value

@@ -1,7 +1,8 @@
-"""Token verifications/s through worker.verification.verify_token, beside a bare SELECT by hash.
+"""Token verifications/s through
+worker.domain.verification.verify_token, beside a bare SELECT by hash.
 
 Each verification is what a caller of the domain does: a session in one transaction from the
-token store's engine (``worker.db.transaction``), ``verify_token`` on a usable token (PATs of
+token store's engine (``worker.domain.db.transaction``), ``verify_token`` on a usable token (PATs of
 active members and AATs, mixed), commit. The limit is a bare
 ``SELECT … FROM tokens WHERE token_hash = :h`` on a connection checked out of the same
 engine (same pool, same pre-ping) per look-up, with the hash already computed. Single
@@ -28,10 +29,10 @@ from typing import Any, Final
 from sqlalchemy import Engine, text, update
 
 from bench import common
-from worker import db
-from worker.models import Token
-from worker.tokens import hash_token
-from worker.verification import verify_token
+from worker.domain import db
+from worker.domain.models import Token
+from worker.domain.tokens import hash_token
+from worker.domain.verification import verify_token
 
 NAME: Final = "verify"
 TARGET: Final = 0.5

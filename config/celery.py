@@ -72,7 +72,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "worker_send_task_events": False,
         # Keep a copy of a message whose body cannot be decoded; Celery alone logs and drops it.
-        "worker_consumer": "worker.signals:DeadLetteringConsumer",
+        "worker_consumer": "worker.runtime.signals:DeadLetteringConsumer",
         "enable_utc": True,
         "timezone": "UTC",
         # Beat keeps its last-run times beside the other embedded files.

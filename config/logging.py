@@ -21,10 +21,10 @@ import structlog
 from structlog.stdlib import BoundLogger as _StdlibBoundLogger
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from worker.tokens import TOKEN_PATTERN, mask_tokens
+from config.redaction import TOKEN_PATTERN, mask_tokens
 
 # Tells a reader that a token was there (and which kind) without revealing any of it, not
-# even the last four characters that ``worker.tokens.hint`` shows to the owner.
+# even the last four characters that ``worker.domain.tokens.hint`` shows to the owner.
 # HTTP clients announce every request with its full URL, a webhook's secret query or
 # credentials included; what they have to say that matters comes at WARNING or above.
 _QUIET_LOGGERS: Final = {"httpx": logging.WARNING, "httpcore": logging.WARNING}

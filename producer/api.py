@@ -53,11 +53,11 @@ from producer.schemas import (
     request_body,
 )
 from producer.serving import BODY_TIMED_OUT
-from worker import clock
-from worker.db import engine_for, reader, transaction
-from worker.events import CloudEvent
-from worker.inbox import Conflict, Stored, store_events
-from worker.publish import PublishError, publish_event_ids
+from worker.domain import clock
+from worker.domain.db import engine_for, reader, transaction
+from worker.domain.events import CloudEvent
+from worker.domain.inbox import Conflict, Stored, store_events
+from worker.runtime.publishing import PublishError, publish_event_ids
 
 log = structlog.get_logger(__name__)
 
@@ -369,7 +369,7 @@ def create_app(
     settings = settings or get_settings()
     owns_celery = celery_app is None
     if celery_app is None:
-        from worker.app import make_celery
+        from worker.runtime.celery_app import make_celery
 
         celery_app = make_celery(settings)
     service = _Service(settings, celery_app, github_keys)

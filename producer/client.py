@@ -25,8 +25,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from config.settings import ConfigError, Settings, get_settings
 from producer.schemas import MAX_BODY_BYTES
-from worker.events import TIME_EXAMPLE, Timestamp
-from worker.tokens import hash_token
+from worker.domain.events import TIME_EXAMPLE, Timestamp
+from worker.domain.tokens import hash_token
 
 log = structlog.get_logger(__name__)
 

@@ -46,9 +46,9 @@ from sqlalchemy.orm import Session
 
 from producer.intake import Refused
 from producer.schemas import GitHubReport
-from worker.events import CloudEvent, parse_event
-from worker.models import Token
-from worker.tokens import hash_token, kind_of, mask_encoded_tokens, mask_tokens
+from worker.domain.events import CloudEvent, parse_event
+from worker.domain.models import Token
+from worker.domain.tokens import hash_token, kind_of, mask_encoded_tokens, mask_tokens
 
 log = structlog.get_logger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Final
 from producer.github import leak_event
 from producer.intake import Refused
 from producer.schemas import MAX_BATCH, GitLabReport
-from worker.events import CloudEvent
-from worker.tokens import hash_token, kind_of
+from worker.domain.events import CloudEvent
+from worker.domain.tokens import hash_token, kind_of
 
 EVENT_SOURCE: Final = "gitlab"
 # Tokens per request, like the events of a batch: one request is stored in one transaction.

@@ -31,11 +31,11 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from producer.intake import Prepared
-from worker import clock
-from worker.db import make_engine
-from worker.inbox import Conflict
-from worker.models import EventStatus, InboxEvent
-from worker.publish import PublishError
+from worker.domain import clock
+from worker.domain.db import make_engine
+from worker.domain.inbox import Conflict
+from worker.domain.models import EventStatus, InboxEvent
+from worker.runtime.publishing import PublishError
 
 # Events in one transaction: a group takes waiting requests until it holds this many (a
 # request is never split), so one transaction stays short.

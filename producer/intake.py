@@ -18,8 +18,8 @@ from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
 
 from producer.schemas import EVENT_MEDIA_TYPES, MAX_BATCH, MAX_BODY_BYTES
-from worker.clock import as_utc
-from worker.events import (
+from worker.domain.clock import as_utc
+from worker.domain.events import (
     DATA_MODELS,
     CloudEvent,
     Id,
@@ -31,7 +31,7 @@ from worker.events import (
     parse_event,
     too_far_ahead,
 )
-from worker.tokens import TOKEN_PATTERN, mask_encoded_tokens
+from worker.domain.tokens import TOKEN_PATTERN, mask_encoded_tokens
 
 # Events are small and flat; a cap on nesting keeps every later step (validation, hashing,
 # storing) clear of Python's recursion limit.
@@ -255,7 +255,7 @@ def _unstorable(value: Any) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A valid event in the form the inbox stores: what :func:`worker.inbox.store_events`
+    """A valid event in the form the inbox stores: what :func:`worker.domain.inbox.store_events`
     would write for it, fingerprint included."""
 
     id: str
@@ -385,7 +385,7 @@ _quote: Final = json.encoder.encode_basestring_ascii  # as json.dumps quotes a s
 
 
 def _digest(event: dict[str, Any], quoted_time: str, data: dict[str, Any]) -> str:
-    """worker.events.digest of a plain event: the SHA-256 of ``json.dumps(canonical(event),
+    """worker.domain.events.digest of a plain event: the SHA-256 of ``json.dumps(canonical(event),
     sort_keys=True, separators=(",", ":"))``, written out (its data holds strings or nulls)."""
     fields = ",".join(
         [

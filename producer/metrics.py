@@ -28,10 +28,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker import clock
-from worker.db import read_transaction
-from worker.inbox import counts, recent_apply_seconds
-from worker.models import DeadLetter, Token
+from worker.domain import clock
+from worker.domain.db import read_transaction
+from worker.domain.inbox import counts, recent_apply_seconds
+from worker.domain.models import DeadLetter, Token
 
 log = structlog.get_logger(__name__)
 

@@ -10,15 +10,15 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from config.settings import get_settings
-from worker import clock, handlers, inbox
-from worker.app import app
-from worker.publish import CHUNK, PROCESS_EVENTS, PublishError, publish_event_ids
-from worker.tasking import DatabaseTask, is_transient
+from worker.domain import clock, handlers, inbox
+from worker.runtime.celery_app import app
+from worker.runtime.publishing import CHUNK, PROCESS_EVENTS, PublishError, publish_event_ids
+from worker.runtime.tasking import DatabaseTask, is_transient
 
 log = structlog.get_logger(__name__)
 
 REDRIVE_EVENTS: Final = "tokenwarden.redrive_events"
-# More ids than any producer sends in one message (worker.publish.CHUNK is 100).
+# More ids than any producer sends in one message (worker.runtime.publishing.CHUNK is 100).
 MAX_IDS: Final = 1000
 ID_MAX_LENGTH: Final = 200
 

@@ -1,7 +1,7 @@
 """Scheduled expiry tasks: the sweep every ``TOKENWARDEN_SWEEP_INTERVAL_S``, reminders daily.
 
 These run many short transactions of their own (one per batch), so they are plain tasks that
-hand the engine to the domain, not :class:`~worker.tasking.DatabaseTask` runs in one
+hand the engine to the domain, not :class:`~worker.runtime.tasking.DatabaseTask` runs in one
 transaction. Neither retries: the next scheduled run picks up whatever a failed one left, and
 a lock in the database keeps two runs (from two schedulers) from working at once.
 """
@@ -14,12 +14,12 @@ from typing import Any, Final
 import structlog
 
 from config.settings import get_settings
-from worker import clock
-from worker.app import app
-from worker.publish import publish_new_notices
-from worker.reminders import send_reminders
-from worker.sweep import run_sweep
-from worker.tasking import store_engine
+from worker.domain import clock
+from worker.domain.reminders import send_reminders
+from worker.domain.sweep import run_sweep
+from worker.runtime.celery_app import app
+from worker.runtime.publishing import publish_new_notices
+from worker.runtime.tasking import store_engine
 
 log = structlog.get_logger(__name__)
 

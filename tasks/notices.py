@@ -2,7 +2,7 @@
 
 Delivery talks to a receiver that may be slow, so unlike the event tasks it gets no
 transaction per run: each notice is leased, posted and recorded in short transactions of its
-own (worker.delivery.deliver), and no database lock is held while the receiver answers.
+own (worker.runtime.webhook.deliver), and no database lock is held while the receiver answers.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import structlog
 from celery import signals
 
 from config.settings import get_settings
-from worker import clock, db, delivery, handlers
-from worker.app import app
-from worker.publish import DELIVER_NOTICES, PublishError, publish_notice_ids
-from worker.tasking import CountedTask
+from worker.domain import clock, db, handlers, outbox_delivery
+from worker.runtime import webhook
+from worker.runtime.celery_app import app
+from worker.runtime.publishing import DELIVER_NOTICES, PublishError, publish_notice_ids
+from worker.runtime.tasking import CountedTask
 
 log = structlog.get_logger(__name__)
 
 REDRIVE_NOTICES: Final = "tokenwarden.redrive_notices"
-# More ids than any publisher sends in one message (worker.publish sends one per message).
+# More ids than any publisher sends in one message (worker.runtime.publishing sends
+# one per message).
 MAX_IDS: Final = 1000
 ID_MAX_LENGTH: Final = 40  # notices.id
 NO_SUCH_NOTICE: Final = "no such notice in the outbox"
@@ -66,18 +68,18 @@ def deliver_notices(self: CountedTask, *args: Any, **kwargs: Any) -> None:
     for notice_id in (i for i in wanted if "\x00" in i):
         _no_such_notice(self, notice_id, notice_ids, why="an id cannot hold a NUL character")
     wanted = [i for i in wanted if "\x00" not in i]
-    target = delivery.target_from(get_settings())
+    target = webhook.target_from(get_settings())
     if target is None:
         _keep(self, wanted, notice_ids)
         return
     engine = self.engine()
-    client = delivery.shared_client()
+    client = webhook.shared_client()
     outcomes: Counter[str] = Counter()
     for notice_id in wanted:
         with structlog.contextvars.bound_contextvars(notice_id=notice_id):
-            attempt = delivery.deliver(engine, notice_id, target=target, client=client)
+            attempt = webhook.deliver(engine, notice_id, target=target, client=client)
             outcomes[attempt.status] += 1
-            if attempt.status == delivery.MISSING:
+            if attempt.status == outbox_delivery.MISSING:
                 _no_such_notice(self, notice_id, notice_ids)
             elif attempt.retry_in_s is not None:
                 _schedule(self, notice_id, attempt.retry_in_s)
@@ -88,7 +90,7 @@ def _keep(task: CountedTask, wanted: list[str], notice_ids: list[str]) -> None:
     """No target: leave the notices in the outbox, but still refuse ids that name none."""
     reader = task.engine().execution_options(**{db.READ_ONLY: True})
     with db.transaction(reader) as session:
-        known = delivery.existing(session, wanted)
+        known = outbox_delivery.existing(session, wanted)
     for notice_id in wanted:
         if notice_id not in known:
             _no_such_notice(task, notice_id, notice_ids)
@@ -128,18 +130,18 @@ def redrive_notices(self: CountedTask) -> None:
     around in circles.
     """
     settings = get_settings()
-    if delivery.target_from(settings) is None:
+    if webhook.target_from(settings) is None:
         return
     now = clock.now()
     cutoff = now - timedelta(seconds=settings.redrive_after_s)
     engine = self.engine()
     # Read first, outside any write lock: most runs find nothing due and stop here.
     with db.transaction(engine.execution_options(**{db.READ_ONLY: True})) as session:
-        candidates = delivery.due(session, now=cutoff)
+        candidates = outbox_delivery.due(session, now=cutoff)
     if not candidates:
         return
     with db.transaction(engine) as session:
-        notice_ids = delivery.mark_redriven(session, candidates, now=now, cutoff=cutoff)
+        notice_ids = outbox_delivery.mark_redriven(session, candidates, now=now, cutoff=cutoff)
     if not notice_ids:
         return
     try:
@@ -181,7 +183,7 @@ def _dead_letter(task: CountedTask, reason: str, *, body: object) -> None:
 
 def _close_client(**_: Any) -> None:
     """A worker process that stops closes its connections to the receiver."""
-    delivery.close_shared_client()
+    webhook.close_shared_client()
 
 
 # A prefork child sends worker_process_shutdown; a solo or threads worker, worker_shutdown.

@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session
 # whole run a throw-away home so nothing lands in the working tree.
 os.environ["TOKENWARDEN_HOME"] = tempfile.mkdtemp(prefix="tokenwarden-tests-")
 
-from worker import db
-from worker.models import Base
+from worker.domain import db
+from worker.domain.models import Base
 
 SERVICES = {
     "postgres": "TOKENWARDEN_TEST_POSTGRES_URL",

@@ -20,12 +20,12 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
-from worker import db
-from worker.issuing import IssuedToken, create_token
-from worker.members import add_member
-from worker.models import TokenKind
-from worker.supervise import STOP_GRACE_S, command, wait_for_http
-from worker.verification import Verdict, verify_token
+from worker.domain import db
+from worker.domain.issuing import IssuedToken, create_token
+from worker.domain.members import add_member
+from worker.domain.models import TokenKind
+from worker.domain.verification import Verdict, verify_token
+from worker.ops.supervisor import STOP_GRACE_S, command, wait_for_http
 
 T = TypeVar("T")
 KEY = "twp_stack_test_key_0001"
@@ -211,7 +211,7 @@ def stack_env(home: Path, extra: Mapping[str, str]) -> dict[str, str]:
 
 def check_broker(settings: Settings) -> None:
     """Fail unless the broker named by ``settings`` answers."""
-    from worker.app import make_celery
+    from worker.runtime.celery_app import make_celery
 
     app = make_celery(settings)
     with app.connection_for_write() as connection:

@@ -27,13 +27,13 @@ from producer import intake
 from producer.api import create_app
 from producer.inbox_writer import InboxWriter, Outcome
 from tests.conftest import Store, service_url
-from worker import clock
-from worker.app import make_celery
-from worker.db import transaction
-from worker.events import DATA_MODELS
-from worker.inbox import dead_letter
-from worker.models import Base, InboxEvent, Token, TokenKind
-from worker.tokens import generate, hash_token
+from worker.domain import clock
+from worker.domain.db import transaction
+from worker.domain.events import DATA_MODELS
+from worker.domain.inbox import dead_letter
+from worker.domain.models import Base, InboxEvent, Token, TokenKind
+from worker.domain.tokens import generate, hash_token
+from worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     # Starlette 1.x would rather its test client ran on httpx2, and says so on import.

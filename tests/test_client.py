@@ -30,10 +30,10 @@ from producer.client import (
     make_event,
 )
 from tests.conftest import Store
-from worker.app import make_celery
-from worker.db import transaction
-from worker.models import InboxEvent, TokenKind
-from worker.tokens import generate, hash_token
+from worker.domain.db import transaction
+from worker.domain.models import InboxEvent, TokenKind
+from worker.domain.tokens import generate, hash_token
+from worker.runtime.celery_app import make_celery
 
 KEY = "twp_client_test_key_01"
 

@@ -33,12 +33,13 @@ import tasks.notices
 from config.logging import configure_logging
 from config.settings import Settings
 from tests.conftest import Store
-from worker import clock, db, delivery, inbox, notices, publish, tasking
-from worker.app import app
-from worker.events import parse_event
-from worker.models import DeadLetter, Notice, NoticeStatus
-from worker.publish import DELIVER_NOTICES
-from worker.supervise import free_port
+from worker.domain import clock, db, inbox, notices, outbox_delivery
+from worker.domain.events import parse_event
+from worker.domain.models import DeadLetter, Notice, NoticeStatus
+from worker.ops.supervisor import free_port
+from worker.runtime import publishing, tasking, webhook
+from worker.runtime.celery_app import app
+from worker.runtime.publishing import DELIVER_NOTICES
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -280,7 +281,7 @@ def test_a_notice_is_delivered_once_signed_with_its_own_id(harness: Harness) -> 
     assert got.webhook_id == notice_id
     assert got.body == stored.body.encode()
     assert got.headers["content-type"] == "application/json"
-    assert got.headers["user-agent"] == delivery.USER_AGENT
+    assert got.headers["user-agent"] == webhook.USER_AGENT
     assert json.loads(got.body)["data"]["notice_id"] == notice_id
     assert (stored.status, stored.attempts, stored.last_error) == (NoticeStatus.SENT, 1, None)
     assert stored.sent_at is not None
@@ -300,7 +301,7 @@ def test_an_unavailable_receiver_gets_the_same_notice_until_it_accepts(harness: 
         "HTTP 503 Service Unavailable",
     )
     wait = (first.next_attempt_at - clock.now()).total_seconds()
-    assert 0 < wait <= delivery.BACKOFF_BASE_S
+    assert 0 < wait <= outbox_delivery.BACKOFF_BASE_S
     ((again, countdown),) = harness.scheduled
     assert again == [notice_id]
     assert countdown == pytest.approx(wait, abs=0.5)
@@ -312,7 +313,7 @@ def test_an_unavailable_receiver_gets_the_same_notice_until_it_accepts(harness: 
     harness.deliver(notice_id)
     second = harness.row(notice_id)
     assert (second.status, second.attempts) == (NoticeStatus.PENDING, 2)
-    assert harness.scheduled[-1][1] <= 2 * delivery.BACKOFF_BASE_S
+    assert harness.scheduled[-1][1] <= 2 * outbox_delivery.BACKOFF_BASE_S
 
     harness.clock.until(second.next_attempt_at)
     harness.deliver(notice_id)
@@ -401,14 +402,14 @@ def test_a_receiver_that_cannot_be_reached_leaves_the_notice_pending(
 
 def test_after_the_last_attempt_the_notice_fails(harness: Harness) -> None:
     harness.receiver.script = [Reply(502)]
-    notice_id = harness.queue(attempts=delivery.MAX_ATTEMPTS - 1)
+    notice_id = harness.queue(attempts=outbox_delivery.MAX_ATTEMPTS - 1)
 
     harness.deliver(notice_id)
 
     failed = harness.row(notice_id)
     assert failed.status == NoticeStatus.FAILED
     assert failed.last_error == (
-        f"gave up after {delivery.MAX_ATTEMPTS} attempts: HTTP 502 Bad Gateway"
+        f"gave up after {outbox_delivery.MAX_ATTEMPTS} attempts: HTTP 502 Bad Gateway"
     )
     assert harness.scheduled == []
 
@@ -421,14 +422,14 @@ def test_a_lease_lets_one_worker_deliver_and_holds_no_transaction_meanwhile(
 ) -> None:
     notice_id = harness.queue()
     arrived = harness.receiver.hold_next()
-    target = delivery.target_from(harness.settings)
+    target = webhook.target_from(harness.settings)
     assert target is not None
-    outcome: list[delivery.Attempt] = []
+    outcome: list[outbox_delivery.Attempt] = []
 
     def first_worker() -> None:
         with httpx.Client() as client:
             outcome.append(
-                delivery.deliver(harness.store.engine, notice_id, target=target, client=client)
+                webhook.deliver(harness.store.engine, notice_id, target=target, client=client)
             )
 
     worker = threading.Thread(target=first_worker)
@@ -455,10 +456,12 @@ def test_a_notice_whose_worker_died_is_re_driven_once_its_lease_runs_out(
     harness: Harness,
 ) -> None:
     notice_id = harness.queue()
-    lease = delivery.lease_for(harness.settings.redrive_after_s)
+    lease = outbox_delivery.lease_for(harness.settings.redrive_after_s)
     # A worker took the notice and died before posting: the lease is committed, nothing else.
     with db.transaction(harness.store.engine) as session:
-        assert delivery.lease(session, notice_id, now=clock.now(), duration=lease) is not None
+        assert (
+            outbox_delivery.lease(session, notice_id, now=clock.now(), duration=lease) is not None
+        )
     harness.clock.advance(harness.settings.redrive_after_s + 0.1)
     harness.deliver(notice_id)
     assert harness.redrive() == []  # still leased
@@ -508,8 +511,8 @@ def test_the_re_drive_publishes_each_notice_at_most_once_per_interval(harness: H
     # Once delivered (or leased by a worker), a notice is not re-driven again.
     harness.deliver(lost[0])
     with db.transaction(harness.store.engine) as session:
-        lease = delivery.lease_for(interval)
-        assert delivery.lease(session, lost[1], now=clock.now(), duration=lease) is not None
+        lease = outbox_delivery.lease_for(interval)
+        assert outbox_delivery.lease(session, lost[1], now=clock.now(), duration=lease) is not None
     harness.clock.advance(interval + 0.1)
     assert sorted(harness.redrive()) == sorted(lost[2:])
     assert harness.receiver.ids == [lost[0]]
@@ -520,9 +523,9 @@ def test_two_re_drives_at_once_mark_each_notice_once(harness: Harness) -> None:
     harness.clock.advance(harness.settings.redrive_after_s + 1)
     cutoff = clock.now() - timedelta(seconds=harness.settings.redrive_after_s)
     with db.transaction(harness.store.engine) as session:
-        first = delivery.mark_redriven(session, [notice_id], now=clock.now(), cutoff=cutoff)
+        first = outbox_delivery.mark_redriven(session, [notice_id], now=clock.now(), cutoff=cutoff)
     with db.transaction(harness.store.engine) as session:
-        second = delivery.mark_redriven(session, [notice_id], now=clock.now(), cutoff=cutoff)
+        second = outbox_delivery.mark_redriven(session, [notice_id], now=clock.now(), cutoff=cutoff)
 
     assert (first, second) == ([notice_id], [])
     # The mark leaves the notice deliverable at once.
@@ -568,16 +571,18 @@ def test_an_attempt_that_overran_its_lease_leaves_the_next_lease_alone(harness: 
     notice_id = harness.queue()
     now = clock.now()
     with db.transaction(harness.store.engine) as session:
-        mine = delivery.lease(session, notice_id, now=now, duration=timedelta(seconds=4))
+        mine = outbox_delivery.lease(session, notice_id, now=now, duration=timedelta(seconds=4))
     assert mine is not None
     later = now + timedelta(seconds=5)
     with db.transaction(harness.store.engine) as session:
-        theirs = delivery.lease(session, notice_id, now=later, duration=timedelta(seconds=4))
+        theirs = outbox_delivery.lease(session, notice_id, now=later, duration=timedelta(seconds=4))
     assert theirs is not None
-    failed = delivery.Outcome(NoticeStatus.PENDING, "HTTP 503 Service Unavailable")
+    failed = outbox_delivery.Outcome(NoticeStatus.PENDING, "HTTP 503 Service Unavailable")
 
     with db.transaction(harness.store.engine) as session:
-        attempt = delivery.record(session, notice_id, failed, now=later, leased_until=mine.until)
+        attempt = outbox_delivery.record(
+            session, notice_id, failed, now=later, leased_until=mine.until
+        )
 
     assert attempt.retry_in_s is None
     assert harness.row(notice_id).next_attempt_at == theirs.until
@@ -685,16 +690,16 @@ def test_a_worker_process_posts_every_notice_over_one_kept_connection(harness: H
 def test_the_process_client_is_closed_at_shutdown_and_never_shared_with_a_fork() -> None:
     from celery import signals
 
-    parent = delivery.shared_client()
-    assert delivery.shared_client() is parent
+    parent = webhook.shared_client()
+    assert webhook.shared_client() is parent
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # a prefork pool child
         code = 1
         try:
-            child = delivery.shared_client()
+            child = webhook.shared_client()
             fresh = child is not parent and not child.is_closed
-            os.write(write, b"own" if fresh and delivery.shared_client() is child else b"parent's")
+            os.write(write, b"own" if fresh and webhook.shared_client() is child else b"parent's")
             code = 0
         finally:
             os._exit(code)
@@ -709,7 +714,7 @@ def test_the_process_client_is_closed_at_shutdown_and_never_shared_with_a_fork()
     signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
 
     assert parent.is_closed
-    again = delivery.shared_client()
+    again = webhook.shared_client()
     assert again is not parent
     assert not again.is_closed
     signals.worker_shutdown.send(sender=None)
@@ -722,9 +727,9 @@ def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
 ) -> None:
     """With a webhook the notice is published once committed; without one there is nowhere
     to post it, so nothing is published and it waits in the outbox."""
-    from worker.issuing import create_token
-    from worker.members import add_member
-    from worker.models import TokenKind
+    from worker.domain.issuing import create_token
+    from worker.domain.members import add_member
+    from worker.domain.models import TokenKind
 
     now = clock.now()
     with db.transaction(harness.store.engine) as session:
@@ -762,9 +767,9 @@ def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
         with Session(harness.store.engine) as other:  # sees committed rows only
             seen.append((list(ids), list(other.scalars(select(Notice.id)))))
 
-    monkeypatch.setattr(publish, "publish_notice_ids", publish_ids)
+    monkeypatch.setattr(publishing, "publish_notice_ids", publish_ids)
     settings = harness.settings if webhook else settings_for(None)
-    monkeypatch.setattr(publish, "get_settings", lambda: settings)
+    monkeypatch.setattr(publishing, "get_settings", lambda: settings)
 
     tasks.events.process_events.run(["evt-leak"])
 
@@ -845,20 +850,20 @@ def test_a_secret_in_the_webhook_url_never_reaches_a_log(
 def test_backoff_grows_with_jitter_honours_retry_after_and_is_capped() -> None:
     for attempts, low, high in [(1, 0.5, 1), (2, 1, 2), (5, 8, 16), (40, 300, 600)]:
         for _ in range(50):
-            assert low <= delivery.backoff_s(attempts) <= high
-    assert delivery.backoff_s(1, retry_after_s=30) == 30
-    assert delivery.backoff_s(1, retry_after_s=86_400) == delivery.BACKOFF_CAP_S
+            assert low <= outbox_delivery.backoff_s(attempts) <= high
+    assert outbox_delivery.backoff_s(1, retry_after_s=30) == 30
+    assert outbox_delivery.backoff_s(1, retry_after_s=86_400) == outbox_delivery.BACKOFF_CAP_S
 
 
 def test_the_lease_follows_the_re_drive_setting_and_outlasts_the_request() -> None:
-    assert delivery.lease_for(30) == timedelta(seconds=60)
-    assert delivery.lease_for(2) == timedelta(seconds=4)
-    assert delivery.lease_for(0.1) == timedelta(seconds=delivery.MIN_LEASE_S)
-    assert delivery.lease_for(600) == timedelta(seconds=delivery.LEASE_S)
+    assert outbox_delivery.lease_for(30) == timedelta(seconds=60)
+    assert outbox_delivery.lease_for(2) == timedelta(seconds=4)
+    assert outbox_delivery.lease_for(0.1) == timedelta(seconds=outbox_delivery.MIN_LEASE_S)
+    assert outbox_delivery.lease_for(600) == timedelta(seconds=outbox_delivery.LEASE_S)
     for redrive in (0.1, 2, 30, 600):
-        lease = delivery.lease_for(redrive)
-        assert delivery.timeout_for(lease) <= lease.total_seconds() / 2
-    assert delivery.timeout_for(delivery.lease_for(30)) == delivery.TIMEOUT_S
+        lease = outbox_delivery.lease_for(redrive)
+        assert outbox_delivery.timeout_for(lease) <= lease.total_seconds() / 2
+    assert outbox_delivery.timeout_for(outbox_delivery.lease_for(30)) == outbox_delivery.TIMEOUT_S
 
 
 @pytest.mark.parametrize(
@@ -871,4 +876,4 @@ def test_the_lease_follows_the_re_drive_setting_and_outlasts_the_request() -> No
 def test_log_lines_name_the_receiver_but_never_its_path_or_credentials(
     url: str, shown: str
 ) -> None:
-    assert delivery.Target(url=url, secret=SECRET).receiver == shown
+    assert outbox_delivery.Target(url=url, secret=SECRET).receiver == shown

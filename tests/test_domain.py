@@ -18,15 +18,15 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from tests.conftest import Store
-from worker import db
-from worker.errors import Refused
-from worker.issuing import IssuedToken, create_token
-from worker.members import add_member
-from worker.models import AuditEntry, Base, Membership, Token, TokenKind, UserDeactivation
-from worker.offboarding import deactivate_user
-from worker.revocation import revoke_token
-from worker.tokens import generate, hash_token
-from worker.verification import verify_token
+from worker.domain import db
+from worker.domain.errors import Refused
+from worker.domain.issuing import IssuedToken, create_token
+from worker.domain.members import add_member
+from worker.domain.models import AuditEntry, Base, Membership, Token, TokenKind, UserDeactivation
+from worker.domain.offboarding import deactivate_user
+from worker.domain.revocation import revoke_token
+from worker.domain.tokens import generate, hash_token
+from worker.domain.verification import verify_token
 
 ORG = "acme"
 

@@ -21,8 +21,8 @@ from sqlalchemy import func, select, text
 from config.settings import Settings
 from tests.conftest import fresh_postgres_database, service_url
 from tests.stack import KEY, LiveStack, check_broker, event, stack_env
-from worker.models import AuditEntry, DeadLetter, EventStatus, InboxEvent, TokenKind
-from worker.supervise import free_port
+from worker.domain.models import AuditEntry, DeadLetter, EventStatus, InboxEvent, TokenKind
+from worker.ops.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def _run(home: Path, extra: dict[str, str]) -> Iterator[LiveStack]:
     stack = LiveStack(
         home=home, env=env, database_url=settings.resolved_database_url, port=free_port()
     )
-    from worker import db
+    from worker.domain import db
 
     db.upgrade(stack.database_url)
     stack.start("api", "worker", "beat")

@@ -27,13 +27,13 @@ from tests.conftest import fresh_postgres_database, service_url
 from tests.stack import LiveStack, check_broker, event, stack_env
 from tests.test_delivery import SECRET, Received, Receiver
 from tests.test_secrecy import dump_tables, secrets_of
-from worker import db
-from worker.demo_peers import KEY_ID, Peers
-from worker.issuing import IssuedToken
-from worker.members import add_member
-from worker.models import Notice, NoticeStatus, TokenKind
-from worker.notices import LEAKED, OFFBOARDED
-from worker.supervise import free_port
+from worker.domain import db
+from worker.domain.issuing import IssuedToken
+from worker.domain.members import add_member
+from worker.domain.models import Notice, NoticeStatus, TokenKind
+from worker.domain.notices import LEAKED, OFFBOARDED
+from worker.ops.demo_peers import KEY_ID, Peers
+from worker.ops.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 

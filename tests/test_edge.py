@@ -33,8 +33,8 @@ from tests.hostile import (
 )
 from tests.reliability.apikeys import GITHUB_PATH, GITLAB_SECRET, GitHubSigner
 from tests.stack import LiveStack, stack_env
-from worker import db
-from worker.supervise import free_port
+from worker.domain import db
+from worker.ops.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,12 @@ from config.settings import Settings
 from producer.api import create_app
 from tests.conftest import TOKENWARDEN, Cli, Store, clean_env
 from tests.test_client import running_server
-from worker import clock
-from worker.app import make_celery
-from worker.db import transaction
-from worker.inbox import dead_letter
-from worker.models import TokenKind
-from worker.tokens import generate, hash_token
+from worker.domain import clock
+from worker.domain.db import transaction
+from worker.domain.inbox import dead_letter
+from worker.domain.models import TokenKind
+from worker.domain.tokens import generate, hash_token
+from worker.runtime.celery_app import make_celery
 
 KEY = "twp_emit_test_key_0001"
 

@@ -27,13 +27,13 @@ from producer.api import create_app
 from producer.github import GitHubKeys
 from tests.conftest import Store
 from tests.test_github import KeysServer, Signer
-from worker import clock
-from worker.app import make_celery
-from worker.db import transaction
-from worker.handlers import apply_pending
-from worker.members import add_member
-from worker.models import AuditEntry, Base, EventStatus, InboxEvent, Notice, Token, TokenKind
-from worker.tokens import WITHHELD, generate, hash_token, mask_encoded_tokens
+from worker.domain import clock
+from worker.domain.db import transaction
+from worker.domain.handlers import apply_pending
+from worker.domain.members import add_member
+from worker.domain.models import AuditEntry, Base, EventStatus, InboxEvent, Notice, Token, TokenKind
+from worker.domain.tokens import WITHHELD, generate, hash_token, mask_encoded_tokens
+from worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)

@@ -44,12 +44,13 @@ from tests.test_role_change import (
     received,
     unique_user,
 )
-from worker import clock, db, inbox, tasking
-from worker.app import make_celery
-from worker.events import parse_event
-from worker.handlers import apply_pending
-from worker.models import AuditEntry, EventStatus, InboxEvent, Membership
-from worker.verification import verify_token
+from worker.domain import clock, db, inbox
+from worker.domain.events import parse_event
+from worker.domain.handlers import apply_pending
+from worker.domain.models import AuditEntry, EventStatus, InboxEvent, Membership
+from worker.domain.verification import verify_token
+from worker.runtime import tasking
+from worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)

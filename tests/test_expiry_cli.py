@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import TOKENWARDEN, Cli, Store
 from tests.test_sweep import add_tokens
-from worker import db, notices
-from worker.models import Notice
-from worker.sweep import single_run
+from worker.domain import db, notices
+from worker.domain.models import Notice
+from worker.domain.sweep import single_run
 
 
 @pytest.fixture

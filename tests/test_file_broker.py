@@ -14,8 +14,8 @@ from kombu.connection import Connection
 
 from config.celery import transport_options
 from config.settings import Settings
-from worker import file_transport
-from worker.app import make_celery
+from worker.runtime import file_transport
+from worker.runtime.celery_app import make_celery
 
 MESSAGES = 20
 # Big enough that writing one message takes a while: the window a consumer used to hit.

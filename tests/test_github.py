@@ -36,12 +36,12 @@ from config.settings import Settings
 from producer.api import create_app
 from producer.github import GitHubKeys
 from tests.conftest import Store
-from worker import clock
-from worker.app import make_celery
-from worker.db import transaction
-from worker.handlers import apply_pending
-from worker.models import AuditEntry, Base, InboxEvent, Token, TokenKind
-from worker.tokens import generate, hash_token
+from worker.domain import clock
+from worker.domain.db import transaction
+from worker.domain.handlers import apply_pending
+from worker.domain.models import AuditEntry, Base, InboxEvent, Token, TokenKind
+from worker.domain.tokens import generate, hash_token
+from worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     # Starlette 1.x would rather its test client ran on httpx2, and says so on import.

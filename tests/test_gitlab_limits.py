@@ -16,10 +16,10 @@ from config.settings import Settings
 from producer.api import create_app
 from producer.schemas import MAX_BATCH
 from tests.conftest import Store
-from worker.app import make_celery
-from worker.db import transaction
-from worker.models import InboxEvent, TokenKind
-from worker.tokens import generate
+from worker.domain.db import transaction
+from worker.domain.models import InboxEvent, TokenKind
+from worker.domain.tokens import generate
+from worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)

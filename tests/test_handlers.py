@@ -17,13 +17,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from tests.conftest import Store
-from worker import audit, inbox
-from worker.errors import Refused
-from worker.events import InvalidEvent, parse_event
-from worker.handlers import apply_event, apply_pending
-from worker.issuing import IssuedToken, create_token
-from worker.members import add_member
-from worker.models import (
+from worker.domain import audit, inbox
+from worker.domain.errors import Refused
+from worker.domain.events import InvalidEvent, parse_event
+from worker.domain.handlers import apply_event, apply_pending
+from worker.domain.issuing import IssuedToken, create_token
+from worker.domain.members import add_member
+from worker.domain.models import (
     AuditEntry,
     EventStatus,
     InboxEvent,
@@ -32,9 +32,9 @@ from worker.models import (
     Token,
     TokenKind,
 )
-from worker.tasking import is_transient
-from worker.tokens import hash_token
-from worker.verification import verify_token
+from worker.domain.tokens import hash_token
+from worker.domain.verification import verify_token
+from worker.runtime.tasking import is_transient
 
 SOURCE = "hr://workday"
 

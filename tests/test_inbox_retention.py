@@ -18,14 +18,14 @@ from sqlalchemy.orm import Session
 
 import tasks.expiry
 from tests.conftest import Cli, Store
-from worker import clock, db, tasking
-from worker.errors import Refused
-from worker.events import parse_event
-from worker.handlers import apply_pending
-from worker.inbox import store_events
-from worker.issuing import create_token
-from worker.members import add_member
-from worker.models import (
+from worker.domain import clock, db
+from worker.domain.errors import Refused
+from worker.domain.events import parse_event
+from worker.domain.handlers import apply_pending
+from worker.domain.inbox import store_events
+from worker.domain.issuing import create_token
+from worker.domain.members import add_member
+from worker.domain.models import (
     AuditEntry,
     DeadLetter,
     EventStatus,
@@ -35,9 +35,10 @@ from worker.models import (
     Token,
     TokenKind,
 )
-from worker.sweep import run_sweep
-from worker.tokens import hash_token
-from worker.verification import verify_token
+from worker.domain.sweep import run_sweep
+from worker.domain.tokens import hash_token
+from worker.domain.verification import verify_token
+from worker.runtime import tasking
 
 DAYS = 30
 

@@ -11,14 +11,14 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from tests.conftest import Cli, Store
-from worker import db, inbox, notices, offboarding
-from worker.events import parse_event
-from worker.handlers import apply_event
-from worker.issuing import IssuedToken, create_token
-from worker.members import add_member
-from worker.models import InboxEvent, Notice, NoticeStatus, Token, TokenKind
-from worker.publish import take_new_notices
-from worker.tokens import hash_token
+from worker.domain import db, inbox, notices, offboarding
+from worker.domain.events import parse_event
+from worker.domain.handlers import apply_event
+from worker.domain.issuing import IssuedToken, create_token
+from worker.domain.members import add_member
+from worker.domain.models import InboxEvent, Notice, NoticeStatus, Token, TokenKind
+from worker.domain.notices import take_new_notices
+from worker.domain.tokens import hash_token
 
 SOURCE = "hr://workday"
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TOKENWARDEN, Cli, clean_env
-from worker.models import TokenKind
-from worker.supervise import free_port, wait_for_http
-from worker.tokens import TOKEN_PATTERN, generate
+from worker.domain.models import TokenKind
+from worker.domain.tokens import TOKEN_PATTERN, generate
+from worker.ops.supervisor import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 

@@ -20,11 +20,12 @@ from starlette.exceptions import StarletteDeprecationWarning
 from config.settings import Settings
 from producer.api import create_app
 from tests.conftest import Store, service_url
-from worker import clock, publish
-from worker.app import make_celery
-from worker.db import transaction
-from worker.inbox import due_for_redrive
-from worker.models import EventStatus, InboxEvent
+from worker.domain import clock
+from worker.domain.db import transaction
+from worker.domain.inbox import due_for_redrive
+from worker.domain.models import EventStatus, InboxEvent
+from worker.runtime import publishing
+from worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -64,8 +65,8 @@ def _event() -> dict[str, Any]:
 
 def _timed_failure(app: Any) -> tuple[float, str]:
     started = time.monotonic()
-    with pytest.raises(publish.PublishError) as raised:
-        publish.publish_event_ids(app, ["evt-1"])
+    with pytest.raises(publishing.PublishError) as raised:
+        publishing.publish_event_ids(app, ["evt-1"])
     return time.monotonic() - started, str(raised.value)
 
 
@@ -119,7 +120,7 @@ def test_a_hung_broker_is_given_up_on_quickly_then_left_alone_for_a_while(
     silent_broker: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = make_celery(Settings(home=tmp_path / "home", broker_url=silent_broker))
-    monkeypatch.setattr(publish, "PAUSE_AFTER_FAILURE_S", 1.5)
+    monkeypatch.setattr(publishing, "PAUSE_AFTER_FAILURE_S", 1.5)
     try:
         first_s, first = _timed_failure(app)
         paused_s, paused = _timed_failure(app)
@@ -128,11 +129,11 @@ def test_a_hung_broker_is_given_up_on_quickly_then_left_alone_for_a_while(
     finally:
         app.close()
 
-    assert publish.QUICK_CONNECT_S * 0.5 < first_s < QUICK_S, first
+    assert publishing.QUICK_CONNECT_S * 0.5 < first_s < QUICK_S, first
     assert paused_s < 0.1, paused
     assert paused.startswith("not tried:")
     assert "timed out" in paused  # the reason of the failure that started the pause
-    assert publish.QUICK_CONNECT_S * 0.5 < again_s < QUICK_S, again  # tried once more
+    assert publishing.QUICK_CONNECT_S * 0.5 < again_s < QUICK_S, again  # tried once more
     for message in (first, paused, again):
         assert "127.0.0.1" in message
         assert PASSWORD not in message
@@ -143,7 +144,7 @@ def test_a_pause_is_kept_per_app(tmp_path: Path) -> None:
     embedded = make_celery(Settings(home=tmp_path / "home"))
     try:
         _timed_failure(down)
-        publish.publish_event_ids(embedded, ["evt-1"])  # its own broker: not held back
+        publishing.publish_event_ids(embedded, ["evt-1"])  # its own broker: not held back
     finally:
         down.close()
         embedded.close()
@@ -213,11 +214,11 @@ def test_a_message_is_the_one_send_task_sends_with_a_short_repr_of_its_ids(
     queue_app: Any,
 ) -> None:
     app = queue_app
-    ids = [f"evt-{number:03}-{secrets.token_hex(8)}" for number in range(publish.CHUNK)]
+    ids = [f"evt-{number:03}-{secrets.token_hex(8)}" for number in range(publishing.CHUNK)]
 
     def both() -> None:
-        publish.publish_event_ids(app, ids)
-        app.send_task(publish.PROCESS_EVENTS, args=[ids], retry=False)
+        publishing.publish_event_ids(app, ids)
+        app.send_task(publishing.PROCESS_EVENTS, args=[ids], retry=False)
 
     # The re-drive publishes from inside a task: its messages name that task as parent.
     @app.task(name="test.redrive", shared=False)  # type: ignore[untyped-decorator]
@@ -226,12 +227,12 @@ def test_a_message_is_the_one_send_task_sends_with_a_short_repr_of_its_ids(
 
     both()
     redrive.apply(task_id="redrive-1")
-    publish.publish_notice_ids(app, ["ntc-1"])
+    publishing.publish_notice_ids(app, ["ntc-1"])
     messages = _take_all(app)
 
     ours = [m for m in messages if m.headers["argsrepr"] == "[100 event ids]"]
     theirs = [m for m in messages if m.headers["argsrepr"].startswith("[['evt-000-")]
-    [notice] = [m for m in messages if m.headers["task"] == publish.DELIVER_NOTICES]
+    [notice] = [m for m in messages if m.headers["task"] == publishing.DELIVER_NOTICES]
     assert len(ours) == len(theirs) == 2, [m.headers["argsrepr"][:40] for m in messages]
     for message in ours:
         assert message.headers["kwargsrepr"] == "{}"

@@ -10,14 +10,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker import inbox
-from worker.errors import Refused
-from worker.events import parse_event
-from worker.handlers import apply_event
-from worker.issuing import IssuedToken, create_token
-from worker.members import add_member
-from worker.models import AuditEntry, InboxEvent, Membership, TokenKind
-from worker.verification import verify_token
+from worker.domain import inbox
+from worker.domain.errors import Refused
+from worker.domain.events import parse_event
+from worker.domain.handlers import apply_event
+from worker.domain.issuing import IssuedToken, create_token
+from worker.domain.members import add_member
+from worker.domain.models import AuditEntry, InboxEvent, Membership, TokenKind
+from worker.domain.verification import verify_token
 
 ADDED, ROLE_CHANGED, REMOVED, DEACTIVATED = (
     "membership.added",

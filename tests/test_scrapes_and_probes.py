@@ -27,11 +27,11 @@ from producer import metrics
 from producer.api import READY_MAX_AGE_S, create_app
 from producer.metrics import STORE_MAX_AGE_S
 from tests.conftest import Store
-from worker import clock, inbox
-from worker.app import make_celery
-from worker.db import engine_for, transaction
-from worker.inbox import dead_letter
-from worker.models import EventStatus, InboxEvent
+from worker.domain import clock, inbox
+from worker.domain.db import engine_for, transaction
+from worker.domain.inbox import dead_letter
+from worker.domain.models import EventStatus, InboxEvent
+from worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)

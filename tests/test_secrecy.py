@@ -17,12 +17,12 @@ from sqlalchemy.orm import Session
 
 from config.logging import configure_logging
 from tests.conftest import Cli, Result, Store
-from worker.issuing import create_token
-from worker.members import add_member
-from worker.models import Membership, TokenKind
-from worker.revocation import revoke_token
-from worker.tokens import TOKEN_PATTERN, from_header, from_url, hash_token
-from worker.verification import verify_token
+from worker.domain.issuing import create_token
+from worker.domain.members import add_member
+from worker.domain.models import Membership, TokenKind
+from worker.domain.revocation import revoke_token
+from worker.domain.tokens import TOKEN_PATTERN, from_header, from_url, hash_token
+from worker.domain.verification import verify_token
 
 FAR = "2099-01-01T00:00:00Z"
 

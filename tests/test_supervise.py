@@ -22,15 +22,16 @@ import pytest
 from kombu.connection import Connection
 
 from tests.conftest import service_url
-from worker import db, supervise
-from worker.redis_transport import use_fixed_channels
-from worker.supervise import HEARTBEAT_ENV, Stack, command
+from worker.domain import db
+from worker.ops import supervisor
+from worker.ops.supervisor import HEARTBEAT_ENV, Stack, command
+from worker.runtime.redis_transport import use_fixed_channels
 
 
 @pytest.fixture(autouse=True)
 def _quick(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervise, "RESTART_DELAY_S", 0.05)
-    monkeypatch.setattr(supervise, "STOP_GRACE_S", 2.0)
+    monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.05)
+    monkeypatch.setattr(supervisor, "STOP_GRACE_S", 2.0)
 
 
 def _python(code: str) -> list[str]:
@@ -81,7 +82,7 @@ def test_a_child_that_keeps_failing_at_start_stops_everything(
     started = time.monotonic()
     assert stack.wait_until_stopped() == 1
     assert time.monotonic() - started < 30
-    assert stack.restarts["worker"] == supervise.QUICK_EXITS_TO_GIVE_UP - 1
+    assert stack.restarts["worker"] == supervisor.QUICK_EXITS_TO_GIVE_UP - 1
     assert stack.children["api"].poll() is not None, "the rest was not stopped"
 
 
@@ -175,7 +176,7 @@ def test_a_worker_that_cannot_stop_after_an_unrecoverable_error_exits(tmp_path: 
     script = tmp_path / "stuck.py"
     script.write_text(
         "import sys, time, types\n"
-        "from worker import signals\n"
+        "from worker.runtime import signals\n"
         "signals.UNRECOVERABLE_EXIT_AFTER_S = 0.5\n"
         "consumer = signals.DeadLetteringConsumer.__new__(signals.DeadLetteringConsumer)\n"
         "consumer.controller = types.SimpleNamespace(exitcode=1)\n"

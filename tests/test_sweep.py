@@ -26,12 +26,13 @@ from sqlalchemy.orm import Session
 
 import tasks.expiry
 from tests.conftest import Store
-from worker import clock, db, notices, tasking
-from worker.app import app
-from worker.members import add_member
-from worker.models import AuditEntry, Notice, Token, TokenKind, TokenReminder
-from worker.revocation import revoke_token
-from worker.sweep import SweepResult, lock_key, run_sweep, single_run, table_walk_pages
+from worker.domain import clock, db, notices
+from worker.domain.members import add_member
+from worker.domain.models import AuditEntry, Notice, Token, TokenKind, TokenReminder
+from worker.domain.revocation import revoke_token
+from worker.domain.sweep import SweepResult, lock_key, run_sweep, single_run, table_walk_pages
+from worker.runtime import tasking
+from worker.runtime.celery_app import app
 
 
 @pytest.fixture

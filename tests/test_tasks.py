@@ -27,12 +27,11 @@ from sqlalchemy.orm import Session
 import tasks.events
 from config.logging import configure_logging
 from tests.conftest import Store
-from worker import clock, db, inbox, offboarding, removals, signals, tasking
-from worker.app import app
-from worker.events import parse_event
-from worker.issuing import create_token
-from worker.members import add_member
-from worker.models import (
+from worker.domain import clock, db, inbox, offboarding, removals
+from worker.domain.events import parse_event
+from worker.domain.issuing import create_token
+from worker.domain.members import add_member
+from worker.domain.models import (
     AuditEntry,
     DeadLetter,
     EventStatus,
@@ -41,9 +40,11 @@ from worker.models import (
     Token,
     TokenKind,
 )
-from worker.publish import CHUNK, PROCESS_EVENTS, PublishError
-from worker.tasking import DatabaseTask, TransientDatabaseError
-from worker.tokens import generate
+from worker.domain.tokens import generate
+from worker.runtime import signals, tasking
+from worker.runtime.celery_app import app
+from worker.runtime.publishing import CHUNK, PROCESS_EVENTS, PublishError
+from worker.runtime.tasking import DatabaseTask, TransientDatabaseError
 
 probe_app = Celery("tokenwarden-probe", set_as_current=False)
 

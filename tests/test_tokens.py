@@ -10,8 +10,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from worker.models import TokenKind
-from worker.tokens import (
+from worker.domain.models import TokenKind
+from worker.domain.tokens import (
     ALPHABET,
     ExtractError,
     checksum,

@@ -37,9 +37,9 @@ from config.settings import Settings
 from producer.client import ProducerClient, ProducerError
 from tests.reliability.evidence import Evidence
 from tests.stack import KEY, LiveStack, stack_env
-from worker import db
-from worker.models import EventStatus, InboxEvent, Notice
-from worker.supervise import command, free_port, wait_for_http
+from worker.domain import db
+from worker.domain.models import EventStatus, InboxEvent, Notice
+from worker.ops.supervisor import command, free_port, wait_for_http
 
 SIGNING_SECRET = "whsec_" + "dHdjaGFvcy1zaWduaW5nLXNlY3JldC0wMTIzNDU2Nzg5"
 PROCESS_EVENTS = "tokenwarden.process_events"
@@ -77,7 +77,7 @@ class ChaosStack(LiveStack):
             "-m",
             "celery",
             "-A",
-            "worker.app",
+            "worker.runtime.celery_app",
             "--quiet",
             "worker",
             "--loglevel",

@@ -24,7 +24,7 @@ from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.harness import chaos_stack, kill_group
 from tests.reliability.workload import cloud_event, notices_wired
-from worker.models import EventStatus, InboxEvent, Notice, TokenKind
+from worker.domain.models import EventStatus, InboxEvent, Notice, TokenKind
 
 pytestmark = [pytest.mark.chaos]
 

@@ -42,7 +42,7 @@ from tests.reliability.figures import Figures
 from tests.reliability.harness import ChaosStack, chaos_stack
 from tests.reliability.workload import cloud_event
 from tests.stack import KEY
-from worker.models import EventStatus, InboxEvent
+from worker.domain.models import EventStatus, InboxEvent
 
 pytestmark = [pytest.mark.chaos]
 

@@ -54,9 +54,9 @@ from tests.reliability.workload import (
     make_events,
     notices_wired,
 )
-from worker import db
-from worker.models import EventStatus, InboxEvent
-from worker.redis_transport import CLOSED
+from worker.domain import db
+from worker.domain.models import EventStatus, InboxEvent
+from worker.runtime.redis_transport import CLOSED
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ EVENTS = 1_500
 LOAD_S = 12.0
 OUTAGE_AFTER = 0.25  # the outage begins once this share of the load was accepted
 OUTAGE_S = 4.0
-# What the product's supervisor says when it restarts a worker (worker.supervise).
+# What the product's supervisor says when it restarts a worker (worker.ops.supervisor).
 RESTARTED = re.compile(r"tokenwarden: the worker (exited|has not consumed)")
 
 OUTAGES = [

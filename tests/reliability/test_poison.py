@@ -31,10 +31,17 @@ from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.harness import ChaosStack, WebhookReceiver, chaos_stack
 from tests.reliability.workload import cloud_event
-from worker.models import DeadLetter, EventStatus, InboxEvent, Notice, NoticeStatus, TokenKind
-from worker.notices import LEAKED
-from worker.notices import queue as queue_notice
-from worker.tokens import TOKEN_PATTERN, generate
+from worker.domain.models import (
+    DeadLetter,
+    EventStatus,
+    InboxEvent,
+    Notice,
+    NoticeStatus,
+    TokenKind,
+)
+from worker.domain.notices import LEAKED
+from worker.domain.notices import queue as queue_notice
+from worker.domain.tokens import TOKEN_PATTERN, generate
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -36,13 +36,13 @@ from tests.reliability.conftest import SeededRandom
 from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.workload import cloud_event
-from worker import db, handlers, inbox
-from worker.errors import Refused
-from worker.issuing import create_token
-from worker.members import add_member
-from worker.models import AuditEntry, Notice, Token, TokenKind
-from worker.tokens import hash_token
-from worker.verification import verify_token
+from worker.domain import db, handlers, inbox
+from worker.domain.errors import Refused
+from worker.domain.issuing import create_token
+from worker.domain.members import add_member
+from worker.domain.models import AuditEntry, Notice, Token, TokenKind
+from worker.domain.tokens import hash_token
+from worker.domain.verification import verify_token
 
 pytestmark = [pytest.mark.chaos]
 
@@ -262,7 +262,7 @@ def test_two_sweeps_at_once_never_sweep_the_same_rows(
     own_store: Store, tmp_path: Path, evidence: Evidence, rng: SeededRandom
 ) -> None:
     store = own_store
-    pytest.importorskip("worker.sweep", reason="the expiry sweep has not landed")
+    pytest.importorskip("worker.domain.sweep", reason="the expiry sweep has not landed")
     figures = Figures(f"race_two_sweeps[{store.backend}]", {"seed": rng.seed_value})
     home = tmp_path / "home"
     home.mkdir()

@@ -46,10 +46,10 @@ from tests.reliability.workload import (
     make_events,
     notices_wired,
 )
-from worker import db, handlers, inbox
-from worker.members import add_member
-from worker.models import AuditEntry, Membership, Token
-from worker.offboarding import deactivate_user
+from worker.domain import db, handlers, inbox
+from worker.domain.members import add_member
+from worker.domain.models import AuditEntry, Membership, Token
+from worker.domain.offboarding import deactivate_user
 
 EVENTS = 1_200
 COPIES = 3

@@ -34,9 +34,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from worker.issuing import create_token
-from worker.members import add_member
-from worker.models import (
+from worker.domain.issuing import create_token
+from worker.domain.members import add_member
+from worker.domain.models import (
     AuditEntry,
     EventStatus,
     InboxEvent,
@@ -45,7 +45,7 @@ from worker.models import (
     Token,
     TokenKind,
 )
-from worker.tokens import generate, hash_token
+from worker.domain.tokens import generate, hash_token
 
 ADDED = "membership.added"
 ROLE_CHANGED = "membership.role_changed"

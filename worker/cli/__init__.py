@@ -28,7 +28,7 @@ def main() -> None:
     the token may be what was mistyped into that place.
     """
     from config.settings import keep_files_private
-    from worker.tokens import mask_tokens
+    from worker.domain.tokens import mask_tokens
 
     keep_files_private()
     try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from worker import audit as audit_trail
-from worker import db
 from worker.cli.common import (
     echo_json,
     echo_table,
@@ -15,6 +13,8 @@ from worker.cli.common import (
     store_failed,
     transaction,
 )
+from worker.domain import audit as audit_trail
+from worker.domain import db
 
 
 @click.group(name="db")

@@ -14,9 +14,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from config.settings import ENV_PREFIX, ConfigError, Settings, get_settings
-from worker import db
-from worker.errors import Refused
-from worker.publish import publish_new_notices, take_new_notices
+from worker.domain import db
+from worker.domain.errors import Refused
+from worker.domain.notices import take_new_notices
+from worker.runtime.publishing import publish_new_notices
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,7 +27,7 @@ EXIT_USAGE = 2  # a request refused: nothing changed
 
 def fail(message: str) -> NoReturn:
     """Print a one-line reason and exit 2; nothing was changed. Never echoes a token."""
-    from worker.tokens import mask_tokens
+    from worker.domain.tokens import mask_tokens
 
     click.echo(f"error: {mask_tokens(message)}", err=True)
     sys.exit(EXIT_USAGE)
@@ -74,7 +75,7 @@ def transaction(current: Settings | None = None) -> Iterator[Session]:
     except Refused as refused:
         fail(refused.message)
     if notices:
-        from worker.app import app
+        from worker.runtime.celery_app import app
 
         publish_new_notices(app, notices)
 

@@ -19,8 +19,8 @@ from worker.cli.common import (
     short_time,
     transaction,
 )
-from worker.events import DATA_MODELS
-from worker.models import EventStatus
+from worker.domain.events import DATA_MODELS
+from worker.domain.models import EventStatus
 
 # Table cells are cut here; --json has the full text.
 CELL = 60
@@ -109,7 +109,7 @@ def _data(text: str) -> dict[str, Any]:
 @json_option
 def events(status: str | None, limit: int, as_json: bool) -> None:
     """The event inbox, newest first, then the dead letters with their reasons."""
-    from worker.inbox import list_dead_letters, list_events
+    from worker.domain.inbox import list_dead_letters, list_events
 
     with transaction() as session:
         inbox = list_events(session, status=status, limit=limit)

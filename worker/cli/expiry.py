@@ -9,16 +9,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from worker import clock
 from worker.cli.common import echo_json, fail, json_option, settings, store
+from worker.domain import clock
 
 if TYPE_CHECKING:
-    from worker.sweep import SweepResult
+    from worker.domain.sweep import SweepResult
 
 
 def _publish(notice_ids: Sequence[str]) -> None:
-    from worker.app import app
-    from worker.publish import publish_new_notices
+    from worker.runtime.celery_app import app
+    from worker.runtime.publishing import publish_new_notices
 
     publish_new_notices(app, notice_ids)
 
@@ -49,7 +49,7 @@ def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
     and finished inbox events and dead letters older than TOKENWARDEN_INBOX_RETENTION_DAYS.
     Returns at once if another sweep (the scheduler's, say) is running.
     """
-    from worker.sweep import count_due, run_sweep
+    from worker.domain.sweep import count_due, run_sweep
 
     current = settings()
     engine = store(current)
@@ -135,7 +135,7 @@ def remind(as_json: bool) -> None:
 
     Returns at once if another reminder run is going on.
     """
-    from worker.reminders import send_reminders
+    from worker.domain.reminders import send_reminders
 
     current = settings()
     engine = store(current)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from worker import clock
 from worker.cli.common import echo_json, json_option, transaction
-from worker.members import add_member
+from worker.domain import clock
+from worker.domain.members import add_member
 
 
 @click.group()

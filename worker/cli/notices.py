@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from worker.cli.common import echo_json, echo_table, json_option, settings, short_time, transaction
-from worker.models import Notice, NoticeStatus
+from worker.domain.models import Notice, NoticeStatus
 
 # Table cells are cut here; --json has the full text.
 CELL = 48
@@ -31,7 +31,7 @@ def notices(status: str | None, limit: int, as_json: bool) -> None:
     --json adds each notice's body, the exact JSON posted to the webhook (it names tokens by
     id, name and last four characters, never the token itself).
     """
-    from worker.notices import list_notices
+    from worker.domain.notices import list_notices
 
     current = settings()
     with transaction(current) as session:

@@ -7,7 +7,6 @@ import sys
 
 import click
 
-from worker import clock
 from worker.cli.common import (
     EXIT_REFUSED,
     echo_json,
@@ -18,11 +17,12 @@ from worker.cli.common import (
     short_time,
     transaction,
 )
-from worker.issuing import create_token, list_tokens, parse_kind
-from worker.models import Token, TokenKind
-from worker.revocation import revoke_token
-from worker.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
-from worker.verification import verify_token
+from worker.domain import clock
+from worker.domain.issuing import create_token, list_tokens, parse_kind
+from worker.domain.models import Token, TokenKind
+from worker.domain.revocation import revoke_token
+from worker.domain.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
+from worker.domain.verification import verify_token
 
 
 @click.group()

@@ -27,8 +27,9 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from config.settings import get_settings
-from worker import db
-from worker.publish import publish_new_notices, take_new_notices
+from worker.domain import db
+from worker.domain.notices import take_new_notices
+from worker.runtime.publishing import publish_new_notices
 
 log = structlog.get_logger(__name__)
 

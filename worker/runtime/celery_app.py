@@ -1,4 +1,4 @@
-"""The Celery app: ``celery -A worker.app worker``."""
+"""The Celery app: ``celery -A worker.runtime.celery_app worker``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from celery import Celery
 
 from config.celery import celery_config
 from config.settings import Settings, get_settings, keep_files_private
-from worker import file_transport
+from worker.runtime import file_transport
 
-TASK_MODULES = ["tasks.events", "tasks.notices", "tasks.expiry", "worker.signals"]
+TASK_MODULES = ["tasks.events", "tasks.notices", "tasks.expiry", "worker.runtime.signals"]
 
 
 def make_celery(settings: Settings) -> Celery:

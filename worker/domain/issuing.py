@@ -10,10 +10,10 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker import audit
-from worker.errors import Refused
-from worker.models import Membership, Token, TokenKind
-from worker.tokens import generate, hash_token, hint
+from worker.domain import audit
+from worker.domain.errors import Refused
+from worker.domain.models import Membership, Token, TokenKind
+from worker.domain.tokens import generate, hash_token, hint
 
 NAME_MAX = 200
 

@@ -23,9 +23,9 @@ from sqlalchemy import Executable, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from worker import audit
-from worker.errors import Refused
-from worker.models import Membership, Role, UserDeactivation
+from worker.domain import audit
+from worker.domain.errors import Refused
+from worker.domain.models import Membership, Role, UserDeactivation
 
 log = structlog.get_logger(__name__)
 

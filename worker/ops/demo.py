@@ -17,13 +17,13 @@ from typing import Any
 
 import httpx
 
-from worker import db
-from worker.demo_peers import KEY_ID, Peers
-from worker.issuing import IssuedToken, create_token
-from worker.members import add_member
-from worker.models import TokenKind
-from worker.supervise import Stack, child_env, command, free_port, wait_for_http
-from worker.verification import Verdict, verify_token
+from worker.domain import db
+from worker.domain.issuing import IssuedToken, create_token
+from worker.domain.members import add_member
+from worker.domain.models import TokenKind
+from worker.domain.verification import Verdict, verify_token
+from worker.ops.demo_peers import KEY_ID, Peers
+from worker.ops.supervisor import Stack, child_env, command, free_port, wait_for_http
 
 Say = Callable[[str], None]
 
@@ -210,7 +210,7 @@ def _story(demo: Demo) -> None:
     demo.check("acme's AAT (bob created it, but it belongs to the app)", "usable", demo.state(aat))
     demo.check("bob's globex PAT (another organization)", "usable", demo.state(globex))
     with demo.session() as session:
-        from worker.audit import trail
+        from worker.domain.audit import trail
 
         revoked = [e for e in trail(session, token_id=pat.id) if e.action == "revoke"]
     seen = f"{revoked[0].reason} from {revoked[0].source}" if revoked else "none"

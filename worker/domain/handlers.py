@@ -15,7 +15,7 @@ One more than ``TOKENWARDEN_MAX_CLOCK_SKEW_S`` ahead of its receipt is invalid (
 it; one that reached the inbox another way is marked dead here, with the reason).
 
 A batch made only of removals of distinct, known memberships (what offboarding sends in bulk)
-goes set-based instead (worker.removals): a handful of statements for the whole batch rather
+goes set-based instead (worker.domain.removals): a handful of statements for the whole batch rather
 than some nine per event, with the same outcome. If it raises, it is rolled back and the
 events are applied one savepoint each, as above; anything else in the batch (another event
 type, two events about one membership, a membership not known yet) takes the general path.
@@ -34,8 +34,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config.settings import get_settings
-from worker import inbox, members, offboarding, removals
-from worker.events import (
+from worker.domain import inbox, members, offboarding, removals
+from worker.domain.events import (
     CloudEvent,
     InvalidEvent,
     MembershipAdded,
@@ -48,9 +48,9 @@ from worker.events import (
     parse_event,
     too_far_ahead,
 )
-from worker.models import EventStatus, InboxEvent
-from worker.publish import NEW_NOTICES
-from worker.tokens import mask_tokens
+from worker.domain.models import EventStatus, InboxEvent
+from worker.domain.notices import NEW_NOTICES
+from worker.domain.tokens import mask_tokens
 
 log = structlog.get_logger(__name__)
 
@@ -276,7 +276,7 @@ def _apply_removals(
     now: datetime,
     retryable: Callable[[Exception], bool],
 ) -> dict[str, bool] | None:
-    """Apply a batch of removals set-based (worker.removals) and mark each event.
+    """Apply a batch of removals set-based (worker.domain.removals) and mark each event.
 
     Falls back to :func:`_apply_together` when a membership is not known yet, and returns
     None (each event in a savepoint of its own follows) when the batch raised.

@@ -4,7 +4,7 @@ Each function applies one event as of its time ``at`` and stamps what it changes
 
 Ordering: a membership row keeps the time of the newest join, removal or deactivation applied
 to it (``last_event_at``); an older one is stale and leaves the membership alone. A role
-change has a time of its own (``role_at``, see worker.members): it never makes a member, and
+change has a time of its own (``role_at``, see worker.domain.members): it never makes a member, and
 never makes a removal or deactivation stale. A stale
 removal still revokes the personal tokens that the leaver held at ``at`` (created at or before
 it, or before the current active period began), but never one issued at or after a later
@@ -13,7 +13,7 @@ membership take turns instead of both acting on what they read first.
 
 A deactivation is also kept per user (``user_deactivations``, newest time wins): a
 membership that appears after it through an older event starts out inactive as of the
-deactivation (see worker.members), so an older join cannot make the user active again.
+deactivation (see worker.domain.members), so an older join cannot make the user active again.
 
 Notices are queued in the same transaction as the revocations they report, and only for
 tokens revoked by this very call: a replayed event or a second leak report revokes nothing,
@@ -33,10 +33,10 @@ from sqlalchemy import ColumnElement, and_, false, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from worker import audit, members, notices
-from worker.members import parse_role
-from worker.models import Membership, Role, Token, TokenKind, UserDeactivation
-from worker.revocation import revoke_token
+from worker.domain import audit, members, notices
+from worker.domain.members import parse_role
+from worker.domain.models import Membership, Role, Token, TokenKind, UserDeactivation
+from worker.domain.revocation import revoke_token
 
 log = structlog.get_logger(__name__)
 
@@ -229,7 +229,7 @@ def deactivate_user(
     newer event, only the PATs held at ``at`` are revoked. Returns the revoked token ids.
     """
     # A membership that does not exist yet is started from the record instead (see
-    # worker.members); the user lock keeps one being created right now from slipping between.
+    # worker.domain.members); the user lock keeps one being created right now from slipping between.
     members.lock_user(session, user_id)
     _record_deactivation(session, user_id=user_id, at=at, now=now, event_id=event_id)
     # Lock in a fixed order, the same one every deactivation uses, so two of them cannot
@@ -511,7 +511,7 @@ def revoke_statement(
             and_(*criteria),
         )
         .values(revoked_at=now, revoke_reason=reason)
-        # Everything a notice names (worker.notices.describe), so no second query is needed.
+        # Everything a notice names (worker.domain.notices.describe), so no second query is needed.
         .returning(
             Token.id,
             Token.org_id,

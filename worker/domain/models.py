@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from worker.clock import as_utc
+from worker.domain.clock import as_utc
 
 
 class UTCDateTime(TypeDecorator[datetime]):

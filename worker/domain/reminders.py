@@ -11,10 +11,11 @@ queues the notice, so a rerun (the same day, or a second scheduler) sends nothin
 
 Per bucket, a run first reads which tokens are due, in recipient order (one query over the
 bucket's window of the live-expiry index, for up to :data:`DUE_PER_READ` tokens), then sends
-them in short transactions of at most :data:`~worker.sweep.GROUPS_PER_TRANSACTION` recipients,
+them in short transactions of at most
+:data:`~worker.domain.sweep.GROUPS_PER_TRANSACTION` recipients,
 never splitting a recipient's tokens between two transactions (unless they are too many for
 one), so that a recipient gets one notice per bucket listing up to
-:data:`~worker.sweep.TOKENS_PER_NOTICE` tokens. Each transaction checks again that its tokens
+:data:`~worker.domain.sweep.TOKENS_PER_NOTICE` tokens. Each transaction checks again that its tokens
 are live and not yet reminded.
 """
 
@@ -29,9 +30,9 @@ import structlog
 from sqlalchemy import ColumnElement, Engine, func, insert, select
 from sqlalchemy.orm import Session
 
-from worker import db, notices
-from worker.models import Token, TokenReminder
-from worker.sweep import (
+from worker.domain import db, notices
+from worker.domain.models import Token, TokenReminder
+from worker.domain.sweep import (
     GROUPS_PER_TRANSACTION,
     NOTICE_ROWS,
     TOKEN_COLUMNS,

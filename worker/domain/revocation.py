@@ -8,8 +8,8 @@ import structlog
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from worker import audit
-from worker.models import Token
+from worker.domain import audit
+from worker.domain.models import Token
 
 log = structlog.get_logger(__name__)
 

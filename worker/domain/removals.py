@@ -1,11 +1,11 @@
 """Many ``membership.removed`` events applied together, set-based.
 
-One removal at a time (:func:`worker.offboarding.remove_member`) costs about nine statements;
+One removal at a time (:func:`worker.domain.offboarding.remove_member`) costs about nine statements;
 a message of a hundred of them costs a handful here, whatever their number: lock the
 memberships, end them, revoke every matching PAT with one ``UPDATE … RETURNING``, one bulk
 insert of audit rows and one of notices. The outcome is the one of applying them one by one
 in the order given (the inbox's order, by event time): the same rows, audit trail, notices and
-log lines, stale removals included (see :mod:`worker.offboarding` for the ordering rules).
+log lines, stale removals included (see :mod:`worker.domain.offboarding` for the ordering rules).
 
 Removals of the same membership depend on each other's outcome, and a membership not known
 yet must be recorded first; both are left to the one-at-a-time path.
@@ -23,9 +23,9 @@ import structlog
 from sqlalchemy import ColumnElement, and_, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from worker import audit, members, notices
-from worker.models import Membership, Role, Token, UserDeactivation
-from worker.offboarding import MEMBER_REMOVED, audit_row, held_at, revoke_statement
+from worker.domain import audit, members, notices
+from worker.domain.models import Membership, Role, Token, UserDeactivation
+from worker.domain.offboarding import MEMBER_REMOVED, audit_row, held_at, revoke_statement
 
 log = structlog.get_logger(__name__)
 

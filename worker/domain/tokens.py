@@ -16,7 +16,8 @@ import zlib
 from typing import Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from worker.models import TokenKind
+from config import redaction
+from worker.domain.models import TokenKind
 
 ALPHABET: Final = string.digits + string.ascii_uppercase + string.ascii_lowercase
 BODY_LENGTH: Final = 32
@@ -24,8 +25,9 @@ CHECKSUM_LENGTH: Final = 6
 PREFIXES: Final = {TokenKind.PERSONAL: "sm_pat_", TokenKind.APPLICATION: "sm_aat_"}
 KIND_BY_PREFIX: Final = {prefix: kind for kind, prefix in PREFIXES.items()}
 TOKEN_LENGTH: Final = 7 + BODY_LENGTH + CHECKSUM_LENGTH
-# Anything shaped like one of our tokens, for log redaction and leak scanning.
-TOKEN_PATTERN: Final = re.compile(r"sm_(?:pat|aat)_[0-9A-Za-z]{12,}")
+# Anything shaped like one of our tokens, for log redaction and leak scanning (defined in
+# config.redaction, which the log processors use too).
+TOKEN_PATTERN: Final = redaction.TOKEN_PATTERN
 _EXACT: Final = re.compile(rf"sm_(pat|aat)_[0-9A-Za-z]{{{BODY_LENGTH + CHECKSUM_LENGTH}}}")
 
 
@@ -62,13 +64,8 @@ def hash_token(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-MASK: Final = "***"
-
-
-def mask_tokens(text: str) -> str:
-    """``text`` with anything shaped like a token cut to its prefix: ``sm_pat_***``."""
-    return TOKEN_PATTERN.sub(lambda match: match.group()[:7] + MASK, text)
-
+# ``text`` with anything shaped like a token cut to its prefix: ``sm_pat_***``.
+mask_tokens: Final = redaction.mask_tokens
 
 # Percent-decoding passes that may uncover a token: a double-encoded one (``%255F``) takes two.
 DECODE_PASSES: Final = 4

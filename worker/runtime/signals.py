@@ -7,7 +7,7 @@ Celery does anyway: it is never redelivered forever, and the worker keeps consum
 
 The same consumer keeps the worker recoverable. A broker that goes away is a connection
 error, after which Celery reconnects (on Redis with the channels of
-:mod:`worker.redis_transport`, so that the old connection's messages cannot turn it into
+:mod:`worker.runtime.redis_transport`, so that the old connection's messages cannot turn it into
 Celery's "Unrecoverable error"). After an unrecoverable error all the same, the process exits
 rather than hang in its warm stop, so that whatever supervises it starts it again. While the
 consumer is connected it touches ``TOKENWARDEN_WORKER_HEARTBEAT_FILE`` (when set) every few
@@ -29,9 +29,10 @@ from celery.worker.consumer import Consumer
 
 from config.logging import bind_task_context, clear_task_context, configure_logging
 from config.settings import get_settings
-from worker import clock, db, handlers, tasking
-from worker.publish import PROCESS_EVENTS
-from worker.redis_transport import use_fixed_channels
+from worker.domain import clock, db, handlers
+from worker.runtime import tasking
+from worker.runtime.publishing import PROCESS_EVENTS
+from worker.runtime.redis_transport import use_fixed_channels
 
 log = structlog.get_logger(__name__)
 

@@ -18,17 +18,31 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import structlog
 from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker.models import Membership, Notice, NoticeStatus, Role, TokenKind
-from worker.publish import remember_notice
+from worker.domain.models import Membership, Notice, NoticeStatus, Role, TokenKind
 
 log = structlog.get_logger(__name__)
+
+# Session.info key: notices queued in this transaction, published once it commits.
+NEW_NOTICES: Final = "tokenwarden.new_notices"
+
+
+def remember_notice(session: Session, notice_id: str) -> None:
+    """Note a notice queued in this transaction, to be published once it commits."""
+    session.info.setdefault(NEW_NOTICES, []).append(notice_id)
+
+
+def take_new_notices(session: Session) -> list[str]:
+    """The notices queued in this transaction (read before it closes)."""
+    notices: list[str] = session.info.pop(NEW_NOTICES, [])
+    return notices
+
 
 LEAKED = "token.leaked"
 OFFBOARDED = "member.offboarded"

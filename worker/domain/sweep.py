@@ -65,8 +65,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from worker import db, inbox, notices
-from worker.models import (
+from worker.domain import db, inbox, notices
+from worker.domain.models import (
     AuditEntry,
     JobCursor,
     Membership,
@@ -76,7 +76,7 @@ from worker.models import (
     TokenReminder,
     UTCDateTime,
 )
-from worker.publish import take_new_notices
+from worker.domain.notices import take_new_notices
 
 log = structlog.get_logger(__name__)
 

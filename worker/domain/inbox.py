@@ -30,8 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from worker.events import CloudEvent, canonical, digest
-from worker.models import DeadLetter, EventStatus, InboxEvent
+from worker.domain.events import CloudEvent, canonical, digest
+from worker.domain.models import DeadLetter, EventStatus, InboxEvent
 
 BODY_EXCERPT = 2000
 

@@ -13,8 +13,8 @@ from sqlalchemy import Connection, Table, insert, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from worker.clock import as_utc
-from worker.models import AuditEntry
+from worker.domain.clock import as_utc
+from worker.domain.models import AuditEntry
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,6 @@ from weakref import WeakKeyDictionary
 
 import structlog
 from celery.utils import uuid
-from sqlalchemy.orm import Session
 
 from config.settings import get_settings, without_password
 
@@ -30,8 +29,6 @@ DELIVER_NOTICES: Final = "tokenwarden.deliver_notices"
 # Ids per message: enough to amortise a transaction, few enough to finish well inside the
 # task time limit.
 CHUNK: Final = 100
-# Session.info key: notices queued in this transaction, published once it commits.
-NEW_NOTICES: Final = "tokenwarden.new_notices"
 # A broker that answers connects in milliseconds; one that drops packets would otherwise
 # hold each publish for the app's whole connection timeout and retries (about 6 s).
 QUICK_CONNECT_S: Final = 1.0
@@ -111,7 +108,7 @@ def _send(app: Any, producer: Any, task: str, part: list[str], *, what: str | No
         ignore_result=None,  # send_task's header: the task's own setting decides
         # What a worker log line and task events show for the arguments. Celery would
         # repr the whole list, which costs more than the rest of the publish for a long one;
-        # a worker line names the ids anyway (worker.signals binds them).
+        # a worker line names the ids anyway (worker.runtime.signals binds them).
         argsrepr=None if what is None else f"[{len(part)} {what}]",
         kwargsrepr=None if what is None else "{}",
     )
@@ -182,17 +179,6 @@ def broker_unreachable(app: Any) -> str | None:
     except Exception as error:
         return " ".join(str(error).split()) or type(error).__name__
     return None
-
-
-def remember_notice(session: Session, notice_id: str) -> None:
-    """Note a notice queued in this transaction, for :func:`publish_new_notices`."""
-    session.info.setdefault(NEW_NOTICES, []).append(notice_id)
-
-
-def take_new_notices(session: Session) -> list[str]:
-    """The notices queued in this transaction (read before it closes)."""
-    notices: list[str] = session.info.pop(NEW_NOTICES, [])
-    return notices
 
 
 def publish_new_notices(app: Any, notice_ids: Sequence[str]) -> None:
