@@ -19,9 +19,9 @@ from config.settings import Settings
 from tests.reliability.figures import Figures
 from tests.stack import LiveStack, event, stack_env
 from tests.test_delivery import SECRET, Receiver
-from worker import db
-from worker.models import TokenKind
-from worker.supervise import free_port
+from worker.domain import db
+from worker.domain.models import TokenKind
+from worker.ops.supervisor import free_port
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
