@@ -361,14 +361,17 @@ def without_password(url: str) -> str:
 
 
 def _shown(field: str, value: Any) -> str:
-    """The offending value, fit for an error line: never a secret, never a password."""
+    """The offending value, fit for an error line: never a secret, nor a URL's credentials or
+    query values (a webhook URL often carries the receiver's secret in either)."""
+    from config.logging import mask_url_secrets
+
     if (
         field in SECRET_FIELDS
         or field.endswith(SECRET_SUFFIXES)
         or not isinstance(value, str | int)
     ):
         return ""
-    return f" (got {without_password(str(value))!r})"
+    return f" (got {mask_url_secrets(str(value))!r})"
 
 
 def _describe(error: ValidationError) -> str:
