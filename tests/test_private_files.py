@@ -55,6 +55,31 @@ def test_a_new_home_and_its_token_store_are_readable_by_their_owner_alone(
     assert _modes(home)["tokenwarden.db"] == 0o600
 
 
+def test_files_an_earlier_version_left_open_are_made_private_by_the_next_command(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    cli = Cli(tmp_path, clean_env(TOKENWARDEN_HOME=str(home)))
+    cli("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
+    # What a version that did not restrict its files left behind, readable by everyone.
+    (home / "producer.key").write_text("twp_" + "k" * 43 + "\n")
+    (home / "notice-signing.secret").write_text("whsec_" + "A" * 44 + "\n")
+    (home / "celerybeat-schedule").write_bytes(b"")
+    (home / "tokenwarden.db.sweep.lock").write_bytes(b"")
+    (home / "broker" / "queue").mkdir(parents=True)
+    (home / "broker" / "processed").mkdir()
+    for path in [home, *home.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+    cli("token", "list", check=True)
+
+    # The home folder may be one the operator made: it keeps its mode (the README says how
+    # to tighten it); what tokenwarden keeps in it is private again.
+    assert _loose(home) == {".": "0o755"}
+    assert _modes(home)["tokenwarden.db"] == 0o600
+    assert _modes(home)["broker/queue"] == 0o700
+
+
 class Run:
     """``tokenwarden run`` on a fresh embedded home, its output going to ``output``."""
 

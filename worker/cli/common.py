@@ -34,9 +34,11 @@ def fail(message: str) -> NoReturn:
 
 def settings() -> Settings:
     try:
-        return get_settings()
+        current = get_settings()
     except ConfigError as error:
         fail(str(error))
+    current.keep_home_private()
+    return current
 
 
 def store(current: Settings | None = None) -> Engine:
