@@ -7,6 +7,7 @@ producer key that ``run`` generates is shown on a terminal, never written into a
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -208,6 +209,45 @@ def test_no_refusal_of_the_command_line_echoes_a_token(
     assert result.code == 2
     assert result.stderr
     assert not TOKEN_PATTERN.search(result.stderr + result.stdout)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("member", "add", "--org", "acme", "--user", "{token}", "--role", "user"),
+        ("member", "add", "--org", "acme", "--user", "carol", "--role", "user",
+         "--email", "{token}@acme.example"),
+        ("token", "create", "--kind", "personal", "--org", "acme", "--user", "bob",
+         "--name", "ci {token}", "--expires-at", "2099-01-01"),
+        ("token", "create", "--kind", "application", "--org", "acme", "--app", "{token}",
+         "--created-by", "bob", "--name", "deploys", "--expires-at", "2099-01-01"),
+        ("token", "revoke", "{token_id}", "--confirm", "DELETE", "--actor", "{token}"),
+    ],
+    ids=["member-user", "member-email", "token-name", "token-app", "revoke-actor"],
+)  # fmt: skip
+def test_a_token_typed_as_an_id_or_a_name_is_refused_never_stored_nor_echoed(
+    cli_home: Cli, arguments: tuple[str, ...]
+) -> None:
+    cli_home("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
+    created = cli_home("token", "create", "--kind", "personal", "--org", "acme", "--user",
+                       "bob", "--name", "laptop", "--expires-at", "2099-01-01", "--json",
+                       check=True)  # fmt: skip
+    token_id = json.loads(created.stdout)["id"]
+    typed = generate(TokenKind.PERSONAL)
+
+    result = cli_home(*(a.format(token=typed, token_id=token_id) for a in arguments))
+
+    assert result.code == 2
+    assert "holds a token" in result.stderr
+    assert not TOKEN_PATTERN.search(result.stderr + result.stdout)
+    home = Path(cli_home.env["TOKENWARDEN_HOME"])
+    stored = b"".join(path.read_bytes() for path in home.glob("tokenwarden.db*"))
+    assert stored
+    assert typed[7:].encode() not in stored
+    listed = cli_home("token", "list", check=True).stdout
+    audited = cli_home("audit", check=True).stdout
+    assert not TOKEN_PATTERN.search(listed + audited)
+    assert "revoked" not in listed
 
 
 @pytest.fixture
