@@ -28,12 +28,12 @@ from config.redaction import TOKEN_PATTERN, mask_tokens
 # HTTP clients announce every request with its full URL, a webhook's secret query or
 # credentials included; what they have to say that matters comes at WARNING or above.
 _QUIET_LOGGERS: Final = {"httpx": logging.WARNING, "httpcore": logging.WARNING}
-# A URL's password (``user:PASSWORD@``) and its query's values (``?secret=VALUE``).
-_URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)[^\s/@]*@")
+# A URL's user information, up to its last '@' (a password may hold one unencoded), and its
+# query, up to what ends a URL in a message.
+_URL_USERINFO: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)([^\s/?#'\"<>]*)@")
 _URL_QUERY: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?#]*\?)([^\s#'\"<>]*)")
-_QUERY_VALUE: Final = re.compile(r"=[^&;]*")
-# The fields where text from outside (a library's message, an error's) reaches a line.
-_FOREIGN_TEXT: Final = ("event", "exception")
+_QUERY_SEPARATORS: Final = ("&", ";")
+_QUERY_SEPARATOR: Final = re.compile(r"([&;])")
 # The handler's name marks it as ours, so a second call replaces it and leaves others alone.
 _HANDLER_NAME: Final = "tokenwarden"
 # uvicorn installs its own handlers; without them its lines reach the root handler instead.
@@ -69,42 +69,65 @@ def _redact(value: object) -> object:
     return mask_tokens(text) if TOKEN_PATTERN.search(text) else value
 
 
-def redact_tokens(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-    """Mask every token in the event, its fields (recursively, keys too) and its traceback."""
-    # The formatter hands over its own copy, so fields are replaced in place; a plain string
-    # or number is settled here without a call.
-    for key, value in event_dict.items():
-        if _MATCH_MARK in key:
-            # A key cannot be replaced in place: build the event anew (masking is idempotent,
-            # so the fields already done come out the same).
-            return {_mask(name): _redact(field) for name, field in event_dict.items()}
-        kind = type(value)
-        if kind is str:
-            if _MATCH_MARK in value:
-                event_dict[key] = mask_tokens(value)
-        elif kind not in _SCALARS:
-            event_dict[key] = _redact(value)
-    return event_dict
+def _masked_userinfo(match: re.Match[str]) -> str:
+    # A user beside a password is a name worth keeping; a user alone is often the secret
+    # itself (``https://KEY@hooks.example``).
+    user, colon, _ = match.group(2).partition(":")
+    return f"{match.group(1)}{user}:***@" if colon else f"{match.group(1)}***@"
+
+
+def _masked_query(match: re.Match[str]) -> str:
+    # Each value goes, names stay: ``?secret=***&team=***``; a bare value is all value.
+    parts = _QUERY_SEPARATOR.split(match.group(2))
+    return match.group(1) + "".join(
+        part
+        if not part or part in _QUERY_SEPARATORS
+        else (part.partition("=")[0] + "=***" if "=" in part else "***")
+        for part in parts
+    )
 
 
 def mask_url_secrets(text: str) -> str:
-    """``text`` with every URL's password and query values masked (``?secret=***``)."""
+    """``text`` with every URL's user information and query values masked.
+
+    ``https://hooks:***@hooks.example/n?secret=***``; a user alone is masked whole
+    (``https://***@hooks.example/``), and so is a query value without a name (``?***``).
+    """
     if "://" not in text:
         return text
-    text = _URL_PASSWORD.sub(r"\1***@", text)
-    return _URL_QUERY.sub(lambda m: m.group(1) + _QUERY_VALUE.sub("=***", m.group(2)), text)
+    # Most URLs in a line have neither (a receiver, a broker already masked): skip the scans.
+    if "@" in text:
+        text = _URL_USERINFO.sub(_masked_userinfo, text)
+    return _URL_QUERY.sub(_masked_query, text) if "?" in text else text
 
 
-def redact_url_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-    """Mask URL credentials and query values in a line's message and traceback.
+def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Mask every token in the event, its fields (recursively, keys too) and its traceback;
+    and every URL's credentials and query values in its message, text fields and traceback.
 
     A library's own line, or an error it raised, can quote a URL whole (a webhook's
-    ``?secret=…``); our own lines name a receiver by scheme, host and port only.
+    ``?secret=…``), and an error's text often becomes a field of ours (``error=``). Our own
+    lines name a webhook receiver by scheme, host and port only.
     """
-    for key in _FOREIGN_TEXT:
-        value = event_dict.get(key)
-        if isinstance(value, str) and "://" in value:
-            event_dict[key] = mask_url_secrets(value)
+    # The formatter hands over its own copy, so fields are replaced in place; a plain string
+    # or number is settled here without a call. Both kinds of masking are idempotent.
+    for key, value in event_dict.items():
+        if _MATCH_MARK in key:
+            # A key cannot be replaced in place: build the event anew.
+            rebuilt = {_mask(name): _redact(field) for name, field in event_dict.items()}
+            for name, field in rebuilt.items():
+                if isinstance(field, str):
+                    rebuilt[name] = mask_url_secrets(field)
+            return rebuilt
+        kind = type(value)
+        if kind is str:
+            text = mask_tokens(value) if _MATCH_MARK in value else value
+            if "://" in text:
+                text = mask_url_secrets(text)
+            if text is not value:
+                event_dict[key] = text
+        elif kind not in _SCALARS:
+            event_dict[key] = _redact(value)
     return event_dict
 
 
@@ -251,8 +274,7 @@ def configure_logging(
         # after remove_processors_meta so the raw LogRecord is gone by then.
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            redact_tokens,
-            redact_url_secrets,
+            redact_secrets,
             renderer,
         ],
     )

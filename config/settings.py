@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import stat
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -37,6 +38,16 @@ MIN_KEY_LENGTH = 16
 MAKE_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 # Owner only: the home holds keys, the store emails, the audit trail and token hashes.
 PRIVATE_UMASK = 0o077
+# What tokenwarden keeps in its home (the store with its -wal, -shm and lock files, the
+# scheduler's state, the generated key and secret, the file broker's folders).
+HOME_ENTRIES = (
+    "tokenwarden.db*",
+    "celerybeat-schedule*",
+    PRODUCER_KEY_FILE,
+    SIGNING_SECRET_FILE,
+    "broker",
+    "broker/*/",
+)
 
 
 def keep_files_private() -> None:
@@ -268,6 +279,23 @@ class Settings(BaseSettings):
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.home
 
+    def keep_home_private(self) -> None:
+        """Take group and other access off what tokenwarden keeps in its home.
+
+        New files are private already (:func:`keep_files_private`); these may come from a
+        version that left them readable by all. The home folder itself keeps its mode: it may
+        be a folder the operator made, and with its entries private it shows no more than
+        their names.
+        """
+        for pattern in HOME_ENTRIES:
+            for path in self.home.glob(pattern):
+                try:
+                    mode = stat.S_IMODE(path.lstat().st_mode)
+                    if mode & ~PRIVATE_UMASK != mode and not path.is_symlink():
+                        path.chmod(mode & ~PRIVATE_UMASK)
+                except OSError:
+                    continue  # gone meanwhile, or another owner's: not ours to change
+
     def _home_secret(self, filename: str, make: str) -> str:
         path = self.home / filename
         if path.exists():
@@ -361,14 +389,17 @@ def without_password(url: str) -> str:
 
 
 def _shown(field: str, value: Any) -> str:
-    """The offending value, fit for an error line: never a secret, never a password."""
+    """The offending value, fit for an error line: never a secret, nor a URL's credentials or
+    query values (a webhook URL often carries the receiver's secret in either)."""
+    from config.logging import mask_url_secrets
+
     if (
         field in SECRET_FIELDS
         or field.endswith(SECRET_SUFFIXES)
         or not isinstance(value, str | int)
     ):
         return ""
-    return f" (got {without_password(str(value))!r})"
+    return f" (got {mask_url_secrets(str(value))!r})"
 
 
 def _describe(error: ValidationError) -> str:

@@ -826,22 +826,39 @@ def test_each_attempt_is_logged_with_the_task_and_the_notice(harness: Harness) -
     assert not {"task_id", "task_name", "notice_id"} & logged[-1].keys()
 
 
+@pytest.mark.parametrize(
+    ("userinfo", "query", "secrets"),
+    [
+        ("hookuser:hookpa55word@", "secret=qu3rys3cret", ("hookpa55word", "qu3rys3cret")),
+        ("k3yinus3r@", "b4res3cret", ("k3yinus3r", "b4res3cret")),
+    ],
+    ids=["password-and-named-value", "user-alone-and-bare-value"],
+)
 def test_a_secret_in_the_webhook_url_never_reaches_a_log(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    userinfo: str,
+    query: str,
+    secrets: tuple[str, ...],
 ) -> None:
     port = harness.receiver.url.split(":")[2].split("/")[0]
-    url = f"http://hookuser:hookpa55word@127.0.0.1:{port}/hooks/notices?secret=qu3rys3cret"
+    url = f"http://{userinfo}127.0.0.1:{port}/hooks/notices?{query}"
     use_settings(monkeypatch, harness, settings_for(url))
     notice_id = harness.queue()
+    harness.receiver.script = [Reply(503)]  # a retry logs its reason as well
     with logged_lines(level="DEBUG") as stream:
+        harness.deliver(notice_id)
+        harness.clock.until(harness.row(notice_id).next_attempt_at)
         harness.deliver(notice_id)
 
     assert harness.row(notice_id).status == NoticeStatus.SENT
-    assert len(harness.receiver.received) == 1
+    assert len(harness.receiver.received) == 2
     output = stream.getvalue()
-    assert "notice.attempt" in output
-    assert "hookpa55word" not in output
-    assert "qu3rys3cret" not in output
+    attempts = [json.loads(line) for line in output.splitlines() if "notice.attempt" in line]
+    assert [line["status"] for line in attempts] == ["pending", "sent"]
+    assert {line["receiver"] for line in attempts} == {f"http://127.0.0.1:{port}"}
+    for secret in secrets:
+        assert secret not in output
 
 
 # -- the arithmetic ------------------------------------------------------------------------

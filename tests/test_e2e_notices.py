@@ -45,6 +45,10 @@ STACKS = [
 
 
 GITLAB_SECRET = "gitlab-revocation-test-secret"
+# The receiver's own secrets in the webhook URL, as many services hand them out: in the user
+# information and in the query. No log line may show them.
+HOOK_USER_SECRET = "h00kus3rs3cret"
+HOOK_QUERY_SECRET = "h00kqu3rys3cret"
 
 
 @dataclass
@@ -129,7 +133,10 @@ def _run(
         home,
         {
             **extra,
-            "TOKENWARDEN_NOTICE_WEBHOOK_URL": receiver.url,
+            "TOKENWARDEN_NOTICE_WEBHOOK_URL": receiver.url.replace(
+                "http://", f"http://{HOOK_USER_SECRET}@"
+            )
+            + f"?key={HOOK_QUERY_SECRET}",
             "TOKENWARDEN_NOTICE_SIGNING_SECRET": SECRET,
             "TOKENWARDEN_GITHUB_KEYS_URL": f"{github.base}/keys",
             "TOKENWARDEN_GITLAB_REVOCATION_TOKEN": GITLAB_SECRET,
@@ -348,12 +355,16 @@ def test_a_worker_killed_mid_delivery_delivers_after_restart_with_the_same_id(
     assert (sent.id, sent.attempts) == (held.id, 1)
 
 
-def test_no_token_text_reached_a_notice_a_row_or_a_log(stack: NoticeStack) -> None:
+def test_no_token_text_nor_webhook_secret_reached_a_notice_a_row_or_a_log(
+    stack: NoticeStack,
+) -> None:
     assert stack.issued, "run after the tests that issue tokens"
     received = b"".join(got.body for got in stack.receiver.received)
     with stack.live.engine.connect() as connection:
         rows = dump_tables(connection)
     logs = stack.live.logs()
+    assert HOOK_USER_SECRET not in logs
+    assert HOOK_QUERY_SECRET not in logs
     for token in stack.issued:
         for secret in secrets_of(token):
             assert secret.encode() not in received

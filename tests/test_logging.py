@@ -362,3 +362,36 @@ def test_http_client_request_lines_are_not_written_even_at_debug() -> None:
     logging.getLogger("httpx").warning("something worth knowing")
 
     assert [line["event"] for line in json_lines(stream)] == ["something worth knowing"]
+
+
+def test_a_url_user_alone_and_a_bare_query_value_are_masked_in_fields_too() -> None:
+    stream = configured(json=True, level="DEBUG")
+    alone = "https://k3yinus3r@hooks.example/n?b4res3cret"
+    at_sign = "https://hooks:pa55@w0rd@hooks.example/n?a=1&&b=;c4"
+
+    logging.getLogger("somelib").info("POST %s then %s", alone, at_sign)
+    structlog.get_logger("worker.delivery").warning(
+        "notice.attempt", error=f"ConnectError: cannot reach '{alone}'", url=at_sign
+    )
+
+    output = stream.getvalue()
+    for secret in ("k3yinus3r", "b4res3cret", "pa55", "w0rd", "c4"):
+        assert secret not in output
+    library, ours = json_lines(stream)
+    masked_alone = "https://***@hooks.example/n?***"
+    masked_at_sign = "https://hooks:***@hooks.example/n?a=***&&b=***;***"
+    assert library["event"] == f"POST {masked_alone} then {masked_at_sign}"
+    assert ours["error"] == f"ConnectError: cannot reach '{masked_alone}'"
+    assert ours["url"] == masked_at_sign
+
+
+def test_a_url_without_secrets_is_left_as_it_is() -> None:
+    stream = configured(json=True)
+
+    structlog.get_logger("worker.delivery").info(
+        "notice.attempt", receiver="http://127.0.0.1:8080", broker="amqp://guest:***@mq:5672//"
+    )
+
+    [line] = json_lines(stream)
+    assert line["receiver"] == "http://127.0.0.1:8080"
+    assert line["broker"] == "amqp://guest:***@mq:5672//"

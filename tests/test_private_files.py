@@ -7,6 +7,7 @@ producer key that ``run`` generates is shown on a terminal, never written into a
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -53,6 +54,31 @@ def test_a_new_home_and_its_token_store_are_readable_by_their_owner_alone(
     assert _loose(home) == {}
     assert _modes(home)["."] == 0o700
     assert _modes(home)["tokenwarden.db"] == 0o600
+
+
+def test_files_an_earlier_version_left_open_are_made_private_by_the_next_command(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    cli = Cli(tmp_path, clean_env(TOKENWARDEN_HOME=str(home)))
+    cli("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
+    # What a version that did not restrict its files left behind, readable by everyone.
+    (home / "producer.key").write_text("twp_" + "k" * 43 + "\n")
+    (home / "notice-signing.secret").write_text("whsec_" + "A" * 44 + "\n")
+    (home / "celerybeat-schedule").write_bytes(b"")
+    (home / "tokenwarden.db.sweep.lock").write_bytes(b"")
+    (home / "broker" / "queue").mkdir(parents=True)
+    (home / "broker" / "processed").mkdir()
+    for path in [home, *home.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+    cli("token", "list", check=True)
+
+    # The home folder may be one the operator made: it keeps its mode (the README says how
+    # to tighten it); what tokenwarden keeps in it is private again.
+    assert _loose(home) == {".": "0o755"}
+    assert _modes(home)["tokenwarden.db"] == 0o600
+    assert _modes(home)["broker/queue"] == 0o700
 
 
 class Run:
@@ -183,6 +209,45 @@ def test_no_refusal_of_the_command_line_echoes_a_token(
     assert result.code == 2
     assert result.stderr
     assert not TOKEN_PATTERN.search(result.stderr + result.stdout)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("member", "add", "--org", "acme", "--user", "{token}", "--role", "user"),
+        ("member", "add", "--org", "acme", "--user", "carol", "--role", "user",
+         "--email", "{token}@acme.example"),
+        ("token", "create", "--kind", "personal", "--org", "acme", "--user", "bob",
+         "--name", "ci {token}", "--expires-at", "2099-01-01"),
+        ("token", "create", "--kind", "application", "--org", "acme", "--app", "{token}",
+         "--created-by", "bob", "--name", "deploys", "--expires-at", "2099-01-01"),
+        ("token", "revoke", "{token_id}", "--confirm", "DELETE", "--actor", "{token}"),
+    ],
+    ids=["member-user", "member-email", "token-name", "token-app", "revoke-actor"],
+)  # fmt: skip
+def test_a_token_typed_as_an_id_or_a_name_is_refused_never_stored_nor_echoed(
+    cli_home: Cli, arguments: tuple[str, ...]
+) -> None:
+    cli_home("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
+    created = cli_home("token", "create", "--kind", "personal", "--org", "acme", "--user",
+                       "bob", "--name", "laptop", "--expires-at", "2099-01-01", "--json",
+                       check=True)  # fmt: skip
+    token_id = json.loads(created.stdout)["id"]
+    typed = generate(TokenKind.PERSONAL)
+
+    result = cli_home(*(a.format(token=typed, token_id=token_id) for a in arguments))
+
+    assert result.code == 2
+    assert "holds a token" in result.stderr
+    assert not TOKEN_PATTERN.search(result.stderr + result.stdout)
+    home = Path(cli_home.env["TOKENWARDEN_HOME"])
+    stored = b"".join(path.read_bytes() for path in home.glob("tokenwarden.db*"))
+    assert stored
+    assert typed[7:].encode() not in stored
+    listed = cli_home("token", "list", check=True).stdout
+    audited = cli_home("audit", check=True).stdout
+    assert not TOKEN_PATTERN.search(listed + audited)
+    assert "revoked" not in listed
 
 
 @pytest.fixture

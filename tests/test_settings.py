@@ -369,3 +369,14 @@ def test_a_server_database_without_a_webhook_needs_no_secret(
     monkeypatch.setenv("TOKENWARDEN_DATABASE_URL", SERVER_DATABASE)
 
     assert load_settings().notice_signing_secret is None
+
+
+def test_a_refused_webhook_url_does_not_echo_its_user_or_query() -> None:
+    message = config_error(
+        TOKENWARDEN_NOTICE_WEBHOOK_URL="ftp://k3yuser@hooks.example/n?b4res3cret&token=qu3rys3cret"
+    )
+
+    assert message.startswith("TOKENWARDEN_NOTICE_WEBHOOK_URL: must be an http:// or https:// URL")
+    assert "hooks.example/n?" in message
+    for secret in ("k3yuser", "b4res3cret", "qu3rys3cret"):
+        assert secret not in message

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import click
 from sqlalchemy import Engine
@@ -33,11 +33,31 @@ def fail(message: str) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
+class _NoTokenText(click.types.StringParamType):
+    """Text that names something (an id, a name, an email): never a token's text.
+
+    A token typed into such a place would be stored, audited and printed back in plain text.
+    """
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from config.redaction import TOKEN_PATTERN
+
+        text = super().convert(value, param, ctx)
+        if TOKEN_PATTERN.search(text):
+            self.fail("holds a token; a token is never stored as an id, a name or an email")
+        return text
+
+
+NO_TOKEN: Final = _NoTokenText()
+
+
 def settings() -> Settings:
     try:
-        return get_settings()
+        current = get_settings()
     except ConfigError as error:
         fail(str(error))
+    current.keep_home_private()
+    return current
 
 
 def store(current: Settings | None = None) -> Engine:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli.common import echo_json, json_option, transaction
+from worker.cli.common import NO_TOKEN, echo_json, json_option, transaction
 from worker.domain import clock
 from worker.domain.members import add_member
 
@@ -15,10 +15,10 @@ def member() -> None:
 
 
 @member.command("add")
-@click.option("--org", "org_id", required=True, help="Organization id.")
-@click.option("--user", "user_id", required=True, help="User id.")
+@click.option("--org", "org_id", required=True, type=NO_TOKEN, help="Organization id.")
+@click.option("--user", "user_id", required=True, type=NO_TOKEN, help="User id.")
 @click.option("--role", required=True, type=click.Choice(["admin", "user"]))
-@click.option("--email", default=None, help="Where the user's notices go.")
+@click.option("--email", default=None, type=NO_TOKEN, help="Where the user's notices go.")
 @json_option
 def add(org_id: str, user_id: str, role: str, email: str | None, as_json: bool) -> None:
     """Record USER as an active member of ORG with ROLE."""

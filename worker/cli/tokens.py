@@ -9,6 +9,7 @@ import click
 
 from worker.cli.common import (
     EXIT_REFUSED,
+    NO_TOKEN,
     echo_json,
     echo_table,
     fail,
@@ -32,11 +33,17 @@ def token() -> None:
 
 @token.command()
 @click.option("--kind", required=True, type=click.Choice(["personal", "application"]))
-@click.option("--org", "org_id", required=True, help="Organization the token works for.")
-@click.option("--user", "user_id", default=None, help="Owner of a personal token.")
-@click.option("--app", "app_id", default=None, help="Application of an application token.")
-@click.option("--created-by", default=None, help="User creating an application token.")
-@click.option("--name", required=True, help="What the token is for.")
+@click.option(
+    "--org", "org_id", required=True, type=NO_TOKEN, help="Organization the token works for."
+)
+@click.option("--user", "user_id", default=None, type=NO_TOKEN, help="Owner of a personal token.")
+@click.option(
+    "--app", "app_id", default=None, type=NO_TOKEN, help="Application of an application token."
+)
+@click.option(
+    "--created-by", default=None, type=NO_TOKEN, help="User creating an application token."
+)
+@click.option("--name", required=True, type=NO_TOKEN, help="What the token is for.")
 @click.option("--expires-at", required=True, help="ISO 8601 expiry; cannot be changed later.")
 @json_option
 def create(
@@ -182,7 +189,7 @@ def _refused(result: dict[str, object], as_json: bool) -> None:
 @token.command()
 @click.argument("token_id")
 @click.option("--confirm", default=None, help="Type DELETE to confirm.")
-@click.option("--actor", default=None, help="Who asks (default: the login name).")
+@click.option("--actor", default=None, type=NO_TOKEN, help="Who asks (default: the login name).")
 @json_option
 def revoke(token_id: str, confirm: str | None, actor: str | None, as_json: bool) -> None:
     """Delete (revoke) a token: it stops working at once. Needs --confirm DELETE."""
