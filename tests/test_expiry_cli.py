@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 from tests.conftest import TOKENWARDEN, Cli, Store
 from tests.test_sweep import add_tokens
 from worker.domain import db, notices
-from worker.domain.models import Notice
+from worker.domain.issuing import create_token
+from worker.domain.models import Notice, TokenKind
 from worker.domain.sweep import single_run
 
 
@@ -42,19 +43,19 @@ def count_notices(engine: Engine, kind: str) -> int:
 def test_a_token_past_its_expiry_is_refused_at_once_then_swept_and_audited(
     cli: Cli, engine: Engine
 ) -> None:
-    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
-    issued = cli(
-        "token",
-        "create",
-        "--kind=personal",
-        "--org=acme",
-        "--user=bob",
-        "--name=short-lived",
-        f"--expires-at={expires.isoformat()}",
-        "--json",
-        check=True,
-    ).json()
-    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.05)
+    # Issued ten minutes ago for five minutes: expired now, however slowly the CLI starts.
+    issued_at = datetime.now(UTC) - timedelta(minutes=10)
+    with Session(engine) as session, session.begin():
+        token = create_token(
+            session,
+            kind=TokenKind.PERSONAL,
+            org_id="acme",
+            name="short-lived",
+            expires_at=issued_at + timedelta(minutes=5),
+            now=issued_at,
+            user_id="bob",
+        )
+    issued = {"id": token.id, "token": token.token}
 
     # Refused as soon as it expires, before any sweep ran.
     verdict = cli("token", "verify", "--token", issued["token"], "--json")
