@@ -18,6 +18,7 @@ from pydantic import (
     AfterValidator,
     BeforeValidator,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -137,26 +138,18 @@ class Settings(BaseSettings):
             raise ValueError("must be positive whole numbers of days, e.g. 60,30,7")
         return days
 
-    @field_validator("retention_days", mode="before")
+    @field_validator("retention_days", "inbox_retention_days", mode="before")
     @classmethod
-    def _retention(cls, value: Any) -> Any:
+    def _retention(cls, value: Any, info: ValidationInfo) -> Any:
+        example, kept = (365, "tokens") if info.field_name == "retention_days" else (30, "events")
         if isinstance(value, str) and not value.strip():
             return None
         if isinstance(value, str) and not value.strip().isdigit():
-            raise ValueError("must be a whole number of days, e.g. 365, or empty to keep tokens")
+            raise ValueError(
+                f"must be a whole number of days, e.g. {example}, or empty to keep {kept}"
+            )
         if value is not None and int(value) <= 0:
-            raise ValueError("must be a positive number of days, or empty to keep tokens")
-        return value
-
-    @field_validator("inbox_retention_days", mode="before")
-    @classmethod
-    def _inbox_retention(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.strip():
-            return None
-        if isinstance(value, str) and not value.strip().isdigit():
-            raise ValueError("must be a whole number of days, e.g. 30, or empty to keep events")
-        if value is not None and int(value) <= 0:
-            raise ValueError("must be a positive number of days, or empty to keep events")
+            raise ValueError(f"must be a positive number of days, or empty to keep {kept}")
         return value
 
     @field_validator("database_url", "broker_url", "notice_webhook_url", mode="before")

@@ -30,6 +30,7 @@ from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from config.redaction import first_line
 from config.settings import Settings, get_settings, keep_files_private
 from producer import github, gitlab, intake
 from producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER, GitHubKeys
@@ -255,7 +256,7 @@ class _Service:
             try:
                 await run_in_threadpool(publish_event_ids, self.celery_app, stored.to_publish)
             except PublishError as error:
-                published, problem = False, _first_line(error)
+                published, problem = False, mask(first_line(error))
         self.metrics.accepted({event.id: event.type for event in events}.values())
         (log.info if published else log.warning)(
             "events.accepted",
@@ -587,7 +588,7 @@ async def _probe(name: str, check: Callable[[], None]) -> str:
         log.warning("readiness.failed", dependency=name, error="timed out")
         return "timed out"
     except Exception as error:
-        log.warning("readiness.failed", dependency=name, error=_first_line(error))
+        log.warning("readiness.failed", dependency=name, error=mask(first_line(error)))
         return f"unreachable ({type(error).__name__})"
     return "ok"
 
@@ -600,8 +601,3 @@ def _unavailable(kind: str, message: str) -> Refused:
         headers={"Retry-After": str(RETRY_AFTER_S)},
         cause=f"{kind}: {mask(lines[0]) if lines else kind}",
     )
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return mask(lines[0]) if lines else type(error).__name__

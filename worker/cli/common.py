@@ -13,6 +13,7 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from config.redaction import first_line
 from config.settings import ENV_PREFIX, ConfigError, Settings, get_settings
 from worker.domain import db
 from worker.domain.errors import Refused
@@ -81,7 +82,7 @@ def store_failed(current: Settings, doing: str, error: BaseException) -> NoRetur
     """Fail with one line naming the setting that points at the token store, and why."""
     where = f"{ENV_PREFIX}DATABASE_URL" if current.database_url else f"{ENV_PREFIX}HOME"
     url = db.describe_url(current.resolved_database_url)
-    fail(f"{where}: cannot {doing} the token store at {url}: {_first_line(error)}")
+    fail(f"{where}: cannot {doing} the token store at {url}: {first_line(error)}")
 
 
 @contextmanager
@@ -98,11 +99,6 @@ def transaction(current: Settings | None = None) -> Iterator[Session]:
         from worker.runtime.celery_app import app
 
         publish_new_notices(app, notices)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def json_option(function: F) -> F:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from config.redaction import first_line
 from worker.cli.common import echo_json, fail, json_option, settings, store
 from worker.domain import clock
 
@@ -21,11 +22,6 @@ def _publish(notice_ids: Sequence[str]) -> None:
     from worker.runtime.publishing import publish_new_notices
 
     publish_new_notices(app, notice_ids)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 @click.command()
@@ -69,7 +65,7 @@ def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
             on_progress=progress,
         )
     except Exception as error:
-        fail(f"the sweep stopped: {_first_line(error)}")
+        fail(f"the sweep stopped: {first_line(error)}")
     finally:
         if progress is not None:
             progress.clear()
@@ -148,7 +144,7 @@ def remind(as_json: bool) -> None:
             publish=_publish,
         )
     except Exception as error:
-        fail(f"the reminders stopped: {_first_line(error)}")
+        fail(f"the reminders stopped: {first_line(error)}")
     if as_json:
         echo_json(result.as_dict())
         return

@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from config.redaction import first_line
 from config.settings import get_settings
 from worker.domain import db
 from worker.domain.notices import take_new_notices
@@ -105,7 +106,7 @@ class CountedTask(Task):  # type: ignore[misc]  # celery ships no type informati
                 result = self._call(function, *args, **kwargs)
             except Exception as error:
                 if is_transient(error):
-                    raise TransientDatabaseError(_first_line(error)) from error
+                    raise TransientDatabaseError(first_line(error, typed=True)) from error
                 if not isinstance(error, _NOT_FAILURES):
                     TASK_RUNS.labels(name, "failed").inc()
                 raise
@@ -161,8 +162,3 @@ class DatabaseTask(CountedTask):
         # broker never holds a database connection.
         with Session(self.engine(), expire_on_commit=False) as session, session.begin():
             yield session
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
