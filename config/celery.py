@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 from celery.schedules import crontab
 
 from config.settings import Settings
+
+# Every task's name, the one place it is spelled: the tasks register under these, the
+# publishers send to them and the schedule below names them. They are on the wire, so they
+# never change.
+PROCESS_EVENTS: Final = "tokenwarden.process_events"
+REDRIVE_EVENTS: Final = "tokenwarden.redrive_events"
+DELIVER_NOTICES: Final = "tokenwarden.deliver_notices"
+REDRIVE_NOTICES: Final = "tokenwarden.redrive_notices"
+SWEEP_EXPIRED: Final = "tokenwarden.sweep_expired"
+SEND_REMINDERS: Final = "tokenwarden.send_reminders"
 
 REDRIVE_EVERY_S = 10.0
 REMINDERS_AT_HOUR_UTC = 8
@@ -79,24 +89,24 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule_filename": str((settings.home / "celerybeat-schedule").resolve()),
         "beat_schedule": {
             "redrive-inbox": {
-                "task": "tokenwarden.redrive_events",
+                "task": REDRIVE_EVENTS,
                 "schedule": timedelta(seconds=min(REDRIVE_EVERY_S, settings.redrive_after_s)),
             },
             # Expiry (tasks.expiry): the sweep resumes whatever the previous run left, and
             # a lock in the database makes a second scheduler's run return at once. The same
             # run deletes finished inbox events past TOKENWARDEN_INBOX_RETENTION_DAYS.
             "sweep-expired": {
-                "task": "tokenwarden.sweep_expired",
+                "task": SWEEP_EXPIRED,
                 "schedule": timedelta(seconds=settings.sweep_interval_s),
             },
             # Reminders go out once a day at a fixed time (UTC); a rerun sends nothing twice.
             "send-reminders": {
-                "task": "tokenwarden.send_reminders",
+                "task": SEND_REMINDERS,
                 "schedule": crontab(hour=REMINDERS_AT_HOUR_UTC, minute=0),
             },
             # Notices whose message was lost, or whose worker died holding the lease.
             "redrive-notices": {
-                "task": "tokenwarden.redrive_notices",
+                "task": REDRIVE_NOTICES,
                 "schedule": timedelta(seconds=min(REDRIVE_EVERY_S, settings.redrive_after_s)),
             },
         },

@@ -9,15 +9,15 @@ import structlog
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
+from config.celery import PROCESS_EVENTS, REDRIVE_EVENTS
 from config.settings import get_settings
 from worker.domain import clock, handlers, inbox
 from worker.runtime.celery_app import app
-from worker.runtime.publishing import CHUNK, PROCESS_EVENTS, PublishError, publish_event_ids
+from worker.runtime.publishing import CHUNK, PublishError, publish_event_ids
 from worker.runtime.tasking import DatabaseTask, is_transient
 
 log = structlog.get_logger(__name__)
 
-REDRIVE_EVENTS: Final = "tokenwarden.redrive_events"
 # More ids than any producer sends in one message (worker.runtime.publishing.CHUNK is 100).
 MAX_IDS: Final = 1000
 ID_MAX_LENGTH: Final = 200

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import structlog
 
+from config.celery import SEND_REMINDERS, SWEEP_EXPIRED
 from config.settings import get_settings
 from worker.domain import clock
 from worker.domain.reminders import send_reminders
@@ -23,8 +24,6 @@ from worker.runtime.tasking import store_engine
 
 log = structlog.get_logger(__name__)
 
-SWEEP_EXPIRED: Final = "tokenwarden.sweep_expired"
-SEND_REMINDERS: Final = "tokenwarden.send_reminders"
 # A run stops starting batches after this long and leaves the rest to the next run; well
 # inside the task's soft time limit (60 s), and under the interval so runs do not pile up.
 BUDGET_S: Final = 40.0

@@ -14,16 +14,16 @@ from typing import Any, Final
 import structlog
 from celery import signals
 
+from config.celery import DELIVER_NOTICES, REDRIVE_NOTICES
 from config.settings import get_settings
 from worker.domain import clock, db, handlers, outbox_delivery
 from worker.runtime import webhook
 from worker.runtime.celery_app import app
-from worker.runtime.publishing import DELIVER_NOTICES, PublishError, publish_notice_ids
+from worker.runtime.publishing import PublishError, publish_notice_ids
 from worker.runtime.tasking import CountedTask
 
 log = structlog.get_logger(__name__)
 
-REDRIVE_NOTICES: Final = "tokenwarden.redrive_notices"
 # More ids than any publisher sends in one message (worker.runtime.publishing sends
 # one per message).
 MAX_IDS: Final = 1000

@@ -28,8 +28,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+import config.celery
 import tasks.events
 import tasks.notices
+from config.celery import DELIVER_NOTICES
 from config.logging import configure_logging
 from config.settings import Settings
 from tests.conftest import Store
@@ -39,7 +41,6 @@ from worker.domain.models import DeadLetter, Notice, NoticeStatus
 from worker.ops.supervisor import free_port
 from worker.runtime import publishing, tasking, webhook
 from worker.runtime.celery_app import app
-from worker.runtime.publishing import DELIVER_NOTICES
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -591,7 +592,7 @@ def test_an_attempt_that_overran_its_lease_leaves_the_next_lease_alone(harness: 
 # -- the task and its plumbing -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [DELIVER_NOTICES, tasks.notices.REDRIVE_NOTICES])
+@pytest.mark.parametrize("name", [DELIVER_NOTICES, config.celery.REDRIVE_NOTICES])
 def test_each_notice_task_is_registered_with_the_options_it_relies_on(name: str) -> None:
     import celery
 
@@ -612,7 +613,7 @@ def test_each_notice_task_is_registered_with_the_options_it_relies_on(name: str)
 
 def test_the_notice_re_drive_runs_as_often_as_the_inbox_re_drive() -> None:
     schedule = app.conf.beat_schedule
-    assert schedule["redrive-notices"]["task"] == tasks.notices.REDRIVE_NOTICES
+    assert schedule["redrive-notices"]["task"] == config.celery.REDRIVE_NOTICES
     assert schedule["redrive-notices"]["schedule"] == schedule["redrive-inbox"]["schedule"]
 
 

@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy import select
 from starlette.exceptions import StarletteDeprecationWarning
 
+import config.celery
 from config.settings import Settings
 from producer.api import create_app
 from tests.conftest import Store, service_url
@@ -218,7 +219,7 @@ def test_a_message_is_the_one_send_task_sends_with_a_short_repr_of_its_ids(
 
     def both() -> None:
         publishing.publish_event_ids(app, ids)
-        app.send_task(publishing.PROCESS_EVENTS, args=[ids], retry=False)
+        app.send_task(config.celery.PROCESS_EVENTS, args=[ids], retry=False)
 
     # The re-drive publishes from inside a task: its messages name that task as parent.
     @app.task(name="test.redrive", shared=False)  # type: ignore[untyped-decorator]
@@ -232,7 +233,7 @@ def test_a_message_is_the_one_send_task_sends_with_a_short_repr_of_its_ids(
 
     ours = [m for m in messages if m.headers["argsrepr"] == "[100 event ids]"]
     theirs = [m for m in messages if m.headers["argsrepr"].startswith("[['evt-000-")]
-    [notice] = [m for m in messages if m.headers["task"] == publishing.DELIVER_NOTICES]
+    [notice] = [m for m in messages if m.headers["task"] == config.celery.DELIVER_NOTICES]
     assert len(ours) == len(theirs) == 2, [m.headers["argsrepr"][:40] for m in messages]
     for message in ours:
         assert message.headers["kwargsrepr"] == "{}"

@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.orm import Session
 
+import config.celery
 import tasks.expiry
 from tests.conftest import Store
 from worker.domain import clock, db, notices
@@ -645,7 +646,7 @@ def test_a_retention_pass_cut_by_the_budget_resumes(committed: Store, now: datet
 # -- the scheduled task ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [tasks.expiry.SWEEP_EXPIRED, tasks.expiry.SEND_REMINDERS])
+@pytest.mark.parametrize("name", [config.celery.SWEEP_EXPIRED, config.celery.SEND_REMINDERS])
 def test_expiry_tasks_are_registered_with_options_celery_knows(name: str) -> None:
     task = app.tasks[name]
     assert task.name == name
@@ -660,10 +661,10 @@ def test_expiry_tasks_are_registered_with_options_celery_knows(name: str) -> Non
 def test_the_schedule_runs_the_sweep_every_interval_and_reminders_daily() -> None:
     schedule = app.conf.beat_schedule
     sweep = schedule["sweep-expired"]
-    assert sweep["task"] == tasks.expiry.SWEEP_EXPIRED
+    assert sweep["task"] == config.celery.SWEEP_EXPIRED
     assert sweep["schedule"] == timedelta(seconds=300)
     remind = schedule["send-reminders"]
-    assert remind["task"] == tasks.expiry.SEND_REMINDERS
+    assert remind["task"] == config.celery.SEND_REMINDERS
     assert remind["schedule"].remaining_estimate(datetime.now(remind["schedule"].tz)) <= timedelta(
         days=1
     )

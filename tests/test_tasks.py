@@ -24,7 +24,9 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+import config.celery
 import tasks.events
+from config.celery import PROCESS_EVENTS
 from config.logging import configure_logging
 from tests.conftest import Store
 from worker.domain import clock, db, inbox, offboarding, removals
@@ -43,7 +45,7 @@ from worker.domain.models import (
 from worker.domain.tokens import generate
 from worker.runtime import signals, tasking
 from worker.runtime.celery_app import app
-from worker.runtime.publishing import CHUNK, PROCESS_EVENTS, PublishError
+from worker.runtime.publishing import CHUNK, PublishError
 from worker.runtime.tasking import DatabaseTask, TransientDatabaseError
 
 probe_app = Celery("tokenwarden-probe", set_as_current=False)
@@ -169,7 +171,7 @@ def dead_letters(store: Store) -> list[DeadLetter]:
 # -- options -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [PROCESS_EVENTS, tasks.events.REDRIVE_EVENTS])
+@pytest.mark.parametrize("name", [PROCESS_EVENTS, config.celery.REDRIVE_EVENTS])
 def test_each_task_is_registered_with_the_options_it_relies_on(name: str) -> None:
     task = app.tasks[name]
 

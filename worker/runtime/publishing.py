@@ -20,12 +20,11 @@ from weakref import WeakKeyDictionary
 import structlog
 from celery.utils import uuid
 
+from config.celery import DELIVER_NOTICES, PROCESS_EVENTS
 from config.settings import get_settings, without_password
 
 log = structlog.get_logger(__name__)
 
-PROCESS_EVENTS: Final = "tokenwarden.process_events"
-DELIVER_NOTICES: Final = "tokenwarden.deliver_notices"
 # Ids per message: enough to amortise a transaction, few enough to finish well inside the
 # task time limit.
 CHUNK: Final = 100

@@ -27,11 +27,11 @@ from celery import signals
 from celery.platforms import EX_FAILURE
 from celery.worker.consumer import Consumer
 
+from config.celery import PROCESS_EVENTS
 from config.logging import bind_task_context, clear_task_context, configure_logging
 from config.settings import get_settings
 from worker.domain import clock, db, handlers
 from worker.runtime import tasking
-from worker.runtime.publishing import PROCESS_EVENTS
 from worker.runtime.redis_transport import use_fixed_channels
 
 log = structlog.get_logger(__name__)
