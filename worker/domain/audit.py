@@ -49,21 +49,10 @@ class Stamp:
         *,
         org_id: str | None,
         user_id: str | None,
-        detail: Mapping[str, Any] | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> None:
         """Add one audit row about this event, and say the same in a log line."""
-        record(
-            session,
-            action=action,
-            reason=reason,
-            source=self.source,
-            at=self.now,
-            org_id=org_id,
-            user_id=user_id,
-            actor=self.actor,
-            event_id=self.event_id,
-            detail=detail,
-        )
+        record(session, **self.row(action, reason, org_id=org_id, user_id=user_id, detail=detail))
 
     def row(
         self,

@@ -47,11 +47,6 @@ def report_leak(
     if found is None:
         log.info("leak.unknown_token", event_id=event_id, event_time=at.isoformat())
         return TokenOutcome(None, revoked=False)
-    detail = {
-        key: value
-        for key, value in (("source_url", source_url), ("reporter", reporter))
-        if value is not None
-    }
     token = revoke_token(
         session,
         token_id=found,
@@ -60,7 +55,7 @@ def report_leak(
         now=now,
         actor=reporter,
         event_id=event_id,
-        detail=detail or None,
+        detail=_detail(source_url=source_url, reporter=reporter),
     )
     if token is not None:
         notices.leak_notice(
@@ -83,3 +78,9 @@ def _find(session: Session, *, token_hash: str | None, token_id: str | None) -> 
     named = Token.token_hash == token_hash if token_hash is not None else Token.id == token_id
     found: str | None = session.scalar(select(Token.id).where(named))
     return found
+
+
+def _detail(*, source_url: str | None, reporter: str | None) -> dict[str, str] | None:
+    """What the revocation's audit row says of the report: where the token was seen, by whom."""
+    given = (("source_url", source_url), ("reporter", reporter))
+    return {key: value for key, value in given if value is not None} or None
