@@ -146,12 +146,18 @@ class Token(Base):
         return "active"
 
 
+def _serial_key() -> Mapped[int]:
+    """A 64-bit key numbered by the database; on SQLite an INTEGER, the only type it
+    numbers itself."""
+    return mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+
+
 class AuditEntry(Base):
     __tablename__ = "audit"
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = _serial_key()
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     action: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(String(64))
@@ -220,9 +226,7 @@ class DeadLetter(Base):
 
     __tablename__ = "dead_letters"
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = _serial_key()
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     reason: Mapped[str] = mapped_column(String(1000))
     event_id: Mapped[str | None] = mapped_column(String(200))

@@ -51,16 +51,7 @@ def verify_token(session: Session, text: str, *, now: datetime, source: str = "v
     token, member = row
     reason = _refusal(token, member, now)
     if reason is not None:
-        audit.record(
-            session,
-            action="refuse",
-            reason=reason,
-            source=source,
-            at=now,
-            token_id=token.id,
-            org_id=token.org_id,
-            user_id=token.user_id,
-        )
+        audit.record_token(session, token, action="refuse", reason=reason, source=source, at=now)
         return Verdict(False, reason, token_id=token.id)
     return Verdict(True, token_id=token.id, principal=principal(token, member))
 
