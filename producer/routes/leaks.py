@@ -8,7 +8,8 @@ the routes and their order of checks. Must not import ``producer.api``, the othe
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from collections.abc import Callable
+from typing import Annotated, Any, Final, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import APIRouter, Header, Request, Security
@@ -65,6 +66,16 @@ _GITLAB_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 router = APIRouter(tags=["leaks"])
+
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def _reading_its_body(
+    path: str, body: dict[str, Any], **route: Any
+) -> Callable[[Endpoint], Endpoint]:
+    """A POST route whose endpoint reads the raw body itself (a signature covers its bytes, or
+    its size is capped as it streams), so FastAPI sees no body to document: ``body`` does."""
+    return router.post(path, openapi_extra={"requestBody": body}, **route)
 
 
 async def _github_key(shared: AppState, identifier: str) -> ec.EllipticCurvePublicKey:
@@ -132,12 +143,12 @@ async def gitlab_reports(shared: AppState, request: Request, authorization: str 
     )
 
 
-@router.post(
+@_reading_its_body(
     "/v1/secret-scanning/github",
+    github_request_body(),
+    summary="GitHub secret scanning partner alerts",
     response_model=list[GitHubFeedback],
     responses=_GITHUB_RESPONSES,
-    openapi_extra={"requestBody": github_request_body()},
-    summary="GitHub secret scanning partner alerts",
 )
 async def github_secret_scanning(
     request: Request,
@@ -176,13 +187,13 @@ async def revocable_token_types(
     return RevocableTokenTypes(types=list(gitlab.REVOCABLE_TYPES))
 
 
-@router.post(
+@_reading_its_body(
     "/v1/revoke_tokens",
+    gitlab_request_body(),
+    summary="GitLab Token Revocation API: revoke leaked tokens",
     status_code=204,
     response_class=Response,
     responses=_GITLAB_RESPONSES,
-    openapi_extra={"requestBody": gitlab_request_body()},
-    summary="GitLab Token Revocation API: revoke leaked tokens",
 )
 async def revoke_tokens(
     request: Request,
