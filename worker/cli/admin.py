@@ -1,4 +1,4 @@
-"""``tokenwarden db`` and ``tokenwarden audit``."""
+"""``tokenwarden db`` and ``tokenwarden audit``. Must not import ``tasks`` or ``producer``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from worker.cli.common import (
     echo_listing,
     json_option,
     limit_option,
+    record,
     settings,
     store_failed,
     transaction,
@@ -67,19 +68,7 @@ def audit(
 
 
 def _entry_json(e: AuditEntry) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "at": e.at,
-        "action": e.action,
-        "reason": e.reason,
-        "token_id": e.token_id,
-        "org_id": e.org_id,
-        "user_id": e.user_id,
-        "source": e.source,
-        "actor": e.actor,
-        "event_id": e.event_id,
-        "detail": e.detail,
-    }
+    return record(e, "id at action reason token_id org_id user_id source actor event_id detail")
 
 
 # The table's columns: header, and the key of the JSON record it shows.

@@ -1,4 +1,8 @@
-"""What every command shares: settings, the store, output in text or JSON, one-line errors."""
+"""What every command shares: settings, the store, the --json, --status and --limit options,
+output in text or JSON (listings as either), one-line errors.
+
+Imports neither ``tasks`` nor ``producer``: a command that talks to the API imports its client.
+"""
 
 from __future__ import annotations
 
@@ -168,6 +172,12 @@ def cut(text: str | None, width: int) -> str:
         return ""
     line = " ".join(text.split())
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def record(row: Any, keys: str, **attributes: str) -> dict[str, Any]:
+    """``row`` as a JSON record: each of the space-separated ``keys`` with the value of the
+    attribute of that name, or of the one ``attributes`` names for it."""
+    return {key: getattr(row, attributes.get(key, key)) for key in keys.split()}
 
 
 def echo_listing(

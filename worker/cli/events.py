@@ -1,4 +1,7 @@
-"""``tokenwarden emit`` (send an event to the producer API) and ``tokenwarden events``."""
+"""``tokenwarden emit`` (send an event to the producer API) and ``tokenwarden events``.
+
+Only ``emit`` imports ``producer`` (its client, when run); nothing here imports ``tasks``.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from worker.cli.common import (
     json_option,
     limit_option,
     parse_instant,
+    record,
     settings,
     short_time,
     status_option,
@@ -135,19 +139,9 @@ def events(status: str | None, limit: int, as_json: bool) -> None:
 
 
 def _event_json(e: InboxEvent) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "type": e.type,
-        "source": e.source,
-        "time": e.time,
-        "status": e.status,
-        "reason": e.reason,
-        "result": e.result,
-        "attempts": e.attempts,
-        "received_at": e.received_at,
-        "finished_at": e.finished_at,
-        "data": e.data,
-    }
+    return record(
+        e, "id type source time status reason result attempts received_at finished_at data"
+    )
 
 
 def _echo_inbox(inbox: Sequence[InboxEvent], status: str | None) -> None:

@@ -1,4 +1,7 @@
-"""``tokenwarden notices``: the notice outbox, and whether each notice was delivered."""
+"""``tokenwarden notices``: the notice outbox, and whether each notice was delivered.
+
+Must not import ``tasks`` or ``producer``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""``tokenwarden token``: issue, list, verify and revoke tokens."""
+"""``tokenwarden token``: issue, list, verify and revoke tokens.
+
+Must not import ``tasks`` or ``producer``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from worker.cli.common import (
     fail,
     json_option,
     parse_instant,
+    record,
     transaction,
 )
 from worker.domain import clock
@@ -103,21 +107,13 @@ def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
 
 
 def _token_json(t: Token) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "kind": t.kind,
-        "org_id": t.org_id,
-        "user_id": t.user_id,
-        "app_id": t.app_id,
-        "created_by": t.created_by,
-        "name": t.name,
-        "hint": t.last4,
-        "created_at": t.created_at,
-        "expires_at": t.expires_at,
-        "state": t.state,
-        "revoked_at": t.revoked_at,
-        "reason": t.revoke_reason,
-    }
+    return record(
+        t,
+        "id kind org_id user_id app_id created_by name hint created_at expires_at state "
+        "revoked_at reason",
+        hint="last4",
+        reason="revoke_reason",
+    )
 
 
 # The table's columns: header, and the key of the JSON record it shows or what it shows of it.
