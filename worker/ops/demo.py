@@ -1,4 +1,8 @@
-"""``tokenwarden demo``: the story of a leaver, told on a throw-away embedded stack."""
+"""``tokenwarden demo``: the story of a leaver, told on a throw-away embedded stack.
+
+It drives the stack over HTTP and reads the store; it must not import ``tasks`` or ``producer``
+(the stack runs them in its own processes).
+"""
 
 from __future__ import annotations
 
