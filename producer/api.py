@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 
 from config.redaction import first_line
 from config.settings import Settings, get_settings, keep_files_private
-from producer import github, gitlab, intake
+from producer import github, gitlab, intake, introspection
 from producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER, GitHubKeys
 from producer.inbox_writer import InboxWriter, StoreUnavailable
 from producer.intake import Refused, mask
@@ -391,6 +391,9 @@ def create_app(
     app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnect, _disconnected)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
+    app.include_router(
+        introspection.router(settings, engine=service.engine, registry=service.metrics.registry)
+    )
 
     async def post_events(request: Request) -> JSONResponse:
         """Store the events in the inbox, then put their ids on the queue."""

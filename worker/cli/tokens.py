@@ -23,6 +23,7 @@ from worker.domain.issuing import create_token, list_tokens, parse_kind
 from worker.domain.models import Token, TokenKind
 from worker.domain.revocation import revoke_token
 from worker.domain.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
+from worker.domain.usage import last_used
 from worker.domain.verification import verify_token
 
 
@@ -98,6 +99,7 @@ def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
     """Tokens with their state and reason; never a secret."""
     with transaction() as session:
         tokens = list_tokens(session, org_id=org_id, user_id=user_id)
+        used = last_used(session, [t.id for t in tokens])
     if as_json:
         echo_json(
             [
@@ -115,6 +117,7 @@ def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
                     "state": t.state,
                     "revoked_at": t.revoked_at,
                     "reason": t.revoke_reason,
+                    "last_used_at": used.get(t.id),
                 }
                 for t in tokens
             ]
@@ -132,10 +135,11 @@ def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
                 short_time(t.expires_at),
                 t.state,
                 t.revoke_reason,
+                short_time(used.get(t.id)),
             )
             for t in tokens
         ],
-        ["id", "kind", "org", "owner", "name", "hint", "expires", "state", "reason"],
+        ["id", "kind", "org", "owner", "name", "hint", "expires", "state", "reason", "last used"],
     )
 
 

@@ -38,18 +38,11 @@ def verify_token(session: Session, text: str, *, now: datetime, source: str = "v
     kind = kind_of(text)
     if kind is None:
         return Verdict(False, "malformed")
-    row = session.execute(
-        select(Token, Membership)
-        .outerjoin(
-            Membership,
-            and_(Membership.org_id == Token.org_id, Membership.user_id == Token.user_id),
-        )
-        .where(Token.token_hash == hash_token(text))
-    ).first()
+    row = find_token(session, text)
     if row is None:
         return Verdict(False, "unknown")
     token, member = row
-    reason = _refusal(token, member, now)
+    reason = refusal(token, member, now)
     if reason is not None:
         audit.record(
             session,
@@ -65,7 +58,21 @@ def verify_token(session: Session, text: str, *, now: datetime, source: str = "v
     return Verdict(True, token_id=token.id, principal=principal(token, member))
 
 
-def _refusal(token: Token, member: Membership | None, now: datetime) -> str | None:
+def find_token(session: Session, text: str) -> tuple[Token, Membership | None] | None:
+    """The token whose hash is that of ``text``, with its owner's membership (for a PAT)."""
+    row = session.execute(
+        select(Token, Membership)
+        .outerjoin(
+            Membership,
+            and_(Membership.org_id == Token.org_id, Membership.user_id == Token.user_id),
+        )
+        .where(Token.token_hash == hash_token(text))
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def refusal(token: Token, member: Membership | None, now: datetime) -> str | None:
+    """Why ``token`` is not usable at ``now``, or ``None`` when it is."""
     if token.revoked_at is not None:
         return "expired" if token.revoke_reason == "expired" else "revoked"
     if token.expires_at <= now:
