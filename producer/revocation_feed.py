@@ -6,7 +6,9 @@
   of its own, in a thread of its own, listening: a notice empties the cache the moment it
   arrives (Postgres delivers it at the commit). The cache is trusted only while that
   connection is up: lost, it is emptied and bypassed (every check reads the store) until
-  the feed listens again, so an answer is never served on a stale cache.
+  the feed listens again, so an answer is never served on a stale cache. A connection that
+  dies silently (no reset ever arrives) is caught by a ping every :data:`PING_EVERY_S`: the
+  cache is used only within :data:`LEASE_S` of the last answered one.
 - **SQLite** (one machine): :class:`SqliteFeed` asks ``PRAGMA data_version`` on a
   connection of its own before each use of the cache; the number changes whenever another
   connection, in any process, commits, and the cache is then emptied. That is a few
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from typing import Final, Protocol
 
 import psycopg
@@ -33,8 +36,12 @@ from producer.token_check import AnswerCache
 log = structlog.get_logger(__name__)
 
 CHANNEL: Final = "tokenwarden_revocations"
-# How long the listener waits for a notice before it checks its connection with a query.
-PING_EVERY_S: Final = 1.0
+# How long the listener waits for a notice before it checks its connection with a query ...
+PING_EVERY_S: Final = 0.5
+# ... and how long a successful check vouches for the cache: a connection that went silent
+# (no reset from the network) stops the cache from being used after this long at most.
+LEASE_S: Final = 1.5
+APPLICATION_NAME: Final = "tokenwarden-revocation-feed"
 RETRY_FIRST_S: Final = 0.5
 RETRY_MAX_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 5
@@ -101,22 +108,24 @@ class PostgresFeed:
             self._conninfo,
             autocommit=True,
             connect_timeout=CONNECT_TIMEOUT_S,
+            application_name=APPLICATION_NAME,
             keepalives=1,
             keepalives_idle=5,
             keepalives_interval=2,
             keepalives_count=2,
         ) as connection:
-            # The handler runs for a notice received at any moment, a ping's included.
-            connection.add_notify_handler(lambda _: self._cache.invalidate())
             connection.execute(f"LISTEN {CHANNEL}")
             # Anything revoked before the LISTEN is in no answer cached from now on.
             self._cache.trust(True)
+            self._cache.renew(time.monotonic() + LEASE_S)
             self.listening.set()
             log.info("revocations.listening", database=self._shown)
             while not self._stop.is_set():
+                # Notices that came in during the ping are kept for this loop by psycopg.
                 for _ in connection.notifies(timeout=PING_EVERY_S):
-                    pass  # the handler has emptied the cache
+                    self._cache.invalidate()
                 connection.execute("SELECT 1")
+                self._cache.renew(time.monotonic() + LEASE_S)
 
 
 class SqliteFeed:

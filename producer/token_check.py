@@ -54,6 +54,8 @@ class AnswerCache:
         self._entries: dict[str, tuple[float, Introspection]] = {}
         self._generation = 0
         self._trusted = False
+        # The feed vouches for the cache until then; it renews while it hears from its store.
+        self._lease_until = float("inf")
         self._max_age_s = max_age_s
         self._max_entries = max_entries
         # Called before each use: a feed that must look (SQLite) invalidates from there.
@@ -61,14 +63,14 @@ class AnswerCache:
 
     @property
     def trusted(self) -> bool:
-        return self._trusted
+        return self._trusted and time.monotonic() < self._lease_until
 
     def generation(self) -> int:
         return self._generation
 
     def get(self, key: str) -> Introspection | None:
         self.refresh()
-        if not self._trusted:
+        if not self.trusted:
             return None
         entry = self._entries.get(key)
         if entry is None:
@@ -83,7 +85,7 @@ class AnswerCache:
 
     def put(self, key: str, answer: Introspection, generation: int) -> None:
         with self._lock:
-            if not self._trusted or generation != self._generation:
+            if not self.trusted or generation != self._generation:
                 return
             if len(self._entries) >= self._max_entries:
                 self._entries.pop(next(iter(self._entries)))  # the oldest
@@ -94,6 +96,18 @@ class AnswerCache:
         with self._lock:
             self._generation += 1
             self._entries.clear()
+
+    def renew(self, until: float) -> None:
+        """The feed heard from its store just now: trust the cache until ``until``.
+
+        A lease that ran out meanwhile (a connection silent for too long) may have missed a
+        notice: the cache starts empty again.
+        """
+        with self._lock:
+            if time.monotonic() >= self._lease_until:
+                self._generation += 1
+                self._entries.clear()
+            self._lease_until = until
 
     def trust(self, trusted: bool) -> None:
         """The feed is listening (``True``) or lost (``False``: bypass until it is back)."""

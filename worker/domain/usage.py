@@ -65,6 +65,8 @@ def last_used(session: Session, token_ids: Collection[str]) -> dict[str, datetim
                 select(TokenUsage.token_id, TokenUsage.last_used_at).where(
                     TokenUsage.token_id.in_(ids[start : start + CHUNK])
                 )
-            ).tuples()
+            )
+            .tuples()
+            .all()
         )
     return found
