@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from config.settings import Settings, get_settings, keep_files_private
+from producer import introspection
 from producer.app_state import AppState, log
 from producer.auth import producer_bearer
 from producer.github import GitHubKeys
@@ -69,6 +70,9 @@ def create_app(
     app.include_router(events.router)
     app.include_router(leaks.router)
     app.include_router(health.router(metrics_key=settings.metrics_key))
+    app.include_router(
+        introspection.router(settings, engine=shared.engine, registry=shared.metrics.registry)
+    )
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
 

@@ -28,6 +28,7 @@ from worker.domain.issuing import create_token, list_tokens, parse_kind
 from worker.domain.models import Token, TokenKind
 from worker.domain.revocation import revoke_token
 from worker.domain.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
+from worker.domain.usage import last_used
 from worker.domain.verification import verify_token
 
 
@@ -103,7 +104,9 @@ def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
     """Tokens with their state and reason; never a secret."""
     with transaction() as session:
         tokens = list_tokens(session, org_id=org_id, user_id=user_id)
-    echo_listing([_token_json(t) for t in tokens], _TOKEN_COLUMNS, as_json=as_json)
+        used = last_used(session, [t.id for t in tokens])
+    records = [{**_token_json(t), "last_used_at": used.get(t.id)} for t in tokens]
+    echo_listing(records, _TOKEN_COLUMNS, as_json=as_json)
 
 
 def _token_json(t: Token) -> dict[str, Any]:
@@ -127,6 +130,7 @@ _TOKEN_COLUMNS: Final[dict[str, str | Callable[[dict[str, Any]], Any]]] = {
     "expires": "expires_at",
     "state": "state",
     "reason": "reason",
+    "last used": "last_used_at",
 }
 
 

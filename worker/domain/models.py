@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -144,6 +145,21 @@ class Token(Base):
         if self.revoked_at is not None:
             return "expired" if self.revoke_reason == "expired" else "revoked"
         return "active"
+
+
+class TokenUsage(Base):
+    """When a token was last seen in use, to the minute (written in batches by the API).
+
+    A table of its own so that recording a use never locks the ``tokens`` row a revocation
+    updates.
+    """
+
+    __tablename__ = "token_usage"
+
+    token_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("tokens.id", ondelete="CASCADE"), primary_key=True
+    )
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 def _serial_key() -> Mapped[int]:
