@@ -4,7 +4,9 @@
    keep-alive connections, asking about 1,000 active tokens in turn, against the empty
    ``POST /v1/introspect`` of ``bench/_empty_api.py`` on the same server settings, same run.
    Target: ratio ≥ 0.5.
-2. **Latency** at half the saturated rate, paced: p99 ≤ 5 ms.
+2. **Latency** at half the saturated rate, paced: p99 ≤ 5 ms. The empty endpoint is paced at
+   the same rate in the same run, for context: its p99 is what the machine and this client
+   add whatever the server does.
 3. **Revocation visibility** (Postgres only): two API processes on one store; a token is
    warmed into both caches, revoked by the domain in this process, and the *other* replica is
    polled until it answers ``{"active": false}``; time from the commit. Target: p99 ≤ 100 ms.
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import asyncio
+import gc
 import time
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -88,7 +91,14 @@ def paced_p99_ms(port: int, texts: list[str], rate: float, seconds: float) -> fl
 
         await asyncio.gather(*(client() for _ in range(16)))
 
-    asyncio.run(run())
+    # This process holds the populated store's objects: a full collection here stalled the
+    # client (up to 80 ms) and was counted as the server's latency.
+    gc.collect()
+    gc.freeze()
+    try:
+        asyncio.run(run())
+    finally:
+        gc.unfreeze()
     return 1000 * common.percentile(latencies, 0.99)
 
 
@@ -141,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: list[float] = []
     bases: list[float] = []
     p99s: list[float] = []
+    base_p99s: list[float] = []
     visible: list[float] = []
     try:
         with common.bench(NAME, args) as run:
@@ -191,13 +202,16 @@ def main(argv: list[str] | None = None) -> int:
                 for number in range(args.runs):
                     base = saturate(empty_port, texts, args.requests, args.connections)
                     ours = saturate(ports[0], texts, args.requests, args.connections)
-                    p99 = paced_p99_ms(ports[0], texts, ours / 2, common.pick(args, 5, 1))
+                    seconds = common.pick(args, 5, 1)
+                    p99 = paced_p99_ms(ports[0], texts, ours / 2, seconds)
+                    base_p99 = paced_p99_ms(empty_port, texts, ours / 2, seconds)
                     bases.append(base)
                     rates.append(ours)
                     p99s.append(p99)
+                    base_p99s.append(base_p99)
                     line = (
                         f"  run {number + 1}: empty {base:,.0f}/s, ours {ours:,.0f}/s, "
-                        f"p99 at half {p99:.2f} ms"
+                        f"p99 at half {p99:.2f} ms (empty endpoint {base_p99:.2f} ms)"
                     )
                     if postgres:
                         batch = members[TOKENS + number * args.revocations :][: args.revocations]
@@ -228,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio,
             f">= {RATIO_TARGET}",
         ],
-        ["p99 ms at half rate", p99, None, None, f"<= {P99_TARGET_MS}"],
+        ["p99 ms at half rate", p99, common.median(base_p99s), None, f"<= {P99_TARGET_MS}"],
         ["revocation seen p99 ms", seen_p99, None, None, f"<= {VISIBLE_TARGET_MS}"],
     ]
     print(common.table(["measure", "ours", "empty endpoint", "ratio", "target"], rows))
@@ -255,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         ok=ok,
         unit=UNIT,
         p99_ms=common.rounded(p99, 2),
+        empty_p99_ms=common.rounded(common.median(base_p99s), 2),
         revocation_seen_p99_ms=common.rounded(seen_p99, 1) if seen_p99 is not None else None,
         runs=args.runs,
         short=args.short,
