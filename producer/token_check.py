@@ -6,15 +6,18 @@ the store says something was revoked (producer/revocation_feed.py), refusals of 
 are audited at most once a minute per token and reason, and uses are recorded coalesced, off
 the request's path (producer/usage_recorder.py).
 
-Cached are only active answers, each until the token's own expiry or :data:`MAX_AGE_S`,
-whichever comes first; a refusal is always read again, so a member who re-joins is usable at
-once. A malformed text is refused before any look-up, cache or store.
+Cached are only active answers, each until the token's own expiry or a random 75 to 100 % of
+:data:`MAX_AGE_S`, whichever comes first; a refusal is always read again, so a member who
+re-joins is usable at once. A cached answer is given on the event loop; only a look-up in the
+store goes to a thread. A malformed text is refused before any look-up, cache or store.
 
 Must not import the tasks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +38,14 @@ log = structlog.get_logger(__name__)
 # An answer is read again after this long even when nothing was announced: the feed is the
 # guarantee, this only bounds what a missed notice could cost.
 MAX_AGE_S: Final = 60.0
+# Answers stored together (a cache refilled after a revocation, or at start) would all be read
+# again in the same instant MAX_AGE_S later: a thousand look-ups at once, and every answer
+# queued behind them (a p99 of 60 ms at half the API's rate). Each answer lives a random 75
+# to 100 % of the maximum age instead, so they are read again a few at a time.
+AGE_SPREAD: Final = 0.25
+# An answer asked for after this share of its age is read again in the background, and the
+# cached one given meanwhile: a token in use never makes a request wait for the store.
+READ_AHEAD_AT: Final = 0.8
 MAX_ENTRIES: Final = 100_000
 # One audit row (and one log line) per token and reason in this long, from each process.
 AUDIT_EVERY_S: Final = 60.0
@@ -51,7 +62,9 @@ class AnswerCache:
 
     def __init__(self, *, max_age_s: float = MAX_AGE_S, max_entries: int = MAX_ENTRIES) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, Introspection]] = {}
+        # token hash -> (monotonic times it is read ahead from and read again at the latest,
+        # answer); a read ahead under way has set the first to infinity.
+        self._entries: dict[str, tuple[float, float, Introspection]] = {}
         self._generation = 0
         self._trusted = False
         # The feed vouches for the cache until then; it renews while it hears from its store.
@@ -75,21 +88,38 @@ class AnswerCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        stored_at, answer = entry
+        _, renew_at, answer = entry
         expires_at = answer.expires_at
-        now = time.monotonic()
-        if now - stored_at > self._max_age_s or (expires_at and expires_at <= clock.now()):
+        if time.monotonic() > renew_at or (expires_at and expires_at <= clock.now()):
             self._entries.pop(key, None)
             return None
         return answer
 
     def put(self, key: str, answer: Introspection, generation: int) -> None:
+        """Keep an active ``answer`` read in ``generation``; forget an inactive one."""
         with self._lock:
             if not self.trusted or generation != self._generation:
                 return
+            if not answer.active:
+                self._entries.pop(key, None)
+                return
             if len(self._entries) >= self._max_entries:
                 self._entries.pop(next(iter(self._entries)))  # the oldest
-            self._entries[key] = (time.monotonic(), answer)
+            age_s = self._max_age_s * (1 - AGE_SPREAD * random.random())  # noqa: S311 - no secret
+            now = time.monotonic()
+            self._entries[key] = (now + READ_AHEAD_AT * age_s, now + age_s, answer)
+
+    def read_ahead(self, key: str) -> int | None:
+        """The generation to read ``key`` again in, if its answer is due for that and no
+        other read ahead of it is under way; ``None`` otherwise."""
+        entry = self._entries.get(key)
+        if entry is None or time.monotonic() < entry[0]:
+            return None
+        with self._lock:
+            if self._entries.get(key) is not entry:
+                return None
+            self._entries[key] = (float("inf"), entry[1], entry[2])
+            return self._generation
 
     def invalidate(self) -> None:
         """Something was revoked: forget every answer."""
@@ -157,6 +187,7 @@ class TokenCheck:
         self._recorder = recorder
         self._limiter = RefusalLimiter()
         self._counted = counted
+        self._reading: set[asyncio.Task[None]] = set()
 
     async def check(self, text: str) -> Introspection:
         """The answer about ``text`` now; raises what the store raises when it is down."""
@@ -171,12 +202,27 @@ class TokenCheck:
             answer = await run_in_threadpool(self._look_up, text)
             if answer.active:
                 self.cache.put(key, answer, generation)
+        elif (ahead := self.cache.read_ahead(key)) is not None:
+            task = asyncio.get_running_loop().create_task(self._read_ahead(text, key, ahead))
+            self._reading.add(task)
+            task.add_done_callback(self._reading.discard)
         if not answer.active:
             return self._refused(answer, source)
         assert answer.token_id is not None
         self._recorder.used(answer.token_id)
         self._counted("active", source)
         return answer
+
+    async def _read_ahead(self, text: str, key: str, generation: int) -> None:
+        """Read ``text`` again for the cache; the generation rule of :meth:`AnswerCache.put`
+        keeps a revocation noticed meanwhile from being undone."""
+        try:
+            answer = await run_in_threadpool(self._look_up, text)
+        except Exception:
+            # Nobody waits for this answer: the cached one stays until it is due, and the
+            # request that finds it due reads the store itself and hears of the failure.
+            return
+        self.cache.put(key, answer, generation)
 
     def _look_up(self, text: str) -> Introspection:
         with read_transaction(self._engine()) as session:
