@@ -1,11 +1,11 @@
 """Last uses and audited refusals of checked tokens, written off the request's path.
 
 A request only notes what happened in a dict; a background thread writes it every
-:data:`FLUSH_EVERY_S` seconds in one short transaction (last uses as upserts of
-:data:`CHUNK` rows, refusals as one batch of audit rows), and once more when the API
-stops. A token's use is noted at most once in :data:`USE_EVERY_S`, so a token checked a
-thousand times a second costs one row a minute. Nothing here touches the ``tokens`` rows a
-revocation updates (worker/domain/usage.py).
+:data:`FLUSH_EVERY_S` seconds in short transactions (refusals as one batch of audit rows, last
+uses as upserts of :data:`CHUNK` rows each), and once more when the API stops. A token's use
+is noted at most once in :data:`USE_EVERY_S`, so a token checked a thousand times a second
+costs one row a minute. Nothing here touches the ``tokens`` rows a revocation updates
+(worker/domain/usage.py).
 
 Must not import the tasks.
 """
@@ -31,10 +31,12 @@ log = structlog.get_logger(__name__)
 FLUSH_EVERY_S: Final = 10.0
 USE_EVERY_S: Final = 60.0
 # Ids per statement. Building a many-row upsert costs tens of µs a row, all of it holding the
-# GIL the event loop needs to answer requests: 500 rows were a 30 ms stall of every answer in
-# flight. Fifty keep each burst to a couple of ms, and the loop takes over during each
-# statement's round trip to the store.
+# GIL the event loop answers requests with: a thousand uses were 60 ms of answers held up at
+# once. Fifty rows are a burst of a few ms ...
 CHUNK: Final = 50
+# ... and while the API serves, each is followed by a pause this many times as long as it
+# took, so the writes never take more than a fifth of the loop's time.
+PAUSE_FACTOR: Final = 4.0
 # Pending refusals kept at most (a store that stays down must not grow them without end).
 MAX_PENDING: Final = 100_000
 
@@ -80,21 +82,30 @@ class UsageRecorder:
 
     def _run(self) -> None:
         while not self._stop.wait(self._every_s):
-            self.flush()
+            self.flush(paced=True)
 
-    def flush(self) -> None:
-        """Write what was noted; on a failure, log it and drop it (it is only a record)."""
+    def flush(self, *, paced: bool = False) -> None:
+        """Write what was noted; on a failure, log it and drop it (it is only a record).
+
+        ``paced``: pause after each chunk of uses (:data:`PAUSE_FACTOR`), as the API does
+        while it serves; a stop (pause cut short) writes the rest at once.
+        """
         with self._lock:
             uses, self._uses = self._uses, {}
             refusals, self._refusals = self._refusals, []
         if not uses and not refusals:
             return
+        ids = list(uses)
         try:
-            with transaction(self._engine()) as session:
-                ids = list(uses)
-                for start in range(0, len(ids), CHUNK):
+            if refusals:
+                with transaction(self._engine()) as session:
+                    audit.record_many(session, refusal_rows(refusals))
+            for start in range(0, len(ids), CHUNK):
+                began = time.monotonic()
+                with transaction(self._engine()) as session:
                     usage.record_uses(session, {i: uses[i] for i in ids[start : start + CHUNK]})
-                audit.record_many(session, refusal_rows(refusals))
+                if paced:
+                    self._stop.wait(PAUSE_FACTOR * (time.monotonic() - began))
         except Exception as error:
             log.warning(
                 "usage.not_recorded",
