@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import hmac
 import json
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -41,7 +40,6 @@ log = structlog.get_logger(__name__)
 PATH: Final = "/v1/introspect"
 MAX_BODY_BYTES: Final = 16 * 1024
 RETRY_AFTER_S: Final = 5
-SWITCH_INTERVAL_S: Final = 0.0005
 FORM: Final = "application/x-www-form-urlencoded"
 # Form fields read at most: RFC 7662 defines two.
 MAX_FIELDS: Final = 10
@@ -175,14 +173,9 @@ def token_check_for(
         # 50 to 200 ms that stalled every answer in flight).
         gc.collect()
         gc.freeze()
-        # A thread busy in Python (a look-up, the recorder's writes) keeps the GIL from the
-        # event loop for up to this long once the loop asks: 5 ms by default, 0.5 ms here.
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             yield
         finally:
-            sys.setswitchinterval(switch_interval)
             gc.unfreeze()
             feed.stop()
             await run_in_threadpool(recorder.stop)
