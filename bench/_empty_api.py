@@ -1,4 +1,5 @@
-"""The limit bench/ingest.py compares with: an empty ``POST /v1/events`` on the same server.
+"""The limit bench/ingest.py and bench/introspect.py compare with: an empty ``POST /v1/events``
+and ``POST /v1/introspect`` on the same server.
 
 It reads the whole body and answers ``202`` with a fixed small JSON body, nothing else: no key
 check, no validation, no database, no broker. It is served exactly as ``tokenwarden api``
@@ -23,6 +24,11 @@ def create_app() -> FastAPI:
     async def post_events(request: Request) -> JSONResponse:
         await request.body()
         return JSONResponse({"accepted": []}, status_code=202)
+
+    @app.post("/v1/introspect")
+    async def introspect(request: Request) -> JSONResponse:
+        await request.body()
+        return JSONResponse({"active": False})
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -8,18 +8,18 @@ then every measurement runs on a fresh copy of it (``CREATE DATABASE … TEMPLAT
 sweep and the baseline start from identical, freshly loaded tables. Every database this
 script creates is dropped at the end; nobody else's data is touched.
 
-Per run: our sweep (:func:`worker.domain.sweep.run_sweep`, as the scheduled task runs it) marks the
-expired tokens, audits them and writes their "expired" notices; the baseline is one
-``UPDATE tokens SET revoked_at=…, revoke_reason='expired' WHERE expires_at < … AND revoked_at
-IS NULL``. Reported: rows/s of the sweep's expiry phase (what the baseline does, plus the
-audit rows; with this backlog on Postgres it walks the table, see :mod:`worker.domain.sweep`), the
-longest transaction of the expiry phase and of the whole sweep (notices included), the notice
-phase's rate, and the peak RSS of this process. The notice phase writes one notice per
-recipient (most of 300,000 here) at about a thousand a second, so each run samples it for
-``--notice-seconds`` (20; 2 with ``--short``) unless ``--all-notices`` is given. Medians
-over the runs; the last line is one JSON object, whose ratio is the median of the per-run
-ratios (each run measures both, one right after the other), as the other benchmarks of
-bench/ report it.
+Per run: our sweep (:func:`worker.domain.expiry.sweep.run_sweep`, as the scheduled task runs
+it) marks the expired tokens, audits them and writes their "expired" notices; the baseline is
+one ``UPDATE tokens SET revoked_at=…, revoke_reason='expired' WHERE expires_at < … AND
+revoked_at IS NULL``. Reported: rows/s of the sweep's expiry phase (what the baseline does,
+plus the audit rows; with this backlog on Postgres it walks the table, see
+:mod:`worker.domain.expiry.table_walk`), the longest transaction of the expiry phase and of the
+whole sweep (notices included), the notice phase's rate, and the peak RSS of this process. The
+notice phase writes one notice per recipient (most of 300,000 here) at about a thousand a
+second, so each run samples it for ``--notice-seconds`` (20; 2 with ``--short``) unless
+``--all-notices`` is given. Medians over the runs; the last line is one JSON object, whose
+ratio is the median of the per-run ratios (each run measures both, one right after the other),
+as the other benchmarks of bench/ report it.
 
 ``--short`` (CI): about 20,000 rows, one run, no targets enforced. A ``sqlite:///`` URL
 measures SQLite instead (the file is created in a temporary folder and copied per run).
@@ -46,8 +46,9 @@ from typing import Any, Final
 from sqlalchemy import Engine, insert, make_url, text
 
 from worker.domain import db
+from worker.domain.expiry.results import SweepResult
+from worker.domain.expiry.sweep import run_sweep
 from worker.domain.models import Membership, Token
-from worker.domain.sweep import SweepResult, run_sweep
 
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TARGET_RATIO: Final = 0.5

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str | None = None
     producer_keys: Keys = ()
+    # Keys of the resource servers that may call POST /v1/introspect; never a producer key.
+    introspection_keys: Keys = ()
     notice_webhook_url: str | None = None
     notice_signing_secret: str | None = None
     api_host: str = "127.0.0.1"
@@ -243,6 +245,16 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _doors_apart(self) -> Self:
+        # A service that can check tokens must not be able to revoke them with the same key.
+        if set(self.introspection_keys) & set(self.producer_keys):
+            raise ValueError(
+                f"{ENV_PREFIX}INTROSPECTION_KEYS: must not repeat a key of "
+                f"{ENV_PREFIX}PRODUCER_KEYS: give each door keys of its own"
+            )
+        return self
+
     @property
     def server_store(self) -> bool:
         """True when the token store is a database server (shared by processes on any host)."""
@@ -330,6 +342,7 @@ SECRET_FIELDS = frozenset(
     {
         "producer_keys",
         "producer_key",
+        "introspection_keys",
         "notice_signing_secret",
         "gitlab_revocation_token",
         "metrics_key",

@@ -14,10 +14,12 @@ import random
 import time as clock
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Final, Self
+from urllib.parse import urlencode
 
 import httpx
 import structlog
@@ -118,14 +120,63 @@ def make_event(
     )
 
 
+@dataclass(frozen=True)
+class TokenInfo:
+    """What ``POST /v1/introspect`` said about a token (RFC 7662).
+
+    ``active`` false means unusable, for whatever reason: the API never says which.
+    """
+
+    active: bool
+    token_type: str | None = None  # personal_access_token or application_access_token
+    sub: str | None = None  # the user of a PAT, the application of an AAT
+    org_id: str | None = None
+    role: str | None = None  # a PAT owner's current role
+    app_id: str | None = None
+    created_by: str | None = None
+    exp: datetime | None = None
+    iat: datetime | None = None
+    jti: str | None = None  # the token's id
+
+    @classmethod
+    def from_answer(cls, answer: Any) -> TokenInfo:
+        if not isinstance(answer, dict) or answer.get("active") is not True:
+            return cls(False)
+
+        def text(name: str) -> str | None:
+            value = answer.get(name)
+            return None if value is None else str(value)
+
+        def instant(name: str) -> datetime | None:
+            value = answer.get(name)
+            return datetime.fromtimestamp(value, UTC) if isinstance(value, int) else None
+
+        return cls(
+            True,
+            token_type=text("token_type"),
+            sub=text("sub"),
+            org_id=text("org_id"),
+            role=text("role"),
+            app_id=text("app_id"),
+            created_by=text("created_by"),
+            exp=instant("exp"),
+            iat=instant("iat"),
+            jti=text("jti"),
+        )
+
+
 class ProducerClient:
-    """Sends events to the producer API; ``with ProducerClient(...) as client:`` closes it."""
+    """Sends events to the producer API; ``with ProducerClient(...) as client:`` closes it.
+
+    With an ``introspection_key`` it also asks whether a token is usable (:meth:`introspect`).
+    """
 
     def __init__(
         self,
         api_url: str,
         key: str,
         *,
+        introspection_key: str | None = None,
         timeout: float = 10.0,
         attempts: int = 5,
         backoff: float = 0.5,
@@ -137,6 +188,7 @@ class ProducerClient:
         self.attempts = attempts
         self.backoff = backoff
         self._sleep = sleep
+        self._introspection_key = introspection_key
         self._http = httpx.Client(
             base_url=self.api_url,
             timeout=timeout,
@@ -205,12 +257,33 @@ class ProducerClient:
             raise ProducerError(202, "the API answered 202 without the accepted ids")
         return [str(event_id) for event_id in accepted]
 
-    def _post(self, body: bytes, media_type: str) -> Any:
+    def introspect(self, token: str) -> TokenInfo:
+        """Whether ``token`` is usable now, and as whom (``POST /v1/introspect``)."""
+        if not self._introspection_key:
+            raise ValueError("introspect needs the client's introspection_key")
+        answer = self._post(
+            urlencode({"token": token}).encode(),
+            "application/x-www-form-urlencoded",
+            path="/v1/introspect",
+            expected=200,
+            headers={"Authorization": f"Bearer {self._introspection_key}"},
+        )
+        return TokenInfo.from_answer(answer)
+
+    def _post(
+        self,
+        body: bytes,
+        media_type: str,
+        *,
+        path: str = "/v1/events",
+        expected: int = 202,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts
             try:
                 response = self._http.post(
-                    "/v1/events", content=body, headers={"Content-Type": media_type}
+                    path, content=body, headers={"Content-Type": media_type, **(headers or {})}
                 )
             except httpx.TransportError as error:
                 reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
@@ -218,7 +291,7 @@ class ProducerClient:
                     raise ProducerUnreachable(self.api_url, reason) from error
                 self._wait(attempt, reason, None)
                 continue
-            if response.status_code == 202:
+            if response.status_code == expected:
                 return _json(response)
             if response.status_code in RETRY_STATUSES and not last:
                 self._wait(attempt, f"HTTP {response.status_code}", _retry_after(response))

@@ -14,6 +14,9 @@ answer and its timing reveal nothing about the store. A request holds at most
 :data:`MAX_REPORTS` tokens, as ``POST /v1/events`` takes at most that many events: a larger one
 is refused whole with ``413`` and stores nothing (GitLab's contract names no status for it,
 and 413 is HTTP's own for a request larger than the server takes).
+
+The routes are in producer/routes/leaks.py; this module must not import them, ``producer.api``
+or ``tasks``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hmac
 from collections.abc import Sequence
 from typing import Final
 
+from producer.auth import require
 from producer.github import leak_event
 from producer.intake import Refused
 from producer.schemas import MAX_BATCH, GitLabReport
@@ -51,14 +55,13 @@ def authenticate(authorization: str | None, configured: str | None) -> None:
     bearer = rest.strip() if scheme.lower() == "bearer" else ""
     matched = hmac.compare_digest(given.encode(), secret.encode())
     matched |= hmac.compare_digest(bearer.encode(), secret.encode())
-    if secret and authorization and matched:
-        return
-    detail = (
-        "send the revocation token in the Authorization header"
+    require(
+        bool(secret and authorization and matched),
+        "send the revocation token in the Authorization header",
+        unconfigured=None
         if secret
-        else "no revocation token is configured: set TOKENWARDEN_GITLAB_REVOCATION_TOKEN"
+        else "no revocation token is configured: set TOKENWARDEN_GITLAB_REVOCATION_TOKEN",
     )
-    raise Refused(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 def leak_events(reports: Sequence[GitLabReport]) -> list[CloudEvent]:

@@ -13,6 +13,8 @@ RETURNING id`` and looks up the ids that were there already.
 Within a group each request keeps the outcome it would have had alone, in arrival order: an id
 already stored, or taken earlier in the group, with other content refuses that request (409)
 and stores none of its events; the same content again is accepted and stored once.
+
+Used by producer/routes/events.py; must not import the routes, ``producer.api`` or ``tasks``.
 """
 
 from __future__ import annotations
@@ -317,47 +319,47 @@ def _try_group(
             first.setdefault(event_id, (index, event))
     inserted = _insert(connection, [event for _, event in first.values()], now)
     before = [event_id for event_id in first if event_id not in inserted]
-    existing = (
-        {
-            row.id: (row.digest, row.status)
-            for row in connection.execute(
-                select(_TABLE.c.id, _TABLE.c.digest, _TABLE.c.status).where(_TABLE.c.id.in_(before))
-            )
-        }
-        if before
-        else {}
-    )
+    existing = _existing(connection, before)
     if len(existing) < len(before):
         return False  # a row gone since the insert saw it: look again
     claimed = {event_id: digest for event_id, (digest, _) in existing.items()}
-    outcome: dict[int, _Settled] = {}
-    for index in active:
-        wanted = group[index].wanted
-        clashes = sorted(
-            i for i, event in wanted.items() if claimed.get(i, event.digest) != event.digest
-        )
-        if clashes:
-            outcome[index] = _Settled(conflict=Conflict(clashes))
-            continue
-        to_publish = []
-        for event_id, event in wanted.items():
-            claimed.setdefault(event_id, event.digest)
-            if event_id in inserted or existing.get(event_id, ("", _PENDING))[1] == _PENDING:
-                to_publish.append(event_id)
-        outcome[index] = _Settled(to_publish=to_publish)
-    refused_writers = {
-        first[event_id][0]
-        for event_id in inserted
-        if outcome[first[event_id][0]].conflict is not None
-    }
+    # Rows there before that the worker has taken up already: their ids are not sent again.
+    taken_up = {event_id for event_id, (_, status) in existing.items() if status != _PENDING}
+    outcome = {index: _judge(group[index], claimed, taken_up) for index in active}
     for index, fate in outcome.items():
         if fate.conflict is not None:
             settled[index] = fate
-    if refused_writers:
+    if any(outcome[first[event_id][0]].conflict is not None for event_id in inserted):
         return False  # rows of a refused request went in: again without it
     for index, fate in outcome.items():
         settled[index] = fate
     return True
+
+
+def _existing(connection: Connection, ids: list[str]) -> dict[str, tuple[str, str]]:
+    """The digest and status of each of ``ids`` already in the inbox."""
+    if not ids:
+        return {}
+    rows = connection.execute(
+        select(_TABLE.c.id, _TABLE.c.digest, _TABLE.c.status).where(_TABLE.c.id.in_(ids))
+    )
+    return {row.id: (row.digest, row.status) for row in rows}
+
+
+def _judge(job: _Job, claimed: dict[str, str], taken_up: set[str]) -> _Settled:
+    """The fate of ``job``, judged by the digest each id is ``claimed`` with (by a row there
+    before, or by a request before it in the group): a conflict when one of its ids holds
+    other content; else it claims its ids and has the queue carry those not ``taken_up``."""
+    clashes = sorted(
+        event_id
+        for event_id, event in job.wanted.items()
+        if claimed.get(event_id, event.digest) != event.digest
+    )
+    if clashes:
+        return _Settled(conflict=Conflict(clashes))
+    for event_id, event in job.wanted.items():
+        claimed.setdefault(event_id, event.digest)
+    return _Settled(to_publish=[event_id for event_id in job.wanted if event_id not in taken_up])
 
 
 def _insert(connection: Connection, events: list[Prepared], now: datetime) -> set[str]:

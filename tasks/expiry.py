@@ -1,9 +1,11 @@
 """Scheduled expiry tasks: the sweep every ``TOKENWARDEN_SWEEP_INTERVAL_S``, reminders daily.
 
-These run many short transactions of their own (one per batch), so they are plain tasks that
-hand the engine to the domain, not :class:`~worker.runtime.tasking.DatabaseTask` runs in one
-transaction. Neither retries: the next scheduled run picks up whatever a failed one left, and
-a lock in the database keeps two runs (from two schedulers) from working at once.
+These run many short transactions of their own (one per batch), so they are
+:class:`~worker.runtime.tasking.CountedTask` runs (counted like every task) that hand the
+engine to the domain, not :class:`~worker.runtime.tasking.DatabaseTask` runs in one
+transaction. Neither retries, not even after a brief database outage (hence
+``autoretry_for=()``): the next scheduled run picks up whatever a failed one left, and a lock
+in the database keeps two runs (from two schedulers) from working at once.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import structlog
 from config.celery import SEND_REMINDERS, SWEEP_EXPIRED
 from config.settings import get_settings
 from worker.domain import clock
-from worker.domain.reminders import send_reminders
-from worker.domain.sweep import run_sweep
+from worker.domain.expiry.reminders import send_reminders
+from worker.domain.expiry.sweep import run_sweep
 from worker.runtime.celery_app import app
 from worker.runtime.publishing import publish_new_notices
-from worker.runtime.tasking import store_engine
+from worker.runtime.tasking import CountedTask, store_engine
 
 log = structlog.get_logger(__name__)
 
@@ -45,12 +47,15 @@ def sweep_budget_s() -> float:
 
 
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type information
+    base=CountedTask,
+    bind=True,
     name=SWEEP_EXPIRED,
     ignore_result=True,
+    autoretry_for=(),
     # A sweep still queued when the next one is due is dropped: that one does the same work.
     expires=get_settings().sweep_interval_s,
 )
-def sweep_expired() -> dict[str, Any]:
+def sweep_expired(self: CountedTask) -> dict[str, Any]:
     """Mark expired tokens, write their notices, apply both retentions; one run at a time."""
     settings = get_settings()
     result = run_sweep(
@@ -68,13 +73,16 @@ def sweep_expired() -> dict[str, Any]:
 
 
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type information
+    base=CountedTask,
+    bind=True,
     name=SEND_REMINDERS,
     ignore_result=True,
+    autoretry_for=(),
     expires=REMINDERS_EXPIRE_S,
     soft_time_limit=REMINDERS_SOFT_LIMIT_S,
     time_limit=REMINDERS_SOFT_LIMIT_S + 30,
 )
-def send_expiry_reminders() -> dict[str, Any]:
+def send_expiry_reminders(self: CountedTask) -> dict[str, Any]:
     """Warn owners of tokens entering a reminder bucket; one run at a time."""
     settings = get_settings()
     result = send_reminders(

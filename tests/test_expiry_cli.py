@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session
 from tests.conftest import TOKENWARDEN, Cli, Store
 from tests.test_sweep import add_tokens
 from worker.domain import db, notices
+from worker.domain.expiry.lock import single_run
 from worker.domain.issuing import create_token
 from worker.domain.models import Notice, TokenKind
-from worker.domain.sweep import single_run
 
 
 @pytest.fixture

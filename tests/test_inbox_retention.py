@@ -21,6 +21,7 @@ from tests.conftest import Cli, Store
 from worker.domain import clock, db
 from worker.domain.errors import Refused
 from worker.domain.events import parse_event
+from worker.domain.expiry.sweep import run_sweep
 from worker.domain.handlers import apply_pending
 from worker.domain.inbox import store_events
 from worker.domain.issuing import create_token
@@ -35,7 +36,6 @@ from worker.domain.models import (
     Token,
     TokenKind,
 )
-from worker.domain.sweep import run_sweep
 from worker.domain.tokens import hash_token
 from worker.domain.verification import verify_token
 from worker.runtime import tasking

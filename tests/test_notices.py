@@ -11,7 +11,7 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from tests.conftest import Cli, Store
-from worker.domain import db, inbox, notices, offboarding
+from worker.domain import db, deactivation, inbox, leaks, notices, removals, revocation
 from worker.domain.events import parse_event
 from worker.domain.handlers import apply_event
 from worker.domain.issuing import IssuedToken, create_token
@@ -80,8 +80,8 @@ def assert_no_token_text(notice: Notice, *issued: IssuedToken) -> None:
             assert secret not in row
 
 
-def leak(session: Session, issued: IssuedToken, *, now: datetime) -> offboarding.TokenOutcome:
-    return offboarding.report_leak(
+def leak(session: Session, issued: IssuedToken, *, now: datetime) -> revocation.TokenOutcome:
+    return leaks.report_leak(
         session,
         token_hash=hash_token(issued.token),
         source_url="https://github.com/acme/app/blob/main/.env",
@@ -147,7 +147,7 @@ def test_a_leaked_aat_is_told_to_every_active_admin_of_its_org(
     for user, role in [("alice", "admin"), ("carol", "admin"), ("dave", "admin"), ("erin", "user")]:
         join(session, "acme", user, role=role, at=t0)
     join(session, "globex", "gina", role="admin", at=t0)
-    offboarding.remove_member(
+    removals.remove_member(
         session,
         org_id="acme",
         user_id="dave",
@@ -179,7 +179,7 @@ def test_a_second_report_of_the_same_leak_tells_nobody_again(
     issued = pat(session, "acme", "bob", created=now - timedelta(days=1))
     assert leak(session, issued, now=now).revoked
 
-    again = offboarding.report_leak(
+    again = leaks.report_leak(
         session,
         token_id=issued.id,
         at=now,
@@ -197,12 +197,12 @@ def test_a_leak_of_a_token_revoked_earlier_or_unknown_tells_nobody(
 ) -> None:
     join(session, "acme", "bob", at=now - timedelta(days=1))
     issued = pat(session, "acme", "bob", created=now - timedelta(days=1))
-    offboarding.request_revocation(
+    revocation.request_revocation(
         session, token_id=issued.id, at=now, now=now, source="cli", event_id=None
     )
 
     assert not leak(session, issued, now=now).revoked
-    unknown = offboarding.report_leak(
+    unknown = leaks.report_leak(
         session, token_hash="0" * 64, at=now, now=now, source="scanner", event_id=None
     )
 
@@ -223,7 +223,7 @@ def test_a_leaver_is_reported_to_the_admins_in_one_notice_listing_every_revoked_
     laptop = pat(session, "acme", "bob", created=t0, name="laptop")
     ci = pat(session, "acme", "bob", created=t0, name="ci")
     gone = pat(session, "acme", "bob", created=t0, name="old")
-    offboarding.request_revocation(
+    revocation.request_revocation(
         session, token_id=gone.id, at=t0, now=t0, source="cli", event_id=None
     )
     kept_app = aat(session, "acme", created_by="bob", created=t0)
@@ -236,7 +236,7 @@ def test_a_leaver_is_reported_to_the_admins_in_one_notice_listing_every_revoked_
 
     event.listen(store.engine, "before_cursor_execute", count_updates)
     try:
-        revoked = offboarding.remove_member(
+        revoked = removals.remove_member(
             session,
             org_id="acme",
             user_id="bob",
@@ -280,7 +280,7 @@ def test_a_leaving_admin_is_not_told_about_their_own_tokens(
     join(session, "acme", "carol", role="admin", at=t0)
     pat(session, "acme", "alice", created=t0)
 
-    offboarding.remove_member(
+    removals.remove_member(
         session, org_id="acme", user_id="alice", at=now, now=now, source=SOURCE, event_id=None
     )
 
@@ -298,7 +298,7 @@ def test_a_removal_that_revokes_nothing_and_a_replay_tell_nobody(
     pat(session, "acme", "bob", created=t0)
 
     def remove(user_id: str) -> list[str]:
-        return offboarding.remove_member(
+        return removals.remove_member(
             session, org_id="acme", user_id=user_id, at=now, now=now, source=SOURCE, event_id=None
         )
 
@@ -321,7 +321,7 @@ def test_a_deactivated_user_is_reported_to_each_orgs_admins_separately(
     acme = [pat(session, "acme", "bob", created=t0, name=f"acme-{i}") for i in range(2)]
     globex = pat(session, "globex", "bob", created=t0)
 
-    revoked = offboarding.deactivate_user(
+    revoked = deactivation.deactivate_user(
         session, user_id="bob", at=now, now=now, source=SOURCE, event_id="evt-deactivated"
     )
 
@@ -343,7 +343,7 @@ def test_an_offboarding_with_no_admin_left_is_still_queued_for_the_receiver(
     join(session, "acme", "bob", at=now - timedelta(days=1))
     pat(session, "acme", "bob", created=now - timedelta(days=1))
 
-    offboarding.remove_member(
+    removals.remove_member(
         session, org_id="acme", user_id="bob", at=now, now=now, source=SOURCE, event_id=None
     )
 
@@ -363,7 +363,7 @@ def test_a_notice_commits_or_rolls_back_with_its_revocation(
     take_new_notices(session)
 
     savepoint = session.begin_nested()
-    offboarding.remove_member(
+    removals.remove_member(
         session, org_id="acme", user_id="bob", at=now, now=now, source=SOURCE, event_id=None
     )
     assert len(all_notices(session)) == 1

@@ -16,9 +16,10 @@ import tasks.expiry
 from tests.conftest import Store
 from tests.test_sweep import add_tokens, listed, member, notice_bodies
 from worker.domain import clock, db, notices
+from worker.domain.expiry.reminders import buckets, send_reminders
+from worker.domain.expiry.results import ReminderResult
 from worker.domain.issuing import create_token
 from worker.domain.models import TokenKind, TokenReminder
-from worker.domain.reminders import ReminderResult, buckets, send_reminders
 from worker.domain.revocation import revoke_token
 
 DAYS = (60, 30, 7)
@@ -220,22 +221,22 @@ def test_two_reminder_runs_at_once_one_works_the_other_returns(
     add_tokens(engine, 3, expires_at=now + timedelta(days=5), created_at=now)
     inside = threading.Event()
     release = threading.Event()
-    import worker.domain.reminders
+    import worker.domain.expiry.reminders
 
-    original = worker.domain.reminders.remind_tokens
+    original = worker.domain.expiry.reminders.remind_tokens
 
     def slow_batch(*args: Any, **kwargs: Any) -> Any:
         inside.set()
         release.wait(timeout=10)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(worker.domain.reminders, "remind_tokens", slow_batch)
+    monkeypatch.setattr(worker.domain.expiry.reminders, "remind_tokens", slow_batch)
     results: list[ReminderResult] = []
     first = threading.Thread(target=lambda: results.append(remind(committed, now)), daemon=True)
     first.start()
     assert inside.wait(timeout=10)
     started = time.monotonic()
-    monkeypatch.setattr(worker.domain.reminders, "remind_tokens", original)
+    monkeypatch.setattr(worker.domain.expiry.reminders, "remind_tokens", original)
     second = remind(committed, now)
     elapsed = time.monotonic() - started
     release.set()
@@ -285,7 +286,7 @@ def test_many_recipients_each_get_one_notice_across_transactions(
 def test_a_recipient_split_across_two_reads_still_gets_one_notice(
     committed: Store, now: datetime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.domain.reminders
+    import worker.domain.expiry.reminders
 
     engine = committed.engine
     for user in ("bob", "dan"):
@@ -293,7 +294,7 @@ def test_a_recipient_split_across_two_reads_still_gets_one_notice(
     bobs = add_tokens(engine, 4, expires_at=now + timedelta(days=5), user="bob", created_at=now)
     dans = add_tokens(engine, 4, expires_at=now + timedelta(days=5), user="dan", created_at=now)
     # Reads of 6 due tokens: the first read ends inside dan's tokens.
-    monkeypatch.setattr(worker.domain.reminders, "DUE_PER_READ", 6)
+    monkeypatch.setattr(worker.domain.expiry.reminders, "DUE_PER_READ", 6)
 
     result = remind(committed, now)
 

@@ -24,7 +24,8 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from config.settings import Settings, load_settings
 from producer import metrics
-from producer.api import READY_MAX_AGE_S, create_app
+from producer.api import create_app
+from producer.app_state import READY_MAX_AGE_S
 from producer.metrics import STORE_MAX_AGE_S
 from tests.conftest import Store
 from worker.domain import clock, inbox

@@ -28,10 +28,13 @@ import config.celery
 import tasks.expiry
 from tests.conftest import Store
 from worker.domain import clock, db, notices
+from worker.domain.expiry.lock import lock_key, single_run
+from worker.domain.expiry.results import SweepResult
+from worker.domain.expiry.sweep import run_sweep
+from worker.domain.expiry.table_walk import table_walk_pages
 from worker.domain.members import add_member
 from worker.domain.models import AuditEntry, Notice, Token, TokenKind, TokenReminder
 from worker.domain.revocation import revoke_token
-from worker.domain.sweep import SweepResult, lock_key, run_sweep, single_run, table_walk_pages
 from worker.runtime import tasking
 from worker.runtime.celery_app import app
 
@@ -650,10 +653,15 @@ def test_a_retention_pass_cut_by_the_budget_resumes(committed: Store, now: datet
 def test_expiry_tasks_are_registered_with_options_celery_knows(name: str) -> None:
     task = app.tasks[name]
     assert task.name == name
+    assert isinstance(task, tasking.CountedTask)
     assert task.ignore_result is True
     assert task.expires is not None
+    # The next scheduled run does what a failed one left: no retries, even of brief outages.
+    assert not task.autoretry_for
     known = {key for klass in celery.Task.__mro__ for key in vars(klass)}
     known |= {attribute for attribute, _setting in celery.Task.from_config}
+    # Read from the task's options by celery.app.autoretry, not a Task attribute.
+    known.add("autoretry_for")
     options = {key for key in vars(type(task)) if not key.startswith("_")}
     assert options - known == set()
 

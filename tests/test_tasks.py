@@ -29,7 +29,7 @@ import tasks.events
 from config.celery import PROCESS_EVENTS
 from config.logging import configure_logging
 from tests.conftest import Store
-from worker.domain import clock, db, inbox, offboarding, removals
+from worker.domain import clock, db, deactivation, inbox, removals
 from worker.domain.events import parse_event
 from worker.domain.issuing import create_token
 from worker.domain.members import add_member
@@ -396,14 +396,14 @@ def test_a_poison_event_is_marked_dead_and_the_others_are_applied(
         session.execute(
             update(InboxEvent).where(InboxEvent.id == "e2").values(data={"org_id": "x"})
         )
-    real = offboarding.deactivate_user
+    real = deactivation.deactivate_user
 
     def explode(session: Session, **kwargs: Any) -> list[str]:
         real(session, **kwargs)  # its writes must be rolled back with the savepoint
         failure(session)
         return []
 
-    monkeypatch.setattr(offboarding, "deactivate_user", explode)
+    monkeypatch.setattr(deactivation, "deactivate_user", explode)
 
     tasks.events.process_events.run(ids)
 
@@ -486,7 +486,7 @@ def test_a_poison_removal_in_a_message_of_removals_is_dead_and_the_others_applie
         ),
         now=now,
     )
-    real_batch, real_one = removals.remove_members, offboarding.remove_member
+    real_batch, real_one = removals.remove_members, removals.remove_member
 
     def batch_then_fail(session: Session, *args: Any, **kwargs: Any) -> Any:
         real_batch(session, *args, **kwargs)  # its writes must be rolled back with the batch
@@ -499,7 +499,7 @@ def test_a_poison_removal_in_a_message_of_removals_is_dead_and_the_others_applie
         return revoked
 
     monkeypatch.setattr(removals, "remove_members", batch_then_fail)
-    monkeypatch.setattr(offboarding, "remove_member", fail_for_boom)
+    monkeypatch.setattr(removals, "remove_member", fail_for_boom)
     published: list[str] = []
     monkeypatch.setattr(
         publishing, "publish_new_notices", lambda _app, notice_ids: published.extend(notice_ids)
@@ -548,7 +548,7 @@ def test_a_transient_error_in_one_event_rolls_back_the_whole_run(
     def lose_connection(_session: Session, **_: Any) -> list[str]:
         raise OperationalError("UPDATE tokens", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr(offboarding, "deactivate_user", lose_connection)
+    monkeypatch.setattr(deactivation, "deactivate_user", lose_connection)
 
     with pytest.raises(TransientDatabaseError):
         tasks.events.process_events.run(ids)

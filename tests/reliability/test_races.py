@@ -262,7 +262,7 @@ def test_two_sweeps_at_once_never_sweep_the_same_rows(
     own_store: Store, tmp_path: Path, evidence: Evidence, rng: SeededRandom
 ) -> None:
     store = own_store
-    pytest.importorskip("worker.domain.sweep", reason="the expiry sweep has not landed")
+    pytest.importorskip("worker.domain.expiry.sweep", reason="the expiry sweep has not landed")
     figures = Figures(f"race_two_sweeps[{store.backend}]", {"seed": rng.seed_value})
     home = tmp_path / "home"
     home.mkdir()

@@ -47,9 +47,9 @@ from tests.reliability.workload import (
     notices_wired,
 )
 from worker.domain import db, handlers, inbox
+from worker.domain.deactivation import deactivate_user
 from worker.domain.members import add_member
 from worker.domain.models import AuditEntry, Membership, Token
-from worker.domain.offboarding import deactivate_user
 
 EVENTS = 1_200
 COPIES = 3

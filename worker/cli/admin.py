@@ -1,20 +1,25 @@
-"""``tokenwarden db`` and ``tokenwarden audit``."""
+"""``tokenwarden db`` and ``tokenwarden audit``. Must not import ``tasks`` or ``producer``."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
 
 import click
 
 from worker.cli.common import (
     echo_json,
-    echo_table,
+    echo_listing,
     json_option,
+    limit_option,
+    record,
     settings,
-    short_time,
     store_failed,
     transaction,
 )
 from worker.domain import audit as audit_trail
 from worker.domain import db
+from worker.domain.models import AuditEntry
 
 
 @click.group(name="db")
@@ -43,7 +48,7 @@ def upgrade(as_json: bool) -> None:
 @click.option("--token", "token_id", default=None, help="Only this token id.")
 @click.option("--user", "user_id", default=None, help="Only this user.")
 @click.option("--org", "org_id", default=None, help="Only this organization.")
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="At most this many.")
+@limit_option("At most this many.")
 @json_option
 def audit(
     token_id: str | None,
@@ -59,43 +64,25 @@ def audit(
                 session, token_id=token_id, user_id=user_id, org_id=org_id, limit=limit
             )
         )
-    if as_json:
-        echo_json(
-            [
-                {
-                    "id": e.id,
-                    "at": e.at,
-                    "action": e.action,
-                    "reason": e.reason,
-                    "token_id": e.token_id,
-                    "org_id": e.org_id,
-                    "user_id": e.user_id,
-                    "source": e.source,
-                    "actor": e.actor,
-                    "event_id": e.event_id,
-                    "detail": e.detail,
-                }
-                for e in entries
-            ]
-        )
-        return
-    echo_table(
-        [
-            (
-                short_time(e.at),
-                e.action,
-                e.reason,
-                e.token_id,
-                e.org_id,
-                e.user_id,
-                e.source,
-                e.actor,
-                e.event_id,
-            )
-            for e in entries
-        ],
-        ["at", "action", "reason", "token", "org", "user", "source", "actor", "event"],
-    )
+    echo_listing([_entry_json(e) for e in entries], _AUDIT_COLUMNS, as_json=as_json)
+
+
+def _entry_json(e: AuditEntry) -> dict[str, Any]:
+    return record(e, "id at action reason token_id org_id user_id source actor event_id detail")
+
+
+# The table's columns: header, and the key of the JSON record it shows.
+_AUDIT_COLUMNS: Final[dict[str, str | Callable[[dict[str, Any]], Any]]] = {
+    "at": "at",
+    "action": "action",
+    "reason": "reason",
+    "token": "token_id",
+    "org": "org_id",
+    "user": "user_id",
+    "source": "source",
+    "actor": "actor",
+    "event": "event_id",
+}
 
 
 def register(group: click.Group) -> None:

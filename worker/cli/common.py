@@ -1,12 +1,17 @@
-"""What every command shares: settings, the store, output in text or JSON, one-line errors."""
+"""What every command shares: settings, the store, the --json, --status and --limit options,
+output in text or JSON (listings as either), one-line errors.
+
+Imports neither ``tasks`` nor ``producer``: a command that talks to the API imports its client.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
+from enum import StrEnum
 from typing import Any, Final, NoReturn, TypeVar
 
 import click
@@ -100,6 +105,27 @@ def json_option(function: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(function)
 
 
+def status_option(states: Iterable[StrEnum], rows: str) -> Callable[[F], F]:
+    """``--status``: only the ``rows`` (events, notices) in one of ``states``."""
+    return click.option(
+        "--status",
+        type=click.Choice([state.value for state in states]),
+        default=None,
+        help=f"Only {rows} in this state.",
+    )
+
+
+def limit_option(help: str, default: int | None = None) -> Callable[[F], F]:
+    """``--limit``: at most this many rows (a positive number), ``default`` when not given."""
+    return click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, datetime | date):
         return value.isoformat()
@@ -133,3 +159,42 @@ def parse_instant(value: str, *, option: str) -> datetime:
 
 def short_time(value: datetime | None) -> str:
     return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cut(text: str | None, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters for a table cell (--json has it all)."""
+    if not text:
+        return ""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def record(row: Any, keys: str, **attributes: str) -> dict[str, Any]:
+    """``row`` as a JSON record: each of the space-separated ``keys`` with the value of the
+    attribute of that name, or of the one ``attributes`` names for it."""
+    return {key: getattr(row, attributes.get(key, key)) for key in keys.split()}
+
+
+def echo_listing(
+    records: Sequence[dict[str, Any]],
+    columns: dict[str, str | Callable[[dict[str, Any]], Any]],
+    *,
+    as_json: bool,
+) -> None:
+    """The ``records`` as JSON, or as a table of ``columns``: each header with the record's key
+    it shows or a function of the record; times are shown short."""
+    if as_json:
+        echo_json(records)
+        return
+    cells = [
+        [
+            _shown(record[column] if isinstance(column, str) else column(record))
+            for column in columns.values()
+        ]
+        for record in records
+    ]
+    echo_table(cells, list(columns))
+
+
+def _shown(value: Any) -> Any:
+    return short_time(value) if isinstance(value, datetime) else value

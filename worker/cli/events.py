@@ -1,26 +1,34 @@
-"""``tokenwarden emit`` (send an event to the producer API) and ``tokenwarden events``."""
+"""``tokenwarden emit`` (send an event to the producer API) and ``tokenwarden events``.
+
+Only ``emit`` imports ``producer`` (its client, when run); nothing here imports ``tasks``.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
 
 from config.settings import ConfigError
 from worker.cli.common import (
+    cut,
     echo_json,
     echo_table,
     fail,
     json_option,
+    limit_option,
     parse_instant,
+    record,
     settings,
     short_time,
+    status_option,
     transaction,
 )
 from worker.domain.events import DATA_MODELS
-from worker.domain.models import EventStatus
+from worker.domain.models import EventStatus, InboxEvent
 
 # Table cells are cut here; --json has the full text.
 CELL = 60
@@ -97,15 +105,8 @@ def _data(text: str) -> dict[str, Any]:
 
 
 @click.command()
-@click.option(
-    "--status",
-    type=click.Choice([status.value for status in EventStatus]),
-    default=None,
-    help="Only events in this state.",
-)
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Rows per list."
-)
+@status_option(EventStatus, "events")
+@limit_option("Rows per list.", default=100)
 @json_option
 def events(status: str | None, limit: int, as_json: bool) -> None:
     """The event inbox, newest first, then the dead letters with their reasons."""
@@ -117,22 +118,7 @@ def events(status: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         echo_json(
             {
-                "events": [
-                    {
-                        "id": e.id,
-                        "type": e.type,
-                        "source": e.source,
-                        "time": e.time,
-                        "status": e.status,
-                        "reason": e.reason,
-                        "result": e.result,
-                        "attempts": e.attempts,
-                        "received_at": e.received_at,
-                        "finished_at": e.finished_at,
-                        "data": e.data,
-                    }
-                    for e in inbox
-                ],
+                "events": [_event_json(e) for e in inbox],
                 "dead_letters": [
                     {"at": d.at, "reason": d.reason, "event_id": d.event_id, "task": d.task}
                     for d in dead
@@ -140,45 +126,48 @@ def events(status: str | None, limit: int, as_json: bool) -> None:
             }
         )
         return
-    if inbox:
-        echo_table(
-            [
-                (
-                    e.id,
-                    e.type,
-                    short_time(e.time),
-                    e.status,
-                    _cut(e.reason or _compact(e.result)),
-                    e.attempts,
-                    short_time(e.received_at),
-                    short_time(e.finished_at),
-                )
-                for e in inbox
-            ],
-            ["id", "type", "time", "status", "reason/result", "attempts", "received", "finished"],
-        )
-    else:
-        click.echo("no events" + (f" with status {status}" if status else ""))
+    _echo_inbox(inbox, status)
     click.echo()
     if dead:
         click.echo("dead letters:")
         echo_table(
-            [(short_time(d.at), _cut(d.reason), d.event_id, d.task) for d in dead],
+            [(short_time(d.at), cut(d.reason, CELL), d.event_id, d.task) for d in dead],
             ["at", "reason", "event", "task"],
         )
     else:
         click.echo("no dead letters")
 
 
+def _event_json(e: InboxEvent) -> dict[str, Any]:
+    return record(
+        e, "id type source time status reason result attempts received_at finished_at data"
+    )
+
+
+def _echo_inbox(inbox: Sequence[InboxEvent], status: str | None) -> None:
+    if not inbox:
+        click.echo("no events" + (f" with status {status}" if status else ""))
+        return
+    echo_table(
+        [
+            (
+                e.id,
+                e.type,
+                short_time(e.time),
+                e.status,
+                cut(e.reason or _compact(e.result), CELL),
+                e.attempts,
+                short_time(e.received_at),
+                short_time(e.finished_at),
+            )
+            for e in inbox
+        ],
+        ["id", "type", "time", "status", "reason/result", "attempts", "received", "finished"],
+    )
+
+
 def _compact(value: Any) -> str:
     return "" if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def _cut(text: str | None) -> str:
-    if not text:
-        return ""
-    line = " ".join(text.split())
-    return line if len(line) <= CELL else line[: CELL - 1] + "…"
 
 
 def register(group: click.Group) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -14,13 +15,43 @@ from worker.cli.common import echo_json, fail, json_option, settings, store
 from worker.domain import clock
 
 if TYPE_CHECKING:
-    from worker.domain.sweep import SweepResult
+    from config.settings import Settings
+    from worker.domain.expiry.results import RunStats, SweepResult
+
+R = TypeVar("R", bound="RunStats")
 
 
 def _publish(notice_ids: Sequence[str]) -> None:
     from worker.runtime.publishing import publish_new_notices
 
     publish_new_notices(None, notice_ids)  # None: the worker's app, loaded when needed
+
+
+def _run(
+    job: Callable[[], R], *, name: str, as_json: bool, busy: str, progress: _Progress | None = None
+) -> R | None:
+    """Run ``job``; print its JSON, or ``busy`` if another run held the lock.
+
+    Returns the result when the caller has its summary to print, else None.
+    """
+    try:
+        result = job()
+    except Exception as error:
+        fail(f"the {name} stopped: {first_line(error)}")
+    finally:
+        if progress is not None:
+            progress.clear()
+    if as_json:
+        echo_json(result.as_dict())
+        return None
+    if not result.ran:
+        click.echo(busy)
+        return None
+    return result
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'s' if count != 1 else ''}"
 
 
 @click.command()
@@ -44,7 +75,8 @@ def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
     and finished inbox events and dead letters older than TOKENWARDEN_INBOX_RETENTION_DAYS.
     Returns at once if another sweep (the scheduler's, say) is running.
     """
-    from worker.domain.sweep import count_due, run_sweep
+    from worker.domain.expiry.expire import count_due
+    from worker.domain.expiry.sweep import run_sweep
 
     current = settings()
     engine = store(current)
@@ -52,44 +84,39 @@ def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
     progress = None
     if not as_json and sys.stderr.isatty():
         progress = _Progress(count_due(engine, now=now))
-    try:
-        result: SweepResult = run_sweep(
-            engine,
-            now=now,
-            batch=batch or current.sweep_batch,
-            budget_s=budget,
-            retention_days=current.retention_days,
-            inbox_retention_days=current.inbox_retention_days,
-            publish=_publish,
-            on_progress=progress,
-        )
-    except Exception as error:
-        fail(f"the sweep stopped: {first_line(error)}")
-    finally:
-        if progress is not None:
-            progress.clear()
-    if as_json:
-        echo_json(result.as_dict())
-        return
-    if not result.ran:
-        click.echo("another sweep is running; it does this work, nothing was done here")
-        return
+    job = partial(
+        run_sweep,
+        engine,
+        now=now,
+        batch=batch or current.sweep_batch,
+        budget_s=budget,
+        retention_days=current.retention_days,
+        inbox_retention_days=current.inbox_retention_days,
+        publish=_publish,
+        on_progress=progress,
+    )
+    busy = "another sweep is running; it does this work, nothing was done here"
+    result = _run(job, name="sweep", as_json=as_json, busy=busy, progress=progress)
+    if result is not None:
+        _report_sweep(result, current)
+
+
+def _report_sweep(result: SweepResult, current: Settings) -> None:
     retention = (
         f", deleted {result.deleted:,} past the {current.retention_days}-day retention"
         if current.retention_days is not None
         else ""
     )
     click.echo(
-        f"swept {result.swept:,} expired token{'s' if result.swept != 1 else ''}"
-        f", queued {result.notices:,} notice{'s' if result.notices != 1 else ''}{retention}"
+        f"swept {_plural(result.swept, 'expired token')}"
+        f", queued {_plural(result.notices, 'notice')}{retention}"
         f" in {result.duration_s:.2f} s (longest transaction "
         f"{result.longest_transaction_ms:.0f} ms)"
     )
     if current.inbox_retention_days is not None:
         click.echo(
-            f"deleted {result.inbox_deleted:,} finished event"
-            f"{'s' if result.inbox_deleted != 1 else ''} and {result.dead_letters_deleted:,}"
-            f" dead letter{'s' if result.dead_letters_deleted != 1 else ''} past the"
+            f"deleted {_plural(result.inbox_deleted, 'finished event')}"
+            f" and {_plural(result.dead_letters_deleted, 'dead letter')} past the"
             f" {current.inbox_retention_days}-day inbox retention"
         )
     if not result.finished:
@@ -130,33 +157,29 @@ def remind(as_json: bool) -> None:
 
     Returns at once if another reminder run is going on.
     """
-    from worker.domain.reminders import send_reminders
+    from worker.domain.expiry.reminders import send_reminders
 
     current = settings()
     engine = store(current)
-    try:
-        result = send_reminders(
-            engine,
-            now=clock.now(),
-            days=current.reminder_days,
-            batch=current.sweep_batch,
-            publish=_publish,
-        )
-    except Exception as error:
-        fail(f"the reminders stopped: {first_line(error)}")
-    if as_json:
-        echo_json(result.as_dict())
-        return
-    if not result.ran:
-        click.echo("another reminder run is going on; nothing was done here")
+    job = partial(
+        send_reminders,
+        engine,
+        now=clock.now(),
+        days=current.reminder_days,
+        batch=current.sweep_batch,
+        publish=_publish,
+    )
+    busy = "another reminder run is going on; nothing was done here"
+    result = _run(job, name="reminders", as_json=as_json, busy=busy)
+    if result is None:
         return
     buckets = ", ".join(
         f"{days} days: {count:,}" for days, count in sorted(result.by_days.items()) if count
     )
     click.echo(
-        f"reminded {result.reminded:,} token{'s' if result.reminded != 1 else ''}"
+        f"reminded {_plural(result.reminded, 'token')}"
         + (f" ({buckets})" if buckets else "")
-        + f" in {result.notices:,} notice{'s' if result.notices != 1 else ''}"
+        + f" in {_plural(result.notices, 'notice')}"
     )
 
 

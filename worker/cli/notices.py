@@ -1,13 +1,26 @@
-"""``tokenwarden notices``: the notice outbox, and whether each notice was delivered."""
+"""``tokenwarden notices``: the notice outbox, and whether each notice was delivered.
+
+Must not import ``tasks`` or ``producer``.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Final
 
 import click
 
-from worker.cli.common import echo_json, echo_table, json_option, settings, short_time, transaction
+from worker.cli.common import (
+    cut,
+    echo_json,
+    echo_table,
+    json_option,
+    limit_option,
+    settings,
+    short_time,
+    status_option,
+    transaction,
+)
 from worker.domain.models import Notice, NoticeStatus
 
 # Table cells are cut here; --json has the full text.
@@ -15,15 +28,8 @@ CELL = 48
 
 
 @click.command()
-@click.option(
-    "--status",
-    type=click.Choice([status.value for status in NoticeStatus]),
-    default=None,
-    help="Only notices in this state.",
-)
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Rows to list."
-)
+@status_option(NoticeStatus, "notices")
+@limit_option("Rows to list.", default=100)
 @json_option
 def notices(status: str | None, limit: int, as_json: bool) -> None:
     """The notice outbox, newest first: who hears what, and whether it was delivered.
@@ -40,33 +46,7 @@ def notices(status: str | None, limit: int, as_json: bool) -> None:
         echo_json([_as_json(row) for row in rows])
         return
     if rows:
-        echo_table(
-            [
-                (
-                    n.id,
-                    n.kind,
-                    n.org_id,
-                    _cut(_recipients(n.recipients)),
-                    n.status,
-                    n.attempts,
-                    _cut(n.last_error),
-                    short_time(n.created_at),
-                    short_time(n.sent_at),
-                )
-                for n in rows
-            ],
-            [
-                "id",
-                "kind",
-                "org",
-                "recipients",
-                "status",
-                "attempts",
-                "last error",
-                "created",
-                "sent",
-            ],
-        )
+        echo_table([_as_row(n) for n in rows], _HEADERS)
     else:
         click.echo("no notices" + (f" with status {status}" if status else ""))
     if current.notice_webhook_url is None and any(n.status == NoticeStatus.PENDING for n in rows):
@@ -75,6 +55,33 @@ def notices(status: str | None, limit: int, as_json: bool) -> None:
             "TOKENWARDEN_NOTICE_WEBHOOK_URL is not set: pending notices stay in the outbox "
             "until it is."
         )
+
+
+_HEADERS: Final = (
+    "id",
+    "kind",
+    "org",
+    "recipients",
+    "status",
+    "attempts",
+    "last error",
+    "created",
+    "sent",
+)
+
+
+def _as_row(notice: Notice) -> tuple[Any, ...]:
+    return (
+        notice.id,
+        notice.kind,
+        notice.org_id,
+        cut(_recipients(notice.recipients), CELL),
+        notice.status,
+        notice.attempts,
+        cut(notice.last_error, CELL),
+        short_time(notice.created_at),
+        short_time(notice.sent_at),
+    )
 
 
 def _as_json(notice: Notice) -> dict[str, Any]:
@@ -99,13 +106,6 @@ def _recipients(recipients: list[dict[str, Any]]) -> str:
     if not recipients:
         return "(no one)"
     return ", ".join(str(r.get("email") or r.get("user_id") or "?") for r in recipients)
-
-
-def _cut(text: str | None) -> str:
-    if not text:
-        return ""
-    line = " ".join(text.split())
-    return line if len(line) <= CELL else line[: CELL - 1] + "…"
 
 
 def register(group: click.Group) -> None:

@@ -1,9 +1,14 @@
-"""``tokenwarden token``: issue, list, verify and revoke tokens."""
+"""``tokenwarden token``: issue, list, verify and revoke tokens.
+
+Must not import ``tasks`` or ``producer``.
+"""
 
 from __future__ import annotations
 
 import getpass
 import sys
+from collections.abc import Callable
+from typing import Any, Final
 
 import click
 
@@ -11,11 +16,11 @@ from worker.cli.common import (
     EXIT_REFUSED,
     NO_TOKEN,
     echo_json,
-    echo_table,
+    echo_listing,
     fail,
     json_option,
     parse_instant,
-    short_time,
+    record,
     transaction,
 )
 from worker.domain import clock
@@ -23,6 +28,7 @@ from worker.domain.issuing import create_token, list_tokens, parse_kind
 from worker.domain.models import Token, TokenKind
 from worker.domain.revocation import revoke_token
 from worker.domain.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
+from worker.domain.usage import last_used
 from worker.domain.verification import verify_token
 
 
@@ -98,45 +104,34 @@ def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
     """Tokens with their state and reason; never a secret."""
     with transaction() as session:
         tokens = list_tokens(session, org_id=org_id, user_id=user_id)
-    if as_json:
-        echo_json(
-            [
-                {
-                    "id": t.id,
-                    "kind": t.kind,
-                    "org_id": t.org_id,
-                    "user_id": t.user_id,
-                    "app_id": t.app_id,
-                    "created_by": t.created_by,
-                    "name": t.name,
-                    "hint": t.last4,
-                    "created_at": t.created_at,
-                    "expires_at": t.expires_at,
-                    "state": t.state,
-                    "revoked_at": t.revoked_at,
-                    "reason": t.revoke_reason,
-                }
-                for t in tokens
-            ]
-        )
-        return
-    echo_table(
-        [
-            (
-                t.id,
-                t.kind,
-                t.org_id,
-                t.user_id or f"app:{t.app_id}",
-                t.name,
-                f"…{t.last4}",
-                short_time(t.expires_at),
-                t.state,
-                t.revoke_reason,
-            )
-            for t in tokens
-        ],
-        ["id", "kind", "org", "owner", "name", "hint", "expires", "state", "reason"],
+        used = last_used(session, [t.id for t in tokens])
+    records = [{**_token_json(t), "last_used_at": used.get(t.id)} for t in tokens]
+    echo_listing(records, _TOKEN_COLUMNS, as_json=as_json)
+
+
+def _token_json(t: Token) -> dict[str, Any]:
+    return record(
+        t,
+        "id kind org_id user_id app_id created_by name hint created_at expires_at state "
+        "revoked_at reason",
+        hint="last4",
+        reason="revoke_reason",
     )
+
+
+# The table's columns: header, and the key of the JSON record it shows or what it shows of it.
+_TOKEN_COLUMNS: Final[dict[str, str | Callable[[dict[str, Any]], Any]]] = {
+    "id": "id",
+    "kind": "kind",
+    "org": "org_id",
+    "owner": lambda t: t["user_id"] or f"app:{t['app_id']}",
+    "name": "name",
+    "hint": lambda t: f"…{t['hint']}",
+    "expires": "expires_at",
+    "state": "state",
+    "reason": "reason",
+    "last used": "last_used_at",
+}
 
 
 @token.command()

@@ -1,8 +1,14 @@
-"""The audit trail: one row for every revocation, refusal and membership change."""
+"""The audit trail: one row for every revocation, refusal and membership change.
+
+It holds the rows and how an applied event stamps them (:class:`Stamp`). It must not import
+Celery, kombu, httpx, FastAPI, Starlette or standardwebhooks, nor ``tasks``, ``producer`` or
+``worker.runtime``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, cast
 
@@ -14,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from worker.domain.clock import as_utc
-from worker.domain.models import AuditEntry
+from worker.domain.models import AuditEntry, Token
 
 log = structlog.get_logger(__name__)
 
@@ -22,6 +28,56 @@ _COPY: Final = (
     "COPY audit (at, action, reason, source, token_id, org_id, user_id, actor, event_id, detail)"
     " FROM STDIN"
 )
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What an applied event writes on the audit rows of what it changes: its time ``at``
+    (in their detail), its ``source``, ``actor`` and id, and ``now``, when it is applied."""
+
+    at: datetime
+    now: datetime
+    source: str
+    event_id: str | None
+    actor: str | None = None
+
+    def record(
+        self,
+        session: Session,
+        action: str,
+        reason: str,
+        *,
+        org_id: str | None,
+        user_id: str | None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Add one audit row about this event, and say the same in a log line."""
+        record(session, **self.row(action, reason, org_id=org_id, user_id=user_id, detail=detail))
+
+    def row(
+        self,
+        action: str,
+        reason: str,
+        *,
+        org_id: str | None,
+        user_id: str | None,
+        detail: dict[str, Any] | None,
+        token_id: str | None = None,
+    ) -> dict[str, Any]:
+        """One row about this event for :func:`record_many`."""
+        # Every row of one bulk insert needs the same keys, so all are spelled out.
+        return {
+            "at": self.now,
+            "action": action,
+            "reason": reason,
+            "source": self.source,
+            "token_id": token_id,
+            "org_id": org_id,
+            "user_id": user_id,
+            "actor": self.actor,
+            "event_id": self.event_id,
+            "detail": detail,
+        }
 
 
 def record(
@@ -39,29 +95,47 @@ def record(
     detail: Mapping[str, Any] | None = None,
 ) -> None:
     """Add one audit row, and say the same in a log line."""
+    named = {
+        "token_id": token_id,
+        "org_id": org_id,
+        "user_id": user_id,
+        "actor": actor,
+        "event_id": event_id,
+    }
+    stored = dict(detail) if detail else None
     session.execute(
         insert(AuditEntry).values(
-            at=at,
-            action=action,
-            reason=reason,
-            source=source,
-            token_id=token_id,
-            org_id=org_id,
-            user_id=user_id,
-            actor=actor,
-            event_id=event_id,
-            detail=dict(detail) if detail else None,
+            at=at, action=action, reason=reason, source=source, detail=stored, **named
         )
     )
-    log.info(
-        f"audit.{action}",
+    log.info(f"audit.{action}", reason=reason, source=source, **named)
+
+
+def record_token(
+    session: Session,
+    token: Token,
+    *,
+    action: str,
+    reason: str,
+    source: str,
+    at: datetime,
+    actor: str | None = None,
+    event_id: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """:func:`record` a row about ``token``, naming its organization and user."""
+    record(
+        session,
+        action=action,
         reason=reason,
         source=source,
-        token_id=token_id,
-        org_id=org_id,
-        user_id=user_id,
+        at=at,
+        token_id=token.id,
+        org_id=token.org_id,
+        user_id=token.user_id,
         actor=actor,
         event_id=event_id,
+        detail=detail,
     )
 
 

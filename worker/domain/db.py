@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -138,3 +139,11 @@ def ensure_schema(engine: Engine, url: str) -> None:
 def describe_url(url: str) -> str:
     """The URL without its password, fit for an error message or a log line."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def insert_for(session: Session, entity: Any) -> postgresql.Insert | sqlite.Insert:
+    """An ``INSERT`` into ``entity`` in the session's dialect, which has ``ON CONFLICT``
+    clauses (Postgres in production, SQLite in development and tests)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(entity)
+    return sqlite.insert(entity)

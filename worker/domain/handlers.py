@@ -27,14 +27,14 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config.settings import get_settings
-from worker.domain import inbox, members, offboarding, removals
+from worker.domain import deactivation, inbox, leaks, members, removals, revocation
 from worker.domain.events import (
     CloudEvent,
     InvalidEvent,
@@ -111,17 +111,30 @@ def max_clock_skew() -> timedelta:
 def _dispatch(
     session: Session, event: InboxEvent, cloud: CloudEvent, *, at: datetime, now: datetime
 ) -> dict[str, Any]:
-    result = _apply_payload(session, cloud, at=at, now=now)
+    return _ordered(_apply_payload(session, cloud, at=at, now=now), event, at=at)
+
+
+def _ordered(result: dict[str, Any], event: InboxEvent, *, at: datetime) -> dict[str, Any]:
+    """``result``, saying when ``at`` is earlier than the event's own time."""
     if at < event.time:
         # Dated after its own arrival: ordered as of the arrival instead (see the module).
         result["ordered_at"] = at.isoformat()
     return result
 
 
+class _Stamp(TypedDict):
+    """What every domain function applying an event is told besides the event's data."""
+
+    at: datetime
+    now: datetime
+    source: str
+    event_id: str | None
+
+
 def _apply_payload(
     session: Session, cloud: CloudEvent, *, at: datetime, now: datetime
 ) -> dict[str, Any]:
-    source, event_id = cloud.source, cloud.id
+    stamp = _Stamp(at=at, now=now, source=cloud.source, event_id=cloud.id)
     match cloud.payload():
         case MembershipAdded() as data:
             applied = members.add_member(
@@ -130,62 +143,34 @@ def _apply_payload(
                 user_id=data.user_id,
                 role=data.role,
                 email=data.email,
-                at=at,
-                now=now,
-                source=source,
-                event_id=event_id,
+                **stamp,
             )
             return {"applied": applied, "revoked": []}
         case MembershipRoleChanged() as data:
-            applied = offboarding.change_role(
-                session,
-                org_id=data.org_id,
-                user_id=data.user_id,
-                role=data.role,
-                at=at,
-                now=now,
-                source=source,
-                event_id=event_id,
+            applied = members.change_role(
+                session, org_id=data.org_id, user_id=data.user_id, role=data.role, **stamp
             )
             return {"applied": applied, "revoked": []}
         case MembershipRemoved() as data:
-            revoked = offboarding.remove_member(
-                session,
-                org_id=data.org_id,
-                user_id=data.user_id,
-                at=at,
-                now=now,
-                source=source,
-                event_id=event_id,
+            revoked = removals.remove_member(
+                session, org_id=data.org_id, user_id=data.user_id, **stamp
             )
             return {"revoked": revoked}
         case UserDeactivated() as data:
-            revoked = offboarding.deactivate_user(
-                session, user_id=data.user_id, at=at, now=now, source=source, event_id=event_id
-            )
-            return {"revoked": revoked}
+            return {"revoked": deactivation.deactivate_user(session, user_id=data.user_id, **stamp)}
         case TokenRevokeRequested() as data:
-            outcome = offboarding.request_revocation(
-                session,
-                token_id=data.token_id,
-                at=at,
-                now=now,
-                source=source,
-                event_id=event_id,
-                actor=data.actor,
+            outcome = revocation.request_revocation(
+                session, token_id=data.token_id, actor=data.actor, **stamp
             )
             return _token_result(outcome)
         case TokenLeakSuspected() as data:
-            outcome = offboarding.report_leak(
+            outcome = leaks.report_leak(
                 session,
                 token_hash=data.token_hash,
                 token_id=data.token_id,
                 source_url=data.source_url,
                 reporter=data.reporter,
-                at=at,
-                now=now,
-                source=source,
-                event_id=event_id,
+                **stamp,
             )
             return _token_result(outcome)
     raise InvalidEvent(f"no handler for event type {cloud.type!r}", cloud.id)
@@ -290,31 +275,24 @@ def _apply_removals(
         if retryable(error):
             raise
         _forget_notices_since(session, remembered)
-        log.info(
-            "events.batch_split",
-            events=len(parsed),
-            error=redact(f"{type(error).__name__}: {error}".splitlines()[0]),
-        )
+        log.info("events.batch_split", events=len(parsed), error=_failure(error))
         return None
     if revoked is None:
         return _apply_together(
             session, [event for event, _, _ in parsed], now=now, retryable=retryable
         )
-    applied: dict[str, bool] = {}
-    for event, removal, reason in parsed:
-        with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
-            if reason is None:
-                assert removal is not None
-                result: dict[str, Any] = {"revoked": revoked[event.id]}
-                if removal.at < event.time:
-                    result["ordered_at"] = removal.at.isoformat()
-                inbox.finish(session, event, status=EventStatus.DONE, now=now, result=result)
-                _log_applied(event, result)
-            else:
-                inbox.finish(session, event, status=EventStatus.DEAD, now=now, reason=reason)
-                log.warning("event.invalid", reason=reason)
-        applied[event.id] = reason is None
-    return applied
+    return _mark(session, [_removal_outcome(item, revoked) for item in parsed], now=now)
+
+
+# What became of an event of a batch: the summary of what it did, or why it is invalid.
+_Outcome = tuple[InboxEvent, dict[str, Any] | None, str | None]
+
+
+def _removal_outcome(item: _Parsed, revoked: dict[str | None, list[str]]) -> _Outcome:
+    event, removal, reason = item
+    if removal is None:
+        return (event, None, reason)
+    return (event, _ordered({"revoked": revoked[event.id]}, event, at=removal.at), None)
 
 
 class _Abandon(Exception):
@@ -340,34 +318,44 @@ def _apply_together(
     if len(events) < 2:
         return None  # one savepoint either way, and the per-event path says why it failed
     remembered = len(session.info.get(NEW_NOTICES, ()))
-    outcomes: list[tuple[InboxEvent, dict[str, Any] | None, str | None]] = []
     try:
         with session.begin_nested():
-            for event in events:
-                with structlog.contextvars.bound_contextvars(
-                    event_id=event.id, event_type=event.type
-                ):
-                    try:
-                        cloud, at = validated(event)
-                    except InvalidEvent as error:
-                        outcomes.append((event, None, error.reason))
-                        continue
-                    try:
-                        applied_now = _dispatch(session, event, cloud, at=at, now=now)
-                        outcomes.append((event, applied_now, None))
-                    except Exception as error:
-                        if retryable(error):
-                            raise
-                        raise _Abandon(event.id) from error
+            outcomes = [
+                _apply_in_batch(session, event, now=now, retryable=retryable) for event in events
+            ]
     except _Abandon as abandoned:
         # The next attempt queues notices of its own.
         _forget_notices_since(session, remembered)
         # The per-event attempt that follows logs the failure itself, with its reason.
         log.info("events.batch_split", events=len(events), failed_event_id=abandoned.event_id)
         return None
-    applied: dict[str, bool] = {}
     # The marks are written after the last event, so they flush together at commit (one
     # statement for the batch) rather than one by one before each next event's queries.
+    return _mark(session, outcomes, now=now)
+
+
+def _apply_in_batch(
+    session: Session, event: InboxEvent, *, now: datetime, retryable: Callable[[Exception], bool]
+) -> _Outcome:
+    """Apply one event of a batch; raises :class:`_Abandon` when it fails for a reason a
+    retry cannot fix (one that a retry can fix propagates as it is)."""
+    with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
+        try:
+            cloud, at = validated(event)
+        except InvalidEvent as error:
+            return (event, None, error.reason)
+        try:
+            return (event, _dispatch(session, event, cloud, at=at, now=now), None)
+        except Exception as error:
+            if retryable(error):
+                raise
+            raise _Abandon(event.id) from error
+
+
+def _mark(session: Session, outcomes: Sequence[_Outcome], *, now: datetime) -> dict[str, bool]:
+    """Mark each event done with its summary, or dead with the reason it is invalid; whether
+    each was applied, by id."""
+    applied: dict[str, bool] = {}
     for event, result, reason in outcomes:
         with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
             if reason is None:
@@ -400,7 +388,7 @@ def _apply_one(
     except Exception as error:
         if retryable(error):
             raise
-        reason = redact(f"{type(error).__name__}: {error}".splitlines()[0])
+        reason = _failure(error)
         log.exception("event.failed", reason=reason)
     else:
         _log_applied(event, result)
@@ -410,6 +398,11 @@ def _apply_one(
     # Flushed now, outside any savepoint, so that a later event's rollback cannot undo it.
     session.flush()
     return False
+
+
+def _failure(error: Exception) -> str:
+    """Why an event failed, as its dead mark and the log say it: the error's first line."""
+    return redact(f"{type(error).__name__}: {error}".splitlines()[0])
 
 
 def _log_applied(event: InboxEvent, result: dict[str, Any]) -> None:
@@ -467,6 +460,6 @@ def storable(text: str) -> str:
 redact = mask_tokens
 
 
-def _token_result(outcome: offboarding.TokenOutcome) -> dict[str, Any]:
+def _token_result(outcome: revocation.TokenOutcome) -> dict[str, Any]:
     revoked = [outcome.token_id] if outcome.revoked and outcome.token_id else []
     return {"revoked": revoked, "unknown_token": outcome.token_id is None}

@@ -1,4 +1,8 @@
-"""Issuing tokens: the plain text is returned once and only its hash is stored."""
+"""Issuing tokens: the plain text is returned once and only its hash is stored.
+
+It must not import Celery, kombu, httpx, FastAPI, Starlette or standardwebhooks, nor ``tasks``,
+``producer`` or ``worker.runtime``.
+"""
 
 from __future__ import annotations
 
@@ -54,16 +58,8 @@ def create_token(
     source: str = "cli",
 ) -> IssuedToken:
     """Issue a token; refuse a PAT for a non-member, a past expiry or a missing owner."""
-    refusal = _refusal(
-        session,
-        kind=kind,
-        org_id=org_id,
-        name=name,
-        expires_at=expires_at,
-        now=now,
-        user_id=user_id,
-        app_id=app_id,
-        created_by=created_by,
+    refusal = _refused_name_or_expiry(name, expires_at=expires_at, now=now) or _refused_owner(
+        session, kind=kind, org_id=org_id, user_id=user_id, app_id=app_id, created_by=created_by
     )
     if refusal is not None:
         raise refusal
@@ -98,22 +94,23 @@ def create_token(
     return IssuedToken(id=token.id, token=text, kind=kind, org_id=org_id, expires_at=expires_at)
 
 
-def _refusal(
-    session: Session,
-    *,
-    kind: TokenKind,
-    org_id: str,
-    name: str,
-    expires_at: datetime,
-    now: datetime,
-    user_id: str | None,
-    app_id: str | None,
-    created_by: str | None,
-) -> Refused | None:
+def _refused_name_or_expiry(name: str, *, expires_at: datetime, now: datetime) -> Refused | None:
     if not name.strip() or len(name) > NAME_MAX:
         return Refused("bad_name", f"a token needs a name of 1 to {NAME_MAX} characters")
     if expires_at <= now:
         return Refused("expiry_in_past", f"expiry {expires_at.isoformat()} is not in the future")
+    return None
+
+
+def _refused_owner(
+    session: Session,
+    *,
+    kind: TokenKind,
+    org_id: str,
+    user_id: str | None,
+    app_id: str | None,
+    created_by: str | None,
+) -> Refused | None:
     if kind is TokenKind.PERSONAL:
         if not user_id:
             return Refused("no_owner", "a personal access token needs --user")

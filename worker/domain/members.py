@@ -10,6 +10,17 @@ memberships that exist when it is applied, and a membership that first appears l
 an event older than the deactivation starts out as the deactivation left it (inactive, as of
 the deactivation's time). So a ``membership.added`` older than the deactivation is stale
 whichever arrives first, and one at or after it is a re-join.
+
+A removal (worker.domain.removals) or deactivation (worker.domain.deactivation) older than
+what the membership reflects is stale too, and leaves the membership alone; it still revokes
+the personal tokens the leaver held at its time. A role change never makes a removal or
+deactivation stale. Memberships are read ``FOR UPDATE``, so two workers applying events about
+the same membership take turns instead of both acting on what they read first.
+
+It holds joins (:func:`add_member`), role changes (:func:`change_role`) and what every
+membership event shares: the locked row, the ordering rules, the audit of a stale event. It
+must not import Celery, kombu, httpx, FastAPI, Starlette or standardwebhooks, nor ``tasks``,
+``producer`` or ``worker.runtime``.
 """
 
 from __future__ import annotations
@@ -19,11 +30,10 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Executable, func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from worker.domain import audit
+from worker.domain import audit, db
 from worker.domain.errors import Refused
 from worker.domain.models import Membership, Role, UserDeactivation
 
@@ -61,49 +71,83 @@ def add_member(
     its role.
     """
     parsed = parse_role(role)
+    stamp = audit.Stamp(at=at, now=now, source=source, event_id=event_id, actor=actor)
     member, _created = membership_for_update(
         session, org_id=org_id, user_id=user_id, role=parsed.value, at=at, now=now
     )
-    if after(member.last_event_at, at):
-        assert member.last_event_at is not None
-        audit_stale(
-            session,
-            member,
-            kind="membership.added",
-            at=at,
-            applied=member.last_event_at,
-            now=now,
-            source=source,
-            actor=actor,
-            event_id=event_id,
-        )
+    if audit_if_stale(
+        session, member, kind="membership.added", newest=member.last_event_at, stamp=stamp
+    ):
         return False
     if not member.active:
         member.active_since = at
     member.active = True
-    detail: dict[str, Any] = {"role": parsed.value}
-    if after(member.role_at, at):
-        assert member.role_at is not None
-        # Overtaken by a role change: the newer role stays.
-        detail = {"role": member.role, "role_changed_at": member.role_at.isoformat()}
-    else:
-        member.role = parsed.value
-        member.role_at = at
+    detail = _take_role(member, parsed, at=at)
     member.email = email if email is not None else member.email
     member.last_event_at = at
     member.updated_at = now
-    audit.record(
-        session,
-        action="member",
-        reason="added",
-        source=source,
-        at=now,
-        org_id=org_id,
-        user_id=user_id,
-        actor=actor,
-        event_id=event_id,
-        detail=detail,
+    stamp.record(session, "member", "added", org_id=org_id, user_id=user_id, detail=detail)
+    return True
+
+
+def _take_role(member: Membership, role: Role, *, at: datetime) -> dict[str, Any]:
+    """Give ``member`` the role of a join at ``at`` unless a newer role change set one;
+    returns what the join's audit row says of the role."""
+    if after(member.role_at, at):
+        assert member.role_at is not None
+        # Overtaken by a role change: the newer role stays.
+        return {"role": member.role, "role_changed_at": member.role_at.isoformat()}
+    member.role = role.value
+    member.role_at = at
+    return {"role": role.value}
+
+
+def change_role(
+    session: Session,
+    *,
+    org_id: str,
+    user_id: str,
+    role: str,
+    at: datetime,
+    now: datetime,
+    source: str,
+    event_id: str | None,
+    actor: str | None = None,
+) -> bool:
+    """Give ``user_id`` the role ``role`` in ``org_id`` as of ``at``; False when stale.
+
+    A role change never makes a member: only a join does. On a membership that is inactive
+    (the user left) or not known yet (the join may still be on its way) the role is recorded
+    and the membership stays inactive; a later join makes the member, with this role if this
+    change is the newer. Stale: older than the newest event the membership reflects. No token
+    is revoked; a PAT acts with whatever role the membership holds when it is verified.
+    """
+    parsed = parse_role(role).value
+    stamp = audit.Stamp(at=at, now=now, source=source, event_id=event_id, actor=actor)
+    member, created = membership_for_update(
+        session, org_id=org_id, user_id=user_id, role=parsed, at=None, now=now
     )
+    newest = latest(member.last_event_at, member.role_at)
+    if audit_if_stale(session, member, kind="membership.role_changed", newest=newest, stamp=stamp):
+        return False
+    previous = None if created else member.role
+    changed = created or member.role != parsed
+    member.role = parsed
+    member.role_at = at
+    member.updated_at = now
+    if changed:
+        detail = {"role": parsed, "previous_role": previous, "active": member.active}
+        stamp.record(
+            session, "member", "role_changed", org_id=org_id, user_id=user_id, detail=detail
+        )
+    if not member.active:
+        log.info(
+            "member.role_recorded_inactive",
+            org_id=org_id,
+            user_id=user_id,
+            role=parsed,
+            event_id=event_id,
+        )
     return True
 
 
@@ -131,17 +175,27 @@ def membership_for_update(
     row that does not exist yet, so a missing one is inserted with ``ON CONFLICT DO NOTHING``
     and read again: two workers creating the same membership then wait for each other instead
     of one failing on the primary key.
-
-    A user deactivated after ``at`` gets the row as the deactivation would have left it had
-    the row existed then: inactive as of the deactivation, so that this older event is stale.
     """
     member = lock_membership(session, org_id=org_id, user_id=user_id)
     if member is not None:
         return member, False
+    inserted = _insert_inactive(session, org_id=org_id, user_id=user_id, role=role, at=at, now=now)
+    member = lock_membership(session, org_id=org_id, user_id=user_id)
+    assert member is not None
+    return member, inserted
+
+
+def _insert_inactive(
+    session: Session, *, org_id: str, user_id: str, role: str, at: datetime | None, now: datetime
+) -> bool:
+    """Insert the missing membership, inactive; False when another writer inserted it first.
+
+    A user deactivated after ``at`` gets the row as the deactivation would have left it had
+    the row existed then: inactive as of the deactivation, so that this older event is stale.
+    """
     # Taken before reading the deactivation: a deactivation being applied right now either
     # committed first (and is read here) or waits, and then finds the row inserted here.
     lock_user(session, user_id)
-    deactivated = deactivated_at(session, user_id)
     values = {
         "org_id": org_id,
         "user_id": user_id,
@@ -149,19 +203,17 @@ def membership_for_update(
         "email": None,
         "active": False,
         "active_since": None,
-        "last_event_at": latest(at, deactivated),
+        "last_event_at": latest(at, deactivated_at(session, user_id)),
         "role_at": None,
         "updated_at": now,
     }
-    statement: Executable = (
-        postgresql.insert(Membership).values(values).on_conflict_do_nothing()
-        if session.get_bind().dialect.name == "postgresql"
-        else sqlite.insert(Membership).values(values).on_conflict_do_nothing()
-    ).returning(Membership.org_id)
-    inserted = session.execute(statement).first()
-    member = lock_membership(session, org_id=org_id, user_id=user_id)
-    assert member is not None
-    return member, inserted is not None
+    statement = (
+        db.insert_for(session, Membership)
+        .values(values)
+        .on_conflict_do_nothing()
+        .returning(Membership.org_id)
+    )
+    return session.execute(statement).first() is not None
 
 
 def latest(*stamps: datetime | None) -> datetime | None:
@@ -201,45 +253,35 @@ def deactivated_at(session: Session, user_id: str) -> datetime | None:
     )
 
 
-def audit_stale(
+def audit_if_stale(
     session: Session,
     member: Membership,
     *,
     kind: str,
-    at: datetime,
-    applied: datetime,
-    now: datetime,
-    source: str,
-    actor: str | None,
-    event_id: str | None,
-) -> None:
-    """Audit (and log) an event about ``member`` older than ``applied``, the time of the
-    newer event the row reflects.
+    newest: datetime | None,
+    stamp: audit.Stamp,
+) -> bool:
+    """Whether the event ``kind`` of ``stamp`` is older than ``newest``, the time of the newer
+    event the row of ``member`` reflects; if so, audits (and logs) it as stale.
 
     When the user's deactivation is what the event is older than, the row says so, with the
     deactivation's time: the event is not applied because the user was deactivated after it.
     """
+    if newest is None or newest <= stamp.at:
+        return False
     detail = stale_detail(
         kind=kind,
         org_id=member.org_id,
         user_id=member.user_id,
-        at=at,
-        applied=applied,
+        at=stamp.at,
+        applied=newest,
         deactivated=deactivated_at(session, member.user_id),
-        event_id=event_id,
+        event_id=stamp.event_id,
     )
-    audit.record(
-        session,
-        action="stale",
-        reason=kind,
-        source=source,
-        at=now,
-        org_id=member.org_id,
-        user_id=member.user_id,
-        actor=actor,
-        event_id=event_id,
-        detail=detail,
+    stamp.record(
+        session, "stale", kind, org_id=member.org_id, user_id=member.user_id, detail=detail
     )
+    return True
 
 
 def stale_detail(

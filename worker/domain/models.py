@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -146,12 +147,33 @@ class Token(Base):
         return "active"
 
 
+class TokenUsage(Base):
+    """When a token was last seen in use, to the minute (written in batches by the API).
+
+    A table of its own so that recording a use never locks the ``tokens`` row a revocation
+    updates.
+    """
+
+    __tablename__ = "token_usage"
+
+    token_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("tokens.id", ondelete="CASCADE"), primary_key=True
+    )
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+def _serial_key() -> Mapped[int]:
+    """A 64-bit key numbered by the database; on SQLite an INTEGER, the only type it
+    numbers itself."""
+    return mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+
+
 class AuditEntry(Base):
     __tablename__ = "audit"
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = _serial_key()
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     action: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(String(64))
@@ -220,9 +242,7 @@ class DeadLetter(Base):
 
     __tablename__ = "dead_letters"
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = _serial_key()
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     reason: Mapped[str] = mapped_column(String(1000))
     event_id: Mapped[str | None] = mapped_column(String(200))

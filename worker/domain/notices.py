@@ -117,16 +117,8 @@ def describe(token: TokenFacts) -> dict[str, Any]:
 
 
 def admins(session: Session, org_id: str) -> list[dict[str, Any]]:
-    rows = session.scalars(
-        select(Membership)
-        .where(
-            Membership.org_id == org_id,
-            Membership.active.is_(True),
-            Membership.role == Role.ADMIN.value,
-        )
-        .order_by(Membership.user_id)
-    )
-    return [{"user_id": m.user_id, "email": m.email} for m in rows]
+    """The active admins of an organization, by user id."""
+    return admins_of(session, [org_id])[org_id]
 
 
 def owner(session: Session, token: TokenFacts) -> list[dict[str, Any]]:

@@ -1,14 +1,22 @@
-"""Many ``membership.removed`` events applied together, set-based.
+"""Removals: a member leaves an organization, one event at a time or many together.
 
-One removal at a time (:func:`worker.domain.offboarding.remove_member`) costs about nine statements;
-a message of a hundred of them costs a handful here, whatever their number: lock the
-memberships, end them, revoke every matching PAT with one ``UPDATE … RETURNING``, one bulk
+:func:`remove_member` applies one ``membership.removed`` event: it ends the membership (see
+worker.domain.members for the ordering rules: a stale removal leaves the membership alone),
+revokes the leaver's PATs in that organization that they held at its time, audits it all and
+tells the organization's admins. Application tokens and the user's tokens in other
+organizations are never touched.
+
+:func:`remove_members` applies many of them set-based. One at a time costs about nine
+statements; a message of a hundred of them costs a handful here, whatever their number: lock
+the memberships, end them, revoke every matching PAT with one ``UPDATE … RETURNING``, one bulk
 insert of audit rows and one of notices. The outcome is the one of applying them one by one
 in the order given (the inbox's order, by event time): the same rows, audit trail, notices and
-log lines, stale removals included (see :mod:`worker.domain.offboarding` for the ordering rules).
+log lines, stale removals included. Removals of the same membership depend on each other's
+outcome, and a membership not known yet must be recorded first; both are left to the
+one-at-a-time path.
 
-Removals of the same membership depend on each other's outcome, and a membership not known
-yet must be recorded first; both are left to the one-at-a-time path.
+It must not import Celery, kombu, httpx, FastAPI, Starlette or standardwebhooks, nor ``tasks``,
+``producer`` or ``worker.runtime``.
 """
 
 from __future__ import annotations
@@ -20,14 +28,76 @@ from itertools import groupby
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, and_, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, or_, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
 from worker.domain import audit, members, notices
 from worker.domain.models import Membership, Role, Token, UserDeactivation
-from worker.domain.offboarding import MEMBER_REMOVED, audit_row, held_at, revoke_statement
+from worker.domain.revocation import held_at, revoke_leaver_tokens, revoke_statement
 
 log = structlog.get_logger(__name__)
+
+MEMBER_REMOVED = "member_removed"
+
+
+def remove_member(
+    session: Session,
+    *,
+    org_id: str,
+    user_id: str,
+    at: datetime,
+    now: datetime,
+    source: str,
+    event_id: str | None,
+    actor: str | None = None,
+) -> list[str]:
+    """Record that ``user_id`` left ``org_id`` at ``at``; revoke their PATs there.
+
+    Returns the ids of the tokens revoked. An unknown membership is recorded as inactive, so
+    a ``membership.added`` older than this removal arriving later is stale.
+    """
+    stamp = audit.Stamp(at=at, now=now, source=source, event_id=event_id, actor=actor)
+    member, created = members.membership_for_update(
+        session, org_id=org_id, user_id=user_id, role=Role.USER.value, at=at, now=now
+    )
+    stale = members.audit_if_stale(
+        session, member, kind="membership.removed", newest=member.last_event_at, stamp=stamp
+    )
+    ended = not stale and (created or member.active)
+    if stale:
+        held = held_at(at, member.active_since)
+    else:
+        member.active = False
+        member.last_event_at = at
+        member.updated_at = now
+        held = true()
+    revoked = revoke_leaver_tokens(
+        session,
+        [Token.org_id == org_id, Token.user_id == user_id, held],
+        user_id=user_id,
+        reason=MEMBER_REMOVED,
+        stamp=stamp,
+    )
+    # A replay of a removal already applied changes nothing, so it leaves no second row.
+    if ended:
+        detail = {"revoked": len(revoked)}
+        stamp.record(session, "member", "removed", org_id=org_id, user_id=user_id, detail=detail)
+    _log_removed(org_id, user_id, revoked, stale=stale, event_id=event_id)
+    return revoked
+
+
+def _log_removed(
+    org_id: str, user_id: str, revoked: list[str], *, stale: bool, event_id: str | None
+) -> None:
+    log.info(
+        "member.removed",
+        org_id=org_id,
+        user_id=user_id,
+        revoked=len(revoked),
+        token_ids=revoked,
+        stale=stale,
+        event_id=event_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -40,6 +110,11 @@ class Removal:
     source: str
     event_id: str | None
     actor: str | None = None
+
+    def stamp(self, now: datetime) -> audit.Stamp:
+        return audit.Stamp(
+            at=self.at, now=now, source=self.source, event_id=self.event_id, actor=self.actor
+        )
 
 
 @dataclass(frozen=True)
@@ -87,14 +162,14 @@ def remove_members(
         )
         if tokens:
             queued.append(_notice(leaver.removal, tokens, told, now=now))
-        log.info(
-            "member.removed",
-            org_id=leaver.removal.org_id,
-            user_id=leaver.removal.user_id,
-            revoked=len(tokens),
-            token_ids=[token.id for token in tokens],
+        removal = leaver.removal
+        token_ids = [token.id for token in tokens]
+        _log_removed(
+            removal.org_id,
+            removal.user_id,
+            token_ids,
             stale=leaver.stale,
-            event_id=leaver.removal.event_id,
+            event_id=removal.event_id,
         )
     audit.record_many(session, audit_rows)
     notices.queue_many(session, queued, now=now)
@@ -219,47 +294,38 @@ def _audit_rows(
 ) -> list[dict[str, Any]]:
     """The rows remove_member writes, in its order: stale, revocations, the removal itself."""
     removal = leaver.removal
-    # Hundreds of rows a batch: built from one template rather than call by call.
-    template = audit_row(
-        action="",
-        reason="",
-        at=now,
-        source=removal.source,
-        org_id=removal.org_id,
-        user_id=removal.user_id,
-        actor=removal.actor,
-        event_id=removal.event_id,
-        detail=None,
-    )
-
-    def row(
-        action: str, reason: str, detail: dict[str, Any], token_id: str | None = None
-    ) -> dict[str, Any]:
-        return {
-            **template,
-            "action": action,
-            "reason": reason,
-            "detail": detail,
-            "token_id": token_id,
-        }
-
+    stamp = removal.stamp(now)
+    org_id, user_id = removal.org_id, removal.user_id
     rows = []
     if leaver.stale:
         detail = members.stale_detail(
             kind="membership.removed",
-            org_id=removal.org_id,
-            user_id=removal.user_id,
+            org_id=org_id,
+            user_id=user_id,
             at=removal.at,
             applied=leaver.before.last_event_at,
             deactivated=deactivated,
             event_id=removal.event_id,
         )
-        rows.append(row("stale", "membership.removed", detail))
+        rows.append(
+            stamp.row("stale", "membership.removed", org_id=org_id, user_id=user_id, detail=detail)
+        )
     event_time = {"event_time": removal.at.isoformat()}
-    rows += [row("revoke", MEMBER_REMOVED, event_time, token.id) for token in tokens]
+    rows += [
+        stamp.row(
+            "revoke",
+            MEMBER_REMOVED,
+            org_id=org_id,
+            user_id=user_id,
+            detail=event_time,
+            token_id=token.id,
+        )
+        for token in tokens
+    ]
     # A replay of a removal already applied changes nothing, so it leaves no second row.
     if not leaver.stale and leaver.before.active:
-        rows.append(row("member", "removed", {"revoked": len(tokens)}))
+        detail = {"revoked": len(tokens)}
+        rows.append(stamp.row("member", "removed", org_id=org_id, user_id=user_id, detail=detail))
     return rows
 
 

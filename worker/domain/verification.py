@@ -38,6 +38,19 @@ def verify_token(session: Session, text: str, *, now: datetime, source: str = "v
     kind = kind_of(text)
     if kind is None:
         return Verdict(False, "malformed")
+    row = find_token(session, text)
+    if row is None:
+        return Verdict(False, "unknown")
+    token, member = row
+    reason = refusal(token, member, now)
+    if reason is not None:
+        audit.record_token(session, token, action="refuse", reason=reason, source=source, at=now)
+        return Verdict(False, reason, token_id=token.id)
+    return Verdict(True, token_id=token.id, principal=principal(token, member))
+
+
+def find_token(session: Session, text: str) -> tuple[Token, Membership | None] | None:
+    """The token whose hash is that of ``text``, with its owner's membership (for a PAT)."""
     row = session.execute(
         select(Token, Membership)
         .outerjoin(
@@ -46,26 +59,11 @@ def verify_token(session: Session, text: str, *, now: datetime, source: str = "v
         )
         .where(Token.token_hash == hash_token(text))
     ).first()
-    if row is None:
-        return Verdict(False, "unknown")
-    token, member = row
-    reason = _refusal(token, member, now)
-    if reason is not None:
-        audit.record(
-            session,
-            action="refuse",
-            reason=reason,
-            source=source,
-            at=now,
-            token_id=token.id,
-            org_id=token.org_id,
-            user_id=token.user_id,
-        )
-        return Verdict(False, reason, token_id=token.id)
-    return Verdict(True, token_id=token.id, principal=principal(token, member))
+    return None if row is None else (row[0], row[1])
 
 
-def _refusal(token: Token, member: Membership | None, now: datetime) -> str | None:
+def refusal(token: Token, member: Membership | None, now: datetime) -> str | None:
+    """Why ``token`` is not usable at ``now``, or ``None`` when it is."""
     if token.revoked_at is not None:
         return "expired" if token.revoke_reason == "expired" else "revoked"
     if token.expires_at <= now:

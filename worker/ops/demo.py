@@ -1,4 +1,8 @@
-"""``tokenwarden demo``: the story of a leaver, told on a throw-away embedded stack."""
+"""``tokenwarden demo``: the story of a leaver, told on a throw-away embedded stack.
+
+It drives the stack over HTTP and reads the store; it must not import ``tasks`` or ``producer``
+(the stack runs them in its own processes).
+"""
 
 from __future__ import annotations
 
@@ -138,22 +142,6 @@ def run_demo(say: Say, *, keep: bool = False) -> tuple[bool, list[Step], Path]:
     key = "twp_demo_" + secrets.token_urlsafe(16)
     peers = Peers()
     peers.start()
-    env = child_env(
-        TOKENWARDEN_HOME=str(home),
-        TOKENWARDEN_PRODUCER_KEYS=key,
-        TOKENWARDEN_API_PORT=str(port),
-        TOKENWARDEN_REDRIVE_AFTER_S="5",
-        TOKENWARDEN_GITHUB_KEYS_URL=f"{peers.base}/keys",
-        TOKENWARDEN_NOTICE_WEBHOOK_URL=f"{peers.base}/notices",
-        TOKENWARDEN_NOTICE_SIGNING_SECRET=peers.secret,
-    )
-    for variable in (
-        "TOKENWARDEN_DATABASE_URL",
-        "TOKENWARDEN_BROKER_URL",
-        "TOKENWARDEN_PRODUCER_KEY",
-        "TOKENWARDEN_API_URL",
-    ):
-        env.pop(variable, None)
     demo = Demo(home=home, api_url=f"http://127.0.0.1:{port}", key=key, say=say, peers=peers)
     db.upgrade(demo.url)
     logs = (home / "stack.log").open("ab")
@@ -163,7 +151,7 @@ def run_demo(say: Say, *, keep: bool = False) -> tuple[bool, list[Step], Path]:
             "worker": command("worker", "-c", "1"),
             "scheduler": command("beat"),
         },
-        env=env,
+        env=_environment(demo, port),
         output=logs,
     )
     say(f"Starting the API, a worker and the scheduler on a throw-away home ({home}).")
@@ -182,7 +170,36 @@ def run_demo(say: Say, *, keep: bool = False) -> tuple[bool, list[Step], Path]:
     return all(step.held for step in demo.steps), demo.steps, home
 
 
+def _environment(demo: Demo, port: int) -> dict[str, str]:
+    """The stack's environment: the demo's home, key, port and peers, nothing of the caller's
+    store, broker or API."""
+    env = child_env(
+        TOKENWARDEN_HOME=str(demo.home),
+        TOKENWARDEN_PRODUCER_KEYS=demo.key,
+        TOKENWARDEN_API_PORT=str(port),
+        TOKENWARDEN_REDRIVE_AFTER_S="5",
+        TOKENWARDEN_GITHUB_KEYS_URL=f"{demo.peers.base}/keys",
+        TOKENWARDEN_NOTICE_WEBHOOK_URL=f"{demo.peers.base}/notices",
+        TOKENWARDEN_NOTICE_SIGNING_SECRET=demo.peers.secret,
+    )
+    for variable in (
+        "TOKENWARDEN_DATABASE_URL",
+        "TOKENWARDEN_BROKER_URL",
+        "TOKENWARDEN_PRODUCER_KEY",
+        "TOKENWARDEN_API_URL",
+    ):
+        env.pop(variable, None)
+    return env
+
+
 def _story(demo: Demo) -> None:
+    pat, aat, globex = _members_and_tokens(demo)
+    _bob_leaves(demo, pat, aat, globex)
+    _deploy_token_leaks(demo, aat)
+
+
+def _members_and_tokens(demo: Demo) -> tuple[IssuedToken, IssuedToken, IssuedToken]:
+    """Steps 1 and 2: bob's acme PAT, acme's deploy AAT and bob's globex PAT, all usable."""
     say = demo.say
     say("1. alice (admin) and bob (user) are members of acme; bob is also in globex.")
     demo.member("acme", "alice", "admin", "alice@acme.example")
@@ -195,7 +212,12 @@ def _story(demo: Demo) -> None:
     globex = demo.issue(TokenKind.PERSONAL, "globex", "bob", "bob at globex")
     for name, token in (("bob's acme PAT", pat), ("acme's AAT", aat), ("bob's globex PAT", globex)):
         demo.check(f"{name} …{token.token[-4:]}", "usable", demo.state(token))
+    return pat, aat, globex
 
+
+def _bob_leaves(demo: Demo, pat: IssuedToken, aat: IssuedToken, globex: IssuedToken) -> None:
+    """Steps 3 and 4: HR's event revokes bob's acme PAT only, audited and noticed."""
+    say = demo.say
     say("3. HR says bob left acme: a membership.removed event goes to the producer API.")
     response = demo.post("membership.removed", {"org_id": "acme", "user_id": "bob"})
     demo.check("the API accepts the event", "202", str(response.status_code))
@@ -222,28 +244,12 @@ def _story(demo: Demo) -> None:
         _addressed(offboarded),
     )
 
-    say("5. acme's deploy token is pushed to a public repository; GitHub's secret scanning")
-    say("   finds it and reports it, signed with GitHub's key (a key pair the demo made).")
-    report = json.dumps(
-        [
-            {
-                "token": aat.token,
-                "type": "settlemint_application_access_token",
-                "url": "https://github.com/acme/site/blob/main/.env",
-                "source": "content",
-            }
-        ]
-    ).encode()
-    response = httpx.post(
-        f"{demo.api_url}/v1/secret-scanning/github",
-        content=report,
-        timeout=10,
-        headers={
-            "Content-Type": "application/json",
-            "Github-Public-Key-Identifier": KEY_ID,
-            "Github-Public-Key-Signature": demo.peers.sign(report),
-        },
-    )
+
+def _deploy_token_leaks(demo: Demo, aat: IssuedToken) -> None:
+    """Step 5: GitHub reports the deploy token; it is revoked and acme's admins are told."""
+    demo.say("5. acme's deploy token is pushed to a public repository; GitHub's secret scanning")
+    demo.say("   finds it and reports it, signed with GitHub's key (a key pair the demo made).")
+    response = _report_to_github(demo, aat)
     label = response.json()[0]["label"] if response.status_code == 200 else response.status_code
     demo.check("GitHub is told it was a real token", "true_positive", str(label))
     demo.wait(lambda: not demo.verify(aat).usable)
@@ -260,6 +266,30 @@ def _story(demo: Demo) -> None:
     )
     demo.check(
         "every notice's signature checked out", "0 rejected", f"{demo.peers.rejected} rejected"
+    )
+
+
+def _report_to_github(demo: Demo, aat: IssuedToken) -> httpx.Response:
+    """Post GitHub's signed report of ``aat`` found in a public repository."""
+    report = json.dumps(
+        [
+            {
+                "token": aat.token,
+                "type": "settlemint_application_access_token",
+                "url": "https://github.com/acme/site/blob/main/.env",
+                "source": "content",
+            }
+        ]
+    ).encode()
+    return httpx.post(
+        f"{demo.api_url}/v1/secret-scanning/github",
+        content=report,
+        timeout=10,
+        headers={
+            "Content-Type": "application/json",
+            "Github-Public-Key-Identifier": KEY_ID,
+            "Github-Public-Key-Signature": demo.peers.sign(report),
+        },
     )
 
 

@@ -11,63 +11,44 @@ queues the notice, so a rerun (the same day, or a second scheduler) sends nothin
 
 Per bucket, a run first reads which tokens are due, in recipient order (one query over the
 bucket's window of the live-expiry index, for up to :data:`DUE_PER_READ` tokens), then sends
-them in short transactions of at most
-:data:`~worker.domain.sweep.GROUPS_PER_TRANSACTION` recipients,
-never splitting a recipient's tokens between two transactions (unless they are too many for
-one), so that a recipient gets one notice per bucket listing up to
-:data:`~worker.domain.sweep.TOKENS_PER_NOTICE` tokens. Each transaction checks again that its tokens
-are live and not yet reminded.
+them in short transactions (the budgeted loop of :mod:`.budget`) of at most
+:data:`~.grouped_notices.GROUPS_PER_TRANSACTION` recipients, never splitting a recipient's
+tokens between two transactions (unless they are too many for one), so that a recipient gets
+one notice per bucket listing up to :data:`~.grouped_notices.TOKENS_PER_NOTICE` tokens. Each
+transaction checks again that its tokens are live and not yet reminded.
+
+Imports no Celery, kombu, httpx or web framework.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final
+from functools import partial
+from typing import Final
 
-import structlog
 from sqlalchemy import ColumnElement, Engine, func, insert, select
 from sqlalchemy.orm import Session
 
 from worker.domain import db, notices
-from worker.domain.models import Token, TokenReminder
-from worker.domain.sweep import (
+from worker.domain.expiry.budget import BudgetedRun, Next, Publish, run_exclusive
+from worker.domain.expiry.grouped_notices import (
     GROUPS_PER_TRANSACTION,
     NOTICE_ROWS,
     TOKEN_COLUMNS,
     TOKENS_PER_NOTICE,
     AnyRow,
-    Budget,
-    Publish,
-    RunLock,
-    RunStats,
     group_of,
     new_notice_ids,
     queue_grouped,
-    single_run,
-    timed_transaction,
 )
-
-log = structlog.get_logger(__name__)
+from worker.domain.expiry.results import ReminderResult
+from worker.domain.models import Token, TokenReminder
 
 REMIND_LOCK: Final = "remind"
 # Due tokens read at once: every token entering a bucket on a given day in one read, and a
 # bounded list for the backlog of a first run on a large store.
 DUE_PER_READ: Final = 20_000
-
-
-@dataclass
-class ReminderResult(RunStats):
-    reminded: int = 0
-    by_days: dict[int, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "reminded": self.reminded,
-            "by_days": {str(days): count for days, count in sorted(self.by_days.items())},
-            **super().as_dict(),
-        }
 
 
 def buckets(days: Sequence[int]) -> list[tuple[int, int]]:
@@ -183,53 +164,65 @@ def send_reminders(
     publish: Publish | None = None,
 ) -> ReminderResult:
     """Send the reminders due at ``now``, unless another run holds the lock."""
-    if batch <= 0:
-        raise ValueError("batch must be a positive number of rows")
-    with single_run(engine, REMIND_LOCK) as lock:
-        if lock is None:
-            log.info("reminders.busy")
-            return ReminderResult(ran=False, finished=False)
-        budget = Budget(budget_s)
-        result = ReminderResult(ran=True, finished=False)
-        try:
-            result.finished = True
-            for bucket, previous in buckets(days):
-                result.finished &= _remind_bucket(
-                    engine,
-                    lock,
-                    result,
-                    budget,
-                    now=now,
-                    days=bucket,
-                    previous=previous,
-                    max_tokens=min(batch, NOTICE_ROWS),
-                    publish=publish,
-                )
-        finally:
-            result.duration_s = budget.elapsed()
-        log.info("reminders.done", **result.as_dict())
-        return result
+    return run_exclusive(
+        engine,
+        partial(_remind_all, now=now, days=days, max_tokens=min(batch, NOTICE_ROWS)),
+        lock=REMIND_LOCK,
+        log_as="reminders",
+        stats=ReminderResult,
+        batch=batch,
+        budget_s=budget_s,
+        publish=publish,
+    )
+
+
+def _remind_all(
+    run: BudgetedRun[ReminderResult], *, now: datetime, days: Sequence[int], max_tokens: int
+) -> bool:
+    finished = True
+    for bucket, previous in buckets(days):
+        finished &= _remind_bucket(
+            run, now=now, days=bucket, previous=previous, max_tokens=max_tokens
+        )
+    return finished
 
 
 def _remind_bucket(
-    engine: Engine,
-    lock: RunLock,
-    result: ReminderResult,
-    budget: Budget,
-    *,
-    now: datetime,
-    days: int,
-    previous: int,
-    max_tokens: int,
-    publish: Publish | None,
+    run: BudgetedRun[ReminderResult], *, now: datetime, days: int, previous: int, max_tokens: int
 ) -> bool:
     """One bucket's reminders; False when the budget stopped it with tokens still due.
 
     Each bucket gets one transaction, then more while the budget lasts, so a backlog in one
     bucket does not hold back the others.
     """
-    result.by_days.setdefault(days, 0)
-    first = True
+    run.stats.by_days.setdefault(days, 0)
+    chunks = _chunks(run.engine, now=now, days=days, previous=previous, max_tokens=max_tokens)
+    # A transaction never has an empty list of tokens: [] marks the end of the bucket.
+    token_ids = next(chunks, [])
+    if not token_ids:
+        return True
+
+    def send(session: Session) -> tuple[int, list[str]]:
+        return remind_tokens(session, now=now, days=days, previous=previous, token_ids=token_ids)
+
+    def sent(outcome: tuple[int, list[str]]) -> Next:
+        nonlocal token_ids
+        count, notice_ids = outcome
+        run.stats.reminded += count
+        run.stats.by_days[days] += count
+        run.queued(notice_ids)
+        # The next transaction's tokens; past the end of a read, the next read (whether
+        # there is more is only known once it is done).
+        token_ids = next(chunks, [])
+        return Next.more_if(bool(token_ids))
+
+    return run.batches(send, sent)
+
+
+def _chunks(
+    engine: Engine, *, now: datetime, days: int, previous: int, max_tokens: int
+) -> Iterator[list[str]]:
+    """The token ids of each of a bucket's transactions, read :data:`DUE_PER_READ` at a time."""
     while True:
         # A read-only transaction: on SQLite it does not hold the write lock meanwhile.
         with (
@@ -242,19 +235,7 @@ def _remind_bucket(
             # The last recipient may have more tokens past this read: they go in the next.
             due = [row for group in _groups(due)[:-1] for row in group]
         if not due:
-            return True
-        for token_ids in transactions(due, max_tokens):
-            if not first and not (budget.left() and lock.held()):
-                return False
-            first = False
-            with timed_transaction(engine, result) as session:
-                count, notice_ids = remind_tokens(
-                    session, now=now, days=days, previous=previous, token_ids=token_ids
-                )
-            result.reminded += count
-            result.by_days[days] += count
-            result.notices += len(notice_ids)
-            if notice_ids and publish is not None:
-                publish(notice_ids)
+            return
+        yield from transactions(due, max_tokens)
         if not full:
-            return True
+            return

@@ -1,0 +1,113 @@
+"""A token's answer to OAuth 2.0 Token Introspection (RFC 7662): active with its claims, or not.
+
+The rules are those of :func:`worker.domain.verification.verify_token`; only the shape of the
+answer differs, and nothing is audited here: a caller that may be asked the same question a
+thousand times a second audits refusals at its own pace (see :func:`refusal_rows`).
+
+Imports nothing but the domain and SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy.orm import Session
+
+from worker.domain.models import Membership, Token, TokenKind
+from worker.domain.tokens import kind_of
+from worker.domain.verification import find_token, refusal
+
+TOKEN_TYPES: Final = {
+    TokenKind.PERSONAL: "personal_access_token",
+    TokenKind.APPLICATION: "application_access_token",
+}
+# What every refusal answers, whatever the reason (RFC 7662 §2.2: nothing more).
+INACTIVE: Final = {"active": False}
+MALFORMED: Final = "malformed"
+UNKNOWN: Final = "unknown"
+AUDIT_SOURCE: Final = "introspect"
+
+
+@dataclass(frozen=True)
+class Introspection:
+    """The answer about one token, and what the caller needs to log, audit and cache it."""
+
+    active: bool
+    reason: str | None = None  # why not active
+    token_id: str | None = None
+    org_id: str | None = None
+    user_id: str | None = None
+    expires_at: datetime | None = None
+    claims: dict[str, Any] = field(default_factory=dict)
+
+    def answer(self) -> dict[str, Any]:
+        """The RFC 7662 response body: the claims, or exactly ``{"active": false}``."""
+        return self.claims if self.active else dict(INACTIVE)
+
+
+def malformed() -> Introspection:
+    return Introspection(False, MALFORMED)
+
+
+def introspect(session: Session, text: str, *, now: datetime) -> Introspection:
+    """The answer about ``text`` at ``now``; a malformed one is refused with no look-up."""
+    if kind_of(text) is None:
+        return malformed()
+    row = find_token(session, text)
+    if row is None:
+        return Introspection(False, UNKNOWN)
+    token, member = row
+    reason = refusal(token, member, now)
+    if reason is not None:
+        return Introspection(
+            False, reason, token_id=token.id, org_id=token.org_id, user_id=token.user_id
+        )
+    return Introspection(
+        True,
+        token_id=token.id,
+        org_id=token.org_id,
+        user_id=token.user_id,
+        expires_at=token.expires_at,
+        claims=claims(token, member),
+    )
+
+
+def claims(token: Token, member: Membership | None) -> dict[str, Any]:
+    """RFC 7662 members of a usable token: a PAT acts as its owner with their current role,
+    an AAT as its application."""
+    found: dict[str, Any] = {
+        "active": True,
+        "token_type": TOKEN_TYPES[TokenKind(token.kind)],
+        "org_id": token.org_id,
+        "exp": int(token.expires_at.timestamp()),
+        "iat": int(token.created_at.timestamp()),
+        "jti": token.id,
+    }
+    if token.kind == TokenKind.PERSONAL:
+        found |= {"sub": token.user_id, "role": member.role if member else None}
+    else:
+        found |= {"sub": token.app_id, "app_id": token.app_id, "created_by": token.created_by}
+    return found
+
+
+def refusal_rows(refused: Iterable[tuple[Introspection, datetime]]) -> list[dict[str, Any]]:
+    """Audit rows (for :func:`worker.domain.audit.record_many`) of refusals of known tokens."""
+    return [
+        {
+            "at": at,
+            "action": "refuse",
+            "reason": answer.reason,
+            "source": AUDIT_SOURCE,
+            "token_id": answer.token_id,
+            "org_id": answer.org_id,
+            "user_id": answer.user_id,
+            "actor": None,
+            "event_id": None,
+            "detail": None,
+        }
+        for answer, at in refused
+        if answer.token_id is not None and not answer.active
+    ]
