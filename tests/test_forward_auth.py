@@ -12,7 +12,6 @@ import signal
 import subprocess
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,27 +20,19 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from sqlalchemy import event
 from starlette.datastructures import Headers
 
-from config.settings import Settings
-from producer.api import create_app
+from config.settings import ConfigError, load_settings
 from producer.forward_auth import credential, own_uri
 from tests.conftest import REPO, Store
 from tests.stack import LiveStack, stack_env
 from tests.test_introspection import PRODUCER, Door, eventually
 from tests.test_secrecy import assert_absent, captured_logs
-from worker.domain import db
+from worker.domain import introspection
 from worker.domain.models import TokenKind
 from worker.domain.tokens import generate
+from worker.domain.verification import find_token
 from worker.ops.supervisor import free_port
-from worker.runtime.celery_app import make_celery
-
-with warnings.catch_warnings():
-    from starlette.exceptions import StarletteDeprecationWarning
-
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
 
 __all__ = ["captured_logs"]  # a fixture, used by name
 
@@ -79,21 +70,9 @@ class Gate(Door):
     """The API with both ways to trust a gateway configured, on the test store."""
 
     def __init__(self, store: Store, home: Path, peer: str = "testclient") -> None:
-        self.store = store
-        self.url = store.url
-        settings = Settings(
-            home=home,
-            database_url=store.url,
-            producer_keys=(PRODUCER,),
-            introspection_keys=(KEY,),
-            forward_auth_peers=PEERS,
+        super().__init__(
+            store, home, peer=peer, introspection_keys=(KEY,), forward_auth_peers=PEERS
         )
-        self.celery_app = make_celery(settings)
-        self.client = TestClient(
-            create_app(settings, celery_app=self.celery_app), client=(peer, 50000)
-        )
-        self.client.__enter__()
-        self.open = True
 
     def auth(self, headers: dict[str, str], uri: str, *, via: str = "x-original-uri") -> Any:
         return self.client.get("/v1/auth", headers=GATEWAY | headers | {via: uri})
@@ -215,20 +194,19 @@ def test_every_refusal_is_a_bare_401(gate: Gate) -> None:
     assert gate.auth({}, "/").status_code == 401
 
 
-def test_a_malformed_token_costs_no_look_up(gate: Gate) -> None:
-    statements: list[str] = []
+def test_a_malformed_token_costs_no_look_up(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
+    looked_up: list[str] = []
 
-    def note(*args: Any) -> None:
-        statements.append(str(args[2]))
+    def noting(session: Any, text: str) -> Any:
+        looked_up.append(text)
+        return find_token(session, text)
 
-    engine = db.engine_for(gate.url)
-    event.listen(engine, "before_cursor_execute", note)
-    try:
-        for text in ("sm_pat_short", "sm_pat_" + "a" * 38, "favicon.ico"):
-            assert gate.auth({}, f"/{text}").status_code == 401
-    finally:
-        event.remove(engine, "before_cursor_execute", note)
-    assert [s for s in statements if "tokens" in s] == []
+    monkeypatch.setattr(introspection, "find_token", noting)
+    for text in ("sm_pat_short", "sm_pat_" + "a" * 38, "favicon.ico"):
+        assert gate.auth({}, f"/{text}").status_code == 401
+    assert looked_up == []
+    assert gate.auth({}, f"/{UNKNOWN}").status_code == 401
+    assert looked_up == [UNKNOWN]  # the same path reads the store for a well-formed one
 
 
 def test_callers_that_are_not_trusted_learn_nothing(
@@ -437,6 +415,13 @@ def test_nginx_lets_active_tokens_through_with_their_identity_only(
                 "x-token-org": "acme",
                 **expected,
             }, uri
+    huge = "/" + "a" * (16 * 1024) + f"/{pat.token}"
+    direct = httpx.get(
+        f"{api.api_url}/v1/auth", headers=GATEWAY | {"X-Original-URI": huge}, timeout=10
+    )
+    assert direct.status_code in (400, 401, 431)
+    assert httpx.get(url + huge, timeout=10).status_code in (401, 414)
+    assert httpx.get(f"{api.api_url}/healthz", timeout=10).status_code == 200
     for issued in (pat, aat):
         assert issued.token not in api.log("api")
 
@@ -476,3 +461,13 @@ def test_nginx_refuses_unknown_malformed_and_a_leaver_at_once(
 def test_the_readme_shows_the_tested_nginx_configuration() -> None:
     readme = (REPO / "README.md").read_text()
     assert NGINX_CONF.read_text().strip() in readme
+
+
+def test_a_peer_setting_that_is_not_a_network_names_its_variable() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(forward_auth_peers="10.0.0.1/8")
+    message = str(refused.value)
+    assert message.startswith("TOKENWARDEN_FORWARD_AUTH_PEERS")
+    assert "\n" not in message
+    peers = load_settings(forward_auth_peers=" 10.0.0.0/8 , ::1,192.0.2.7").forward_auth_peers
+    assert [str(network) for network in peers] == ["10.0.0.0/8", "::1/128", "192.0.2.7/32"]
