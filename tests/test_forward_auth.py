@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from sqlalchemy.exc import OperationalError
 from starlette.datastructures import Headers
 
 from config.settings import ConfigError, load_settings
@@ -207,6 +208,21 @@ def test_a_malformed_token_costs_no_look_up(gate: Gate, monkeypatch: pytest.Monk
     assert looked_up == []
     assert gate.auth({}, f"/{UNKNOWN}").status_code == 401
     assert looked_up == [UNKNOWN]  # the same path reads the store for a well-formed one
+
+
+def test_a_store_that_cannot_be_read_is_no_answer(
+    gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(session: Any, text: str) -> Any:
+        raise OperationalError("SELECT", {}, Exception(f"server closed the connection {text}"))
+
+    monkeypatch.setattr(introspection, "find_token", down)
+    with structlog.testing.capture_logs() as logs:
+        answer = gate.auth({"x-auth-token": UNKNOWN}, "/")
+    assert (answer.status_code, answer.headers["retry-after"]) == (503, "5")
+    assert identity(answer) == {}
+    assert "forward_auth.unavailable" in [line["event"] for line in logs]
+    assert_absent(repr(logs), [UNKNOWN], "the log")
 
 
 def test_callers_that_are_not_trusted_learn_nothing(
