@@ -315,8 +315,7 @@ def test_postgres_revocation_does_not_wait_for_the_whole_sweep(
     result = run_sweep(engine, now=now, batch=10, on_progress=revoke_while_sweeping)
 
     assert result.swept == 30
-    assert waits
-    assert waits[0] < 1
+    assert waits  # went through: with the lock_timeout above, waiting on a lock is an error
     assert states(engine)[live] == ("revoked", "deleted")
 
 
@@ -343,12 +342,14 @@ def test_two_sweeps_started_at_once_one_works_the_other_returns(
     started = time.monotonic()
     results["second"] = run_sweep(engine, now=now, batch=5)
     elapsed = time.monotonic() - started
+    first_still_held = worker.is_alive()
     second_done.set()
     worker.join(timeout=20)
 
     assert results["second"].ran is False
     assert (results["second"].swept, results["second"].transactions) == (0, 0)
-    assert elapsed < 1, "the second sweep waited for the first"
+    assert first_still_held, "the second sweep waited for the first"
+    assert elapsed < 5, "the second sweep waited for the first"  # which holds its batch 10 s
     assert (results["first"].ran, results["first"].swept) == (True, 12)
     assert sorted(expire_audits(engine)) == sorted(tokens)
     # The lock is released at the end: the next run goes ahead.

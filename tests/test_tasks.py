@@ -43,7 +43,7 @@ from worker.domain.models import (
     TokenKind,
 )
 from worker.domain.tokens import generate
-from worker.runtime import signals, tasking
+from worker.runtime import publishing, redrive, signals, tasking
 from worker.runtime.celery_app import app
 from worker.runtime.publishing import CHUNK, PublishError
 from worker.runtime.tasking import DatabaseTask, TransientDatabaseError
@@ -502,7 +502,7 @@ def test_a_poison_removal_in_a_message_of_removals_is_dead_and_the_others_applie
     monkeypatch.setattr(removals, "remove_member", fail_for_boom)
     published: list[str] = []
     monkeypatch.setattr(
-        tasking, "publish_new_notices", lambda _app, notice_ids: published.extend(notice_ids)
+        publishing, "publish_new_notices", lambda _app, notice_ids: published.extend(notice_ids)
     )
 
     tasks.events.process_events.run(ids)
@@ -580,7 +580,7 @@ def test_redrive_publishes_pending_events_only_after_committing_the_marks(
     def publish(_app: Any, event_ids: list[str]) -> None:
         published.append((list(event_ids), events_by_id(committed)["e-old"].published_at))
 
-    monkeypatch.setattr(tasks.events, "publish_event_ids", publish)
+    monkeypatch.setattr(redrive, "publish_event_ids", publish)
 
     tasks.events.redrive_events.run()
 
@@ -600,7 +600,7 @@ def test_redrive_that_cannot_publish_logs_and_leaves_the_rest_to_the_next_run(
     def broker_down(_app: Any, _ids: list[str]) -> None:
         raise PublishError("broker refused the message: connection refused")
 
-    monkeypatch.setattr(tasks.events, "publish_event_ids", broker_down)
+    monkeypatch.setattr(redrive, "publish_event_ids", broker_down)
 
     tasks.events.redrive_events.run()
 

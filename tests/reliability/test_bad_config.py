@@ -147,7 +147,8 @@ def test_an_unreachable_broker_is_retried_and_named_and_nothing_is_dropped(
         )
         figures.publish(evidence.root)
         assert answer.status_code == 202, answer.text  # stored: the re-drive publishes it later
-        assert post_s < 2, "a broker that is down must not hold up the producer"
+        # Seconds, not the minutes the publisher's own retries would take: it did not wait.
+        assert post_s < 5, "a broker that is down must not hold up the producer"
         assert status == EventStatus.PENDING, "an accepted event must stay in the inbox"
         assert ready.status_code == 503
         assert ready.json()["broker"] != "ok"

@@ -54,7 +54,8 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 RSS_BOUND_MB = 150  # README, Limits
 PRODUCER_P99_BOUND_MS = 1000.0
-ANSWER_AT_ONCE_S = 1.0
+# Well short of the fetch deadline: an answer this quick did not wait for the fetch.
+ANSWER_AT_ONCE_S = 3.0
 WAVE = 300  # connections at once, each sending GitHub's headers and a megabyte
 
 

@@ -22,8 +22,7 @@ from config.redaction import first_line
 from config.settings import ENV_PREFIX, ConfigError, Settings, get_settings
 from worker.domain import db
 from worker.domain.errors import Refused
-from worker.domain.notices import take_new_notices
-from worker.runtime.publishing import publish_new_notices
+from worker.runtime.publishing import published_after_commit
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -95,15 +94,11 @@ def transaction(current: Settings | None = None) -> Iterator[Session]:
     """A session in one transaction; a domain refusal becomes a one-line error, exit 2."""
     engine = store(current)
     try:
-        with db.transaction(engine) as session:
+        # The notices it queued are published once it has committed.
+        with published_after_commit(db.transaction(engine)) as session:
             yield session
-            notices = take_new_notices(session)
     except Refused as refused:
         fail(refused.message)
-    if notices:
-        from worker.runtime.celery_app import app
-
-        publish_new_notices(app, notices)
 
 
 def json_option(function: F) -> F:

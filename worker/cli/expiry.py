@@ -22,10 +22,9 @@ R = TypeVar("R", bound="RunStats")
 
 
 def _publish(notice_ids: Sequence[str]) -> None:
-    from worker.runtime.celery_app import app
     from worker.runtime.publishing import publish_new_notices
 
-    publish_new_notices(app, notice_ids)
+    publish_new_notices(None, notice_ids)  # None: the worker's app, loaded when needed
 
 
 def _run(

@@ -7,21 +7,30 @@ publishes whatever is still pending.
 So publishing gives up quickly: one connection attempt of at most ``QUICK_CONNECT_S``, no
 retries, and after a failure no attempt at all on that broker for ``PAUSE_AFTER_FAILURE_S``.
 A request to the API that stored its events is then not held up by a broker that is down.
+
+Work a transaction causes runs once it has committed: :func:`published_after_commit` wraps
+a transaction, then runs the callbacks registered with :func:`after_commit` and publishes the
+notices the transaction queued (``worker.domain.notices.take_new_notices``).
+
+Imports ``config`` and ``worker.domain`` only: never the tasks, the API, the command line.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 from weakref import WeakKeyDictionary
 
 import structlog
 from celery.utils import uuid
+from sqlalchemy.orm import Session
 
 from config.celery import DELIVER_NOTICES, PROCESS_EVENTS
 from config.settings import get_settings, without_password
+from worker.domain.notices import take_new_notices
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +43,8 @@ QUICK_CONNECT_S: Final = 1.0
 # After a failed publish, later ones in this process skip the broker for this long instead of
 # each paying the connection timeout again; the re-drive publishes what they leave pending.
 PAUSE_AFTER_FAILURE_S: Final = 5.0
+# Session.info key: what to do once this transaction has committed.
+_AFTER_COMMIT: Final = "tokenwarden.after_commit"
 
 
 @dataclass(frozen=True)
@@ -180,15 +191,48 @@ def broker_unreachable(app: Any) -> str | None:
     return None
 
 
-def publish_new_notices(app: Any, notice_ids: Sequence[str]) -> None:
+def publish_new_notices(app: Any | None, notice_ids: Sequence[str]) -> None:
     """Publish after commit; on failure the re-drive delivers them later, so only warn.
 
+    ``app`` None means the worker's app, imported only when there is something to publish
+    (a command that queued nothing does not load Celery's app).
     Without a webhook URL there is nowhere to deliver: the notices stay pending in the outbox
     (``tokenwarden notices``) and nothing is published, as the notice re-drive does.
     """
     if not notice_ids or not get_settings().notice_webhook_url:
         return
+    if app is None:
+        from worker.runtime import celery_app
+
+        app = celery_app.app
     try:
         publish_notice_ids(app, notice_ids)
     except PublishError as error:
         log.warning("notices.publish_failed", count=len(notice_ids), error=str(error))
+
+
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
+    """Call ``callback`` once ``session``'s transaction has committed; never if it fails.
+
+    Only for a transaction run through :func:`published_after_commit`.
+    """
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+@contextmanager
+def published_after_commit(
+    transaction: AbstractContextManager[Session], *, app: Any | None = None
+) -> Iterator[Session]:
+    """Run ``transaction``; once it has committed, run its :func:`after_commit` callbacks and
+    publish the notices it queued (see :func:`publish_new_notices` for ``app``).
+
+    Both are read inside the block and acted on after it closes, so a slow broker never holds
+    a database connection; a transaction that raises publishes nothing.
+    """
+    with transaction as session:
+        yield session
+        callbacks: list[Callable[[], object]] = session.info.pop(_AFTER_COMMIT, [])
+        notice_ids = take_new_notices(session)
+    for callback in callbacks:
+        callback()
+    publish_new_notices(app, notice_ids)

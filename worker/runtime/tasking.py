@@ -8,6 +8,9 @@ transaction is committed (publishing to the broker) is registered with :meth:`af
 Database errors that a retry can fix (a dropped connection, a lock or serialization failure)
 are retried with exponential backoff and jitter, for as long as they last: the event inbox
 must not lose an event because the database was briefly away. Anything else fails the run.
+
+Also the option sets the tasks share. Imports ``config``, ``worker.domain`` and the rest of
+the runtime only: never the tasks, the API, the command line.
 """
 
 from __future__ import annotations
@@ -28,9 +31,8 @@ from sqlalchemy.orm import Session
 
 from config.redaction import first_line
 from config.settings import get_settings
-from worker.domain import db
-from worker.domain.notices import take_new_notices
-from worker.runtime.publishing import publish_new_notices
+from worker.domain import clock, db, handlers
+from worker.runtime import publishing
 
 log = structlog.get_logger(__name__)
 
@@ -40,9 +42,21 @@ TASK_RUNS: Final = Counter(
 TASK_SECONDS: Final = Histogram(
     "tokenwarden_task_seconds", "Duration of a task run, commit included.", ["task"]
 )
-_AFTER_COMMIT: Final = "tokenwarden.after_commit"
 # Control flow of Celery itself, not a failure of the run.
 _NOT_FAILURES: Final = (Retry, Ignore, Reject)
+
+# Options of a task that is idempotent (a finished event, a sent or leased notice is
+# skipped): its message is acknowledged only once the run is over, and given back when its
+# worker dies.
+IDEMPOTENT: Final[dict[str, Any]] = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "ignore_result": True,
+}
+# A re-drive: beat sends one every few seconds, and any one run re-drives everything that is
+# due, so a backlog built while no worker ran is dropped rather than replayed.
+REDRIVE: Final[dict[str, Any]] = {**IDEMPOTENT, "expires": 60}
 
 
 class TransientDatabaseError(Exception):
@@ -91,6 +105,19 @@ class CountedTask(Task):  # type: ignore[misc]  # celery ships no type informati
 
     def engine(self) -> Engine:
         return store_engine()
+
+    def dead_letter(self, reason: str, *, body: object, session: Session | None = None) -> None:
+        """Keep an unusable message of this task as a dead letter, with the reason.
+
+        In ``session`` when given (the run's own transaction), else in a transaction of its own.
+        """
+        if session is None:
+            with db.transaction(self.engine()) as own:
+                self.dead_letter(reason, body=body, session=own)
+            return
+        handlers.dead_letter_message(
+            session, reason=reason, now=clock.now(), task=self.name, body=body
+        )
 
     def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return function(*args, **kwargs)
@@ -142,23 +169,15 @@ class DatabaseTask(CountedTask):
 
     def after_commit(self, session: Session, callback: Callable[[], object]) -> None:
         """Call ``callback`` once this run's transaction has committed; never if it fails."""
-        session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+        publishing.after_commit(session, callback)
 
     def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # Inside the counted run, so a failing COMMIT is retried just like a failing query.
-        with self._transaction() as session:
-            result = function(session, *args, **kwargs)
-            callbacks = session.info.pop(_AFTER_COMMIT, [])
-            notices = take_new_notices(session)
-        for callback in callbacks:
-            callback()
-        publish_new_notices(self.app, notices)
-        return result
+        with publishing.published_after_commit(self._transaction(), app=self.app) as session:
+            return function(session, *args, **kwargs)
 
     @contextmanager
     def _transaction(self) -> Iterator[Session]:
-        # Commit when the block ends, roll back when it raises, close either way; the
-        # after-commit callbacks are read inside the block and run after the close, so a slow
-        # broker never holds a database connection.
+        # Commit when the block ends, roll back when it raises, close either way.
         with Session(self.engine(), expire_on_commit=False) as session, session.begin():
             yield session
