@@ -37,13 +37,13 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import Engine
 from starlette.datastructures import Headers
 
-from config.redaction import first_line, mask_tokens
-from config.settings import Network, Settings
-from producer.introspection import token_check_for
-from producer.token_check import RefusalLimiter, TokenCheck
-from worker.domain.introspection import Introspection
-from worker.domain.models import TokenKind
-from worker.domain.tokens import HEADER_NAME, ExtractError, from_header, from_url
+from tokenwarden.config.redaction import first_line, mask_tokens
+from tokenwarden.config.settings import Network, Settings
+from tokenwarden.producer.introspection import token_check_for
+from tokenwarden.producer.token_check import RefusalLimiter, TokenCheck
+from tokenwarden.worker.domain.introspection import Introspection
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.tokens import HEADER_NAME, ExtractError, from_header, from_url
 
 log = structlog.get_logger(__name__)
 

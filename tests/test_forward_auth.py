@@ -23,17 +23,17 @@ import structlog
 from sqlalchemy.exc import OperationalError
 from starlette.datastructures import Headers
 
-from config.settings import ConfigError, load_settings
-from producer.forward_auth import credential, own_uri
 from tests.conftest import REPO, Store
 from tests.stack import LiveStack, stack_env
 from tests.test_introspection import PRODUCER, Door, eventually
 from tests.test_secrecy import assert_absent, captured_logs
-from worker.domain import introspection
-from worker.domain.models import TokenKind
-from worker.domain.tokens import generate
-from worker.domain.verification import find_token
-from worker.ops.supervisor import free_port
+from tokenwarden.config.settings import ConfigError, load_settings
+from tokenwarden.producer.forward_auth import credential, own_uri
+from tokenwarden.worker.domain import introspection
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.tokens import generate
+from tokenwarden.worker.domain.verification import find_token
+from tokenwarden.worker.ops.supervisor import free_port
 
 __all__ = ["captured_logs"]  # a fixture, used by name
 
