@@ -9,6 +9,7 @@ COPY worker ./worker
 COPY tasks ./tasks
 COPY producer ./producer
 COPY migrations ./migrations
+COPY tokenwarden ./tokenwarden
 RUN pip install --no-cache-dir . \
     && useradd --system --home-dir /var/lib/tokenwarden --create-home tokenwarden
 

@@ -40,8 +40,8 @@ def create_app() -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from config.logging import configure_logging
-    from producer.serving import uvicorn_options
+    from tokenwarden.config.logging import configure_logging
+    from tokenwarden.producer.serving import uvicorn_options
 
     options = argparse.ArgumentParser(description=__doc__)
     options.add_argument("--host", default="127.0.0.1")

@@ -18,15 +18,15 @@ from typing import Any, Final
 
 from celery import Celery
 
-from config.celery import celery_config
-from config.settings import Settings, get_settings
+from tokenwarden.config.celery import celery_config
+from tokenwarden.config.settings import Settings, get_settings
 
 NOOP: Final = "bench.noop"
 MARK: Final = "bench.mark"
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("tokenwarden-bench-noop", include=["worker.runtime.signals"])
+    app = Celery("tokenwarden-bench-noop", include=["tokenwarden.worker.runtime.signals"])
     app.conf.update(celery_config(settings))
     return app
 

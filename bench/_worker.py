@@ -14,7 +14,7 @@ import argparse
 import importlib
 
 from bench.common import WORKER_FLAGS
-from config.logging import configure_logging
+from tokenwarden.config.logging import configure_logging
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,10 +34,10 @@ from typing import IO, Any, Final
 
 from sqlalchemy import Engine, insert, make_url, text
 
-from config.settings import Settings
-from worker.domain import db
-from worker.domain.models import Base, Membership, Token, TokenKind
-from worker.domain.tokens import generate, hash_token, hint
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.models import Base, Membership, Token, TokenKind
+from tokenwarden.worker.domain.tokens import generate, hash_token, hint
 
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -287,7 +287,7 @@ def queue_depth(broker_url: str, queue: str) -> int:
 
 
 def _hide(url: str) -> str:
-    from config.settings import without_password
+    from tokenwarden.config.settings import without_password
 
     return without_password(url)
 
@@ -300,7 +300,7 @@ def _remove_tree(path: Path) -> None:
 
 def configure_quiet_logging() -> None:
     """Our own process logs warnings only, to stderr: stdout carries the table and the JSON."""
-    from config.logging import configure_logging
+    from tokenwarden.config.logging import configure_logging
 
     configure_logging(level="WARNING", stream=sys.stderr)
 
@@ -396,7 +396,7 @@ def python(*args: str) -> list[str]:
 
 def tokenwarden(*args: str) -> list[str]:
     """The ``tokenwarden`` command of this interpreter (as worker.ops.supervisor.command)."""
-    from worker.ops.supervisor import command
+    from tokenwarden.worker.ops.supervisor import command
 
     return command(*args)
 

@@ -34,12 +34,12 @@ from celery import Celery
 from sqlalchemy import func, select
 
 from bench import common
-from config.celery import celery_config
-from worker.domain import db
-from worker.domain.events import CloudEvent, parse_event
-from worker.domain.inbox import store_events
-from worker.domain.models import EventStatus, InboxEvent, Token, TokenKind
-from worker.runtime.publishing import publish_event_ids
+from tokenwarden.config.celery import celery_config
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.events import CloudEvent, parse_event
+from tokenwarden.worker.domain.inbox import store_events
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent, Token, TokenKind
+from tokenwarden.worker.runtime.publishing import publish_event_ids
 
 NAME: Final = "events"
 TARGET: Final = 0.7

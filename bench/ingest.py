@@ -38,8 +38,8 @@ from typing import Any, Final
 from sqlalchemy import Engine, func, select, text
 
 from bench import common
-from worker.domain.models import InboxEvent
-from worker.ops.supervisor import free_port
+from tokenwarden.worker.domain.models import InboxEvent
+from tokenwarden.worker.ops.supervisor import free_port
 
 NAME: Final = "ingest"
 TARGET: Final = 0.5

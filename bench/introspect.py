@@ -30,9 +30,9 @@ from urllib.parse import urlencode
 import httpx
 
 from bench import common
-from worker.domain import db
-from worker.domain.revocation import revoke_token
-from worker.ops.supervisor import free_port
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.revocation import revoke_token
+from tokenwarden.worker.ops.supervisor import free_port
 
 NAME: Final = "introspect"
 RATIO_TARGET: Final = 0.5

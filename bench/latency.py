@@ -35,10 +35,10 @@ from typing import Any, Final
 from sqlalchemy import Engine, func, select
 
 from bench import common
-from worker.domain import db
-from worker.domain.models import EventStatus, InboxEvent, Token
-from worker.domain.verification import verify_token
-from worker.ops.supervisor import free_port
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent, Token
+from tokenwarden.worker.domain.verification import verify_token
+from tokenwarden.worker.ops.supervisor import free_port
 
 NAME: Final = "latency"
 P50_MS: Final = 50.0

@@ -37,7 +37,7 @@ from typing import Any, Final
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from bench import common
-from worker.ops.supervisor import free_port
+from tokenwarden.worker.ops.supervisor import free_port
 
 NAME: Final = "notices"
 P99_S: Final = 1.0

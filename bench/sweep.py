@@ -45,10 +45,10 @@ from typing import Any, Final
 
 from sqlalchemy import Engine, insert, make_url, text
 
-from worker.domain import db
-from worker.domain.expiry.results import SweepResult
-from worker.domain.expiry.sweep import run_sweep
-from worker.domain.models import Membership, Token
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.expiry.results import SweepResult
+from tokenwarden.worker.domain.expiry.sweep import run_sweep
+from tokenwarden.worker.domain.models import Membership, Token
 
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TARGET_RATIO: Final = 0.5
@@ -450,7 +450,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from config.logging import configure_logging
+    from tokenwarden.config.logging import configure_logging
 
     args = parse(argv)
     configure_logging(level="WARNING")

@@ -29,10 +29,10 @@ from typing import Any, Final
 from sqlalchemy import Engine, text, update
 
 from bench import common
-from worker.domain import db
-from worker.domain.models import Token
-from worker.domain.tokens import hash_token
-from worker.domain.verification import verify_token
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.models import Token
+from tokenwarden.worker.domain.tokens import hash_token
+from tokenwarden.worker.domain.verification import verify_token
 
 NAME: Final = "verify"
 TARGET: Final = 0.5

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 from celery.schedules import crontab
 
-from config.settings import Settings
+from tokenwarden.config.settings import Settings
 
 # Every task's name, the one place it is spelled: the tasks register under these, the
 # publishers send to them and the schedule below names them. They are on the wire, so they
@@ -82,7 +82,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "worker_send_task_events": False,
         # Keep a copy of a message whose body cannot be decoded; Celery alone logs and drops it.
-        "worker_consumer": "worker.runtime.signals:DeadLetteringConsumer",
+        "worker_consumer": "tokenwarden.worker.runtime.signals:DeadLetteringConsumer",
         "enable_utc": True,
         "timezone": "UTC",
         # Beat keeps its last-run times beside the other embedded files.

@@ -21,7 +21,7 @@ import structlog
 from structlog.stdlib import BoundLogger as _StdlibBoundLogger
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from config.redaction import TOKEN_PATTERN, mask_tokens
+from tokenwarden.config.redaction import TOKEN_PATTERN, mask_tokens
 
 # Tells a reader that a token was there (and which kind) without revealing any of it, not
 # even the last four characters that ``worker.domain.tokens.hint`` shows to the owner.

@@ -397,7 +397,7 @@ def without_password(url: str) -> str:
 def _shown(field: str, value: Any) -> str:
     """The offending value, fit for an error line: never a secret, nor a URL's credentials or
     query values (a webhook URL often carries the receiver's secret in either)."""
-    from config.logging import mask_url_secrets
+    from tokenwarden.config.logging import mask_url_secrets
 
     if (
         field in SECRET_FIELDS

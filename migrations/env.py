@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from worker.domain.db import make_engine
-from worker.domain.models import Base
+from tokenwarden.worker.domain.db import make_engine
+from tokenwarden.worker.domain.models import Base
 
 config = context.config
 target_metadata = Base.metadata

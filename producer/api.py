@@ -1,6 +1,6 @@
 """The producer API: events in, stored in the inbox, their ids onto the queue.
 
-``uvicorn --factory producer.api:create_app`` serves it with the environment's settings.
+``uvicorn --factory tokenwarden.producer.api:create_app`` serves it with the environment's settings.
 :func:`create_app` builds the app from the routers of producer/routes/ (events, leaks, health)
 over the state they share (producer/app_state.py), and answers refusals, clients that left and
 failures the same way on every route. Must not import ``tasks``.
@@ -17,15 +17,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from config.settings import Settings, get_settings, keep_files_private
-from producer import introspection
-from producer.app_state import AppState, log
-from producer.auth import producer_bearer
-from producer.github import GitHubKeys
-from producer.intake import Refused
-from producer.metrics import RequestMetrics
-from producer.routes import events, health, leaks
-from producer.serving import BODY_TIMED_OUT
+from tokenwarden.config.settings import Settings, get_settings, keep_files_private
+from tokenwarden.producer import introspection
+from tokenwarden.producer.app_state import AppState, log
+from tokenwarden.producer.auth import producer_bearer
+from tokenwarden.producer.github import GitHubKeys
+from tokenwarden.producer.intake import Refused
+from tokenwarden.producer.metrics import RequestMetrics
+from tokenwarden.producer.routes import events, health, leaks
+from tokenwarden.producer.serving import BODY_TIMED_OUT
 
 # The status a request is counted under when its client left before it was read (nginx's).
 CLIENT_CLOSED_REQUEST: Final = 499
@@ -45,7 +45,7 @@ def create_app(
     settings = settings or get_settings()
     owns_celery = celery_app is None
     if celery_app is None:
-        from worker.runtime.celery_app import make_celery
+        from tokenwarden.worker.runtime.celery_app import make_celery
 
         celery_app = make_celery(settings)
     shared = AppState(settings, celery_app, github_keys)

@@ -19,22 +19,22 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 
-from config.redaction import first_line
-from config.settings import Settings
-from producer import github
-from producer.github import GitHubKeys
-from producer.inbox_writer import InboxWriter
-from producer.intake import Prepared, Refused, mask
-from producer.metrics import ApiMetrics
-from producer.schemas import Readiness
-from worker.domain import clock
-from worker.domain.db import engine_for, reader, transaction
-from worker.domain.events import CloudEvent
-from worker.domain.inbox import Conflict, Stored, store_events
-from worker.runtime.publishing import PublishError, publish_event_ids
+from tokenwarden.config.redaction import first_line
+from tokenwarden.config.settings import Settings
+from tokenwarden.producer import github
+from tokenwarden.producer.github import GitHubKeys
+from tokenwarden.producer.inbox_writer import InboxWriter
+from tokenwarden.producer.intake import Prepared, Refused, mask
+from tokenwarden.producer.metrics import ApiMetrics
+from tokenwarden.producer.schemas import Readiness
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.db import engine_for, reader, transaction
+from tokenwarden.worker.domain.events import CloudEvent
+from tokenwarden.worker.domain.inbox import Conflict, Stored, store_events
+from tokenwarden.worker.runtime.publishing import PublishError, publish_event_ids
 
 # Every module of the API logs under the one name its lines have always carried.
-log = structlog.get_logger("producer.api")
+log = structlog.get_logger("tokenwarden.producer.api")
 
 T = TypeVar("T")
 

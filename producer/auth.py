@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from producer.intake import Refused
+from tokenwarden.producer.intake import Refused
 
 producer_bearer = HTTPBearer(
     auto_error=False,

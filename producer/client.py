@@ -25,10 +25,10 @@ import httpx
 import structlog
 from pydantic import TypeAdapter, ValidationError
 
-from config.settings import ConfigError, Settings, get_settings
-from producer.schemas import MAX_BODY_BYTES
-from worker.domain.events import TIME_EXAMPLE, Timestamp
-from worker.domain.tokens import hash_token
+from tokenwarden.config.settings import ConfigError, Settings, get_settings
+from tokenwarden.producer.schemas import MAX_BODY_BYTES
+from tokenwarden.worker.domain.events import TIME_EXAMPLE, Timestamp
+from tokenwarden.worker.domain.tokens import hash_token
 
 log = structlog.get_logger(__name__)
 

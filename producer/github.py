@@ -44,11 +44,11 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from producer.intake import Refused
-from producer.schemas import GitHubReport
-from worker.domain.events import CloudEvent, parse_event
-from worker.domain.models import Token
-from worker.domain.tokens import hash_token, kind_of, mask_encoded_tokens, mask_tokens
+from tokenwarden.producer.intake import Refused
+from tokenwarden.producer.schemas import GitHubReport
+from tokenwarden.worker.domain.events import CloudEvent, parse_event
+from tokenwarden.worker.domain.models import Token
+from tokenwarden.worker.domain.tokens import hash_token, kind_of, mask_encoded_tokens, mask_tokens
 
 log = structlog.get_logger(__name__)
 

@@ -25,12 +25,12 @@ import hmac
 from collections.abc import Sequence
 from typing import Final
 
-from producer.auth import require
-from producer.github import leak_event
-from producer.intake import Refused
-from producer.schemas import MAX_BATCH, GitLabReport
-from worker.domain.events import CloudEvent
-from worker.domain.tokens import hash_token, kind_of
+from tokenwarden.producer.auth import require
+from tokenwarden.producer.github import leak_event
+from tokenwarden.producer.intake import Refused
+from tokenwarden.producer.schemas import MAX_BATCH, GitLabReport
+from tokenwarden.worker.domain.events import CloudEvent
+from tokenwarden.worker.domain.tokens import hash_token, kind_of
 
 EVENT_SOURCE: Final = "gitlab"
 # Tokens per request, like the events of a batch: one request is stored in one transaction.

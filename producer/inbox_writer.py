@@ -32,12 +32,12 @@ from sqlalchemy import Connection, Engine, Table, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from producer.intake import Prepared
-from worker.domain import clock
-from worker.domain.db import make_engine
-from worker.domain.inbox import Conflict
-from worker.domain.models import EventStatus, InboxEvent
-from worker.runtime.publishing import PublishError
+from tokenwarden.producer.intake import Prepared
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.db import make_engine
+from tokenwarden.worker.domain.inbox import Conflict
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent
+from tokenwarden.worker.runtime.publishing import PublishError
 
 # Events in one transaction: a group takes waiting requests until it holds this many (a
 # request is never split), so one transaction stays short.

@@ -17,9 +17,9 @@ from typing import Annotated, Any, Final, Literal, NotRequired, Union
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
 
-from producer.schemas import EVENT_MEDIA_TYPES, MAX_BATCH, MAX_BODY_BYTES
-from worker.domain.clock import as_utc
-from worker.domain.events import (
+from tokenwarden.producer.schemas import EVENT_MEDIA_TYPES, MAX_BATCH, MAX_BODY_BYTES
+from tokenwarden.worker.domain.clock import as_utc
+from tokenwarden.worker.domain.events import (
     DATA_MODELS,
     CloudEvent,
     Id,
@@ -31,7 +31,7 @@ from worker.domain.events import (
     parse_event,
     too_far_ahead,
 )
-from worker.domain.tokens import TOKEN_PATTERN, mask_encoded_tokens
+from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, mask_encoded_tokens
 
 # Events are small and flat; a cap on nesting keeps every later step (validation, hashing,
 # storing) clear of Python's recursion limit.

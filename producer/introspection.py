@@ -27,12 +27,12 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from config.redaction import first_line, mask_tokens
-from config.settings import Settings
-from producer.revocation_feed import feed_for
-from producer.token_check import AnswerCache, TokenCheck
-from producer.usage_recorder import UsageRecorder
-from worker.domain.introspection import INACTIVE
+from tokenwarden.config.redaction import first_line, mask_tokens
+from tokenwarden.config.settings import Settings
+from tokenwarden.producer.revocation_feed import feed_for
+from tokenwarden.producer.token_check import AnswerCache, TokenCheck
+from tokenwarden.producer.usage_recorder import UsageRecorder
+from tokenwarden.worker.domain.introspection import INACTIVE
 
 log = structlog.get_logger(__name__)
 

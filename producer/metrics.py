@@ -28,10 +28,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.domain import clock
-from worker.domain.db import read_transaction
-from worker.domain.inbox import counts, recent_apply_seconds
-from worker.domain.models import DeadLetter, Token
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.db import read_transaction
+from tokenwarden.worker.domain.inbox import counts, recent_apply_seconds
+from tokenwarden.worker.domain.models import DeadLetter, Token
 
 log = structlog.get_logger(__name__)
 

@@ -29,9 +29,9 @@ import psycopg
 import structlog
 from sqlalchemy.engine import make_url
 
-from config.redaction import first_line
-from config.settings import without_password
-from producer.token_check import AnswerCache
+from tokenwarden.config.redaction import first_line
+from tokenwarden.config.settings import without_password
+from tokenwarden.producer.token_check import AnswerCache
 
 log = structlog.get_logger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.domain.events import DATA_MODELS
+from tokenwarden.worker.domain.events import DATA_MODELS
 
 MAX_BATCH: Final = 1000
 MAX_BODY_BYTES: Final = 1024 * 1024

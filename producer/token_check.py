@@ -24,11 +24,11 @@ import structlog
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from producer.usage_recorder import UsageRecorder
-from worker.domain import clock
-from worker.domain.db import read_transaction
-from worker.domain.introspection import MALFORMED, Introspection, introspect, malformed
-from worker.domain.tokens import hash_token, kind_of
+from tokenwarden.producer.usage_recorder import UsageRecorder
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.db import read_transaction
+from tokenwarden.worker.domain.introspection import MALFORMED, Introspection, introspect, malformed
+from tokenwarden.worker.domain.tokens import hash_token, kind_of
 
 log = structlog.get_logger(__name__)
 

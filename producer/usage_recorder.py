@@ -20,10 +20,10 @@ from typing import Final
 import structlog
 from sqlalchemy import Engine
 
-from config.redaction import first_line, mask_tokens
-from worker.domain import audit, clock, usage
-from worker.domain.db import transaction
-from worker.domain.introspection import Introspection, refusal_rows
+from tokenwarden.config.redaction import first_line, mask_tokens
+from tokenwarden.worker.domain import audit, clock, usage
+from tokenwarden.worker.domain.db import transaction
+from tokenwarden.worker.domain.introspection import Introspection, refusal_rows
 
 log = structlog.get_logger(__name__)
 

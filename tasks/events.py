@@ -13,13 +13,13 @@ from typing import Any, Final
 import structlog
 from sqlalchemy.orm import Session
 
-from config.celery import PROCESS_EVENTS, REDRIVE_EVENTS
-from config.settings import get_settings
-from tasks.arguments import BadArguments, id_list
-from worker.domain import clock
-from worker.runtime import batching, redrive
-from worker.runtime.celery_app import app
-from worker.runtime.tasking import IDEMPOTENT, REDRIVE, DatabaseTask
+from tokenwarden.config.celery import PROCESS_EVENTS, REDRIVE_EVENTS
+from tokenwarden.config.settings import get_settings
+from tokenwarden.tasks.arguments import BadArguments, id_list
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.runtime import batching, redrive
+from tokenwarden.worker.runtime.celery_app import app
+from tokenwarden.worker.runtime.tasking import IDEMPOTENT, REDRIVE, DatabaseTask
 
 log = structlog.get_logger(__name__)
 

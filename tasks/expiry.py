@@ -15,14 +15,14 @@ from typing import Any, Final
 
 import structlog
 
-from config.celery import SEND_REMINDERS, SWEEP_EXPIRED
-from config.settings import get_settings
-from worker.domain import clock
-from worker.domain.expiry.reminders import send_reminders
-from worker.domain.expiry.sweep import run_sweep
-from worker.runtime.celery_app import app
-from worker.runtime.publishing import publish_new_notices
-from worker.runtime.tasking import CountedTask, store_engine
+from tokenwarden.config.celery import SEND_REMINDERS, SWEEP_EXPIRED
+from tokenwarden.config.settings import get_settings
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.expiry.reminders import send_reminders
+from tokenwarden.worker.domain.expiry.sweep import run_sweep
+from tokenwarden.worker.runtime.celery_app import app
+from tokenwarden.worker.runtime.publishing import publish_new_notices
+from tokenwarden.worker.runtime.tasking import CountedTask, store_engine
 
 log = structlog.get_logger(__name__)
 

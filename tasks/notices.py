@@ -13,13 +13,13 @@ from typing import Any, Final
 import structlog
 from celery import signals
 
-from config.celery import DELIVER_NOTICES, REDRIVE_NOTICES
-from config.settings import get_settings
-from tasks.arguments import BadArguments, id_list
-from worker.domain import clock
-from worker.runtime import delivery, redrive, webhook
-from worker.runtime.celery_app import app
-from worker.runtime.tasking import IDEMPOTENT, REDRIVE, CountedTask
+from tokenwarden.config.celery import DELIVER_NOTICES, REDRIVE_NOTICES
+from tokenwarden.config.settings import get_settings
+from tokenwarden.tasks.arguments import BadArguments, id_list
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.runtime import delivery, redrive, webhook
+from tokenwarden.worker.runtime.celery_app import app
+from tokenwarden.worker.runtime.tasking import IDEMPOTENT, REDRIVE, CountedTask
 
 log = structlog.get_logger(__name__)
 

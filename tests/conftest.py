@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session
 # whole run a throw-away home so nothing lands in the working tree.
 os.environ["TOKENWARDEN_HOME"] = tempfile.mkdtemp(prefix="tokenwarden-tests-")
 
-from worker.domain import db
-from worker.domain.models import Base
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.models import Base
 
 SERVICES = {
     "postgres": "TOKENWARDEN_TEST_POSTGRES_URL",

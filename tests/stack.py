@@ -19,13 +19,13 @@ import httpx
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from config.settings import Settings
-from worker.domain import db
-from worker.domain.issuing import IssuedToken, create_token
-from worker.domain.members import add_member
-from worker.domain.models import TokenKind
-from worker.domain.verification import Verdict, verify_token
-from worker.ops.supervisor import STOP_GRACE_S, command, wait_for_http
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.issuing import IssuedToken, create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.verification import Verdict, verify_token
+from tokenwarden.worker.ops.supervisor import STOP_GRACE_S, command, wait_for_http
 
 T = TypeVar("T")
 KEY = "twp_stack_test_key_0001"
@@ -211,7 +211,7 @@ def stack_env(home: Path, extra: Mapping[str, str]) -> dict[str, str]:
 
 def check_broker(settings: Settings) -> None:
     """Fail unless the broker named by ``settings`` answers."""
-    from worker.runtime.celery_app import make_celery
+    from tokenwarden.worker.runtime.celery_app import make_celery
 
     app = make_celery(settings)
     with app.connection_for_write() as connection:

@@ -22,18 +22,18 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from starlette.exceptions import StarletteDeprecationWarning
 
-from config.settings import Settings
-from producer import intake
-from producer.api import create_app
-from producer.inbox_writer import InboxWriter, Outcome
 from tests.conftest import Store, service_url
-from worker.domain import clock
-from worker.domain.db import transaction
-from worker.domain.events import DATA_MODELS
-from worker.domain.inbox import dead_letter
-from worker.domain.models import Base, InboxEvent, Token, TokenKind
-from worker.domain.tokens import generate, hash_token
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.settings import Settings
+from tokenwarden.producer import intake
+from tokenwarden.producer.api import create_app
+from tokenwarden.producer.inbox_writer import InboxWriter, Outcome
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.db import transaction
+from tokenwarden.worker.domain.events import DATA_MODELS
+from tokenwarden.worker.domain.inbox import dead_letter
+from tokenwarden.worker.domain.models import Base, InboxEvent, Token, TokenKind
+from tokenwarden.worker.domain.tokens import generate, hash_token
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     # Starlette 1.x would rather its test client ran on httpx2, and says so on import.

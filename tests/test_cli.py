@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tests.conftest import Cli, Result
-from worker.domain import db
-from worker.domain.models import TokenKind
-from worker.domain.tokens import checksum, kind_of
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.tokens import checksum, kind_of
 
 FAR = "2099-01-01T00:00:00Z"
 

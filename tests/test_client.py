@@ -20,20 +20,20 @@ import uvicorn
 from sqlalchemy import select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config.settings import ConfigError, Settings
-from producer.api import create_app
-from producer.client import (
+from tests.conftest import Store
+from tokenwarden.config.settings import ConfigError, Settings
+from tokenwarden.producer.api import create_app
+from tokenwarden.producer.client import (
     MAX_DELAY_S,
     ProducerClient,
     ProducerError,
     ProducerUnreachable,
     make_event,
 )
-from tests.conftest import Store
-from worker.domain.db import transaction
-from worker.domain.models import InboxEvent, TokenKind
-from worker.domain.tokens import generate, hash_token
-from worker.runtime.celery_app import make_celery
+from tokenwarden.worker.domain.db import transaction
+from tokenwarden.worker.domain.models import InboxEvent, TokenKind
+from tokenwarden.worker.domain.tokens import generate, hash_token
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 KEY = "twp_client_test_key_01"
 

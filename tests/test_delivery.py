@@ -28,20 +28,20 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-import config.celery
-import tasks.events
-import tasks.notices
-from config.celery import DELIVER_NOTICES
-from config.logging import configure_logging
-from config.settings import Settings
+import tokenwarden.config.celery
+import tokenwarden.tasks.events
+import tokenwarden.tasks.notices
 from tests.conftest import Store
-from worker.domain import clock, db, inbox, notices, outbox_delivery
-from worker.domain.events import parse_event
-from worker.domain.models import DeadLetter, Notice, NoticeStatus
-from worker.ops.supervisor import free_port
-from worker.runtime import publishing, tasking, webhook
-from worker.runtime import redrive as notice_redrive
-from worker.runtime.celery_app import app
+from tokenwarden.config.celery import DELIVER_NOTICES
+from tokenwarden.config.logging import configure_logging
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.domain import clock, db, inbox, notices, outbox_delivery
+from tokenwarden.worker.domain.events import parse_event
+from tokenwarden.worker.domain.models import DeadLetter, Notice, NoticeStatus
+from tokenwarden.worker.ops.supervisor import free_port
+from tokenwarden.worker.runtime import publishing, tasking, webhook
+from tokenwarden.worker.runtime import redrive as notice_redrive
+from tokenwarden.worker.runtime.celery_app import app
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -220,11 +220,11 @@ class Harness:
             return notice
 
     def deliver(self, *notice_ids: str) -> None:
-        tasks.notices.deliver_notices.run(list(notice_ids))
+        tokenwarden.tasks.notices.deliver_notices.run(list(notice_ids))
 
     def redrive(self) -> list[str]:
         before = len(self.published)
-        tasks.notices.redrive_notices.run()
+        tokenwarden.tasks.notices.redrive_notices.run()
         return [i for batch in self.published[before:] for i in batch]
 
 
@@ -244,7 +244,7 @@ def harness(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     published: list[list[str]] = []
     monkeypatch.setattr(tasking, "store_engine", lambda: store.engine)
     monkeypatch.setattr(
-        tasks.notices.deliver_notices,
+        tokenwarden.tasks.notices.deliver_notices,
         "apply_async",
         lambda args, countdown: scheduled.append((args[0], countdown)),
     )
@@ -255,7 +255,7 @@ def harness(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     store.truncate()
     with Receiver() as receiver:
         settings = settings_for(receiver.url)
-        monkeypatch.setattr(tasks.notices, "get_settings", lambda: settings)
+        monkeypatch.setattr(tokenwarden.tasks.notices, "get_settings", lambda: settings)
         try:
             yield Harness(store, receiver, moving, settings, scheduled, published)
         finally:
@@ -266,7 +266,7 @@ def harness(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
 
 def use_settings(monkeypatch: pytest.MonkeyPatch, harness: Harness, settings: Settings) -> None:
     harness.settings = settings
-    monkeypatch.setattr(tasks.notices, "get_settings", lambda: settings)
+    monkeypatch.setattr(tokenwarden.tasks.notices, "get_settings", lambda: settings)
 
 
 # -- delivery ------------------------------------------------------------------------------
@@ -594,7 +594,7 @@ def test_an_attempt_that_overran_its_lease_leaves_the_next_lease_alone(harness: 
 # -- the task and its plumbing -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [DELIVER_NOTICES, config.celery.REDRIVE_NOTICES])
+@pytest.mark.parametrize("name", [DELIVER_NOTICES, tokenwarden.config.celery.REDRIVE_NOTICES])
 def test_each_notice_task_is_registered_with_the_options_it_relies_on(name: str) -> None:
     import celery
 
@@ -610,18 +610,20 @@ def test_each_notice_task_is_registered_with_the_options_it_relies_on(name: str)
     known |= {attribute for attribute, _setting in celery.Task.from_config}
     options = {key for key in vars(type(task)) if not key.startswith("_")}
     assert options - known == set()
-    tasks.notices.deliver_notices.__header__(["ntc_1"])  # the argument senders must give
+    tokenwarden.tasks.notices.deliver_notices.__header__(
+        ["ntc_1"]
+    )  # the argument senders must give
 
 
 def test_the_notice_re_drive_runs_as_often_as_the_inbox_re_drive() -> None:
     schedule = app.conf.beat_schedule
-    assert schedule["redrive-notices"]["task"] == config.celery.REDRIVE_NOTICES
+    assert schedule["redrive-notices"]["task"] == tokenwarden.config.celery.REDRIVE_NOTICES
     assert schedule["redrive-notices"]["schedule"] == schedule["redrive-inbox"]["schedule"]
 
 
 @pytest.mark.parametrize("value", ["ntc_1", [1], ["x" * 41], {"ids": []}])
 def test_a_message_with_bad_arguments_is_dead_lettered(harness: Harness, value: Any) -> None:
-    tasks.notices.deliver_notices.run(value)
+    tokenwarden.tasks.notices.deliver_notices.run(value)
 
     with Session(harness.store.engine) as session:
         (letter,) = session.scalars(select(DeadLetter))
@@ -642,7 +644,7 @@ def test_a_message_with_bad_arguments_is_dead_lettered(harness: Harness, value: 
 def test_a_message_of_the_wrong_shape_is_dead_lettered_with_the_reason(
     harness: Harness, args: tuple[Any, ...], kwargs: dict[str, Any], reason: str
 ) -> None:
-    tasks.notices.deliver_notices.run(*args, **kwargs)
+    tokenwarden.tasks.notices.deliver_notices.run(*args, **kwargs)
 
     with Session(harness.store.engine) as session:
         (letter,) = session.scalars(select(DeadLetter))
@@ -730,9 +732,9 @@ def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
 ) -> None:
     """With a webhook the notice is published once committed; without one there is nowhere
     to post it, so nothing is published and it waits in the outbox."""
-    from worker.domain.issuing import create_token
-    from worker.domain.members import add_member
-    from worker.domain.models import TokenKind
+    from tokenwarden.worker.domain.issuing import create_token
+    from tokenwarden.worker.domain.members import add_member
+    from tokenwarden.worker.domain.models import TokenKind
 
     now = clock.now()
     with db.transaction(harness.store.engine) as session:
@@ -774,7 +776,7 @@ def test_a_leak_applied_by_the_worker_publishes_its_notice_after_commit(
     settings = harness.settings if webhook else settings_for(None)
     monkeypatch.setattr(publishing, "get_settings", lambda: settings)
 
-    tasks.events.process_events.run(["evt-leak"])
+    tokenwarden.tasks.events.process_events.run(["evt-leak"])
 
     if not webhook:
         assert seen == []
@@ -816,7 +818,7 @@ def logged_lines(level: str = "INFO") -> Iterator[io.StringIO]:
 def test_each_attempt_is_logged_with_the_task_and_the_notice(harness: Harness) -> None:
     notice_id = harness.queue()
     with logged_lines() as stream:
-        tasks.notices.deliver_notices.apply(args=[[notice_id]], task_id="task-notice")
+        tokenwarden.tasks.notices.deliver_notices.apply(args=[[notice_id]], task_id="task-notice")
         structlog.get_logger("test").info("after the run")
 
     logged = [json.loads(line) for line in stream.getvalue().splitlines()]

@@ -18,15 +18,22 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from tests.conftest import Store
-from worker.domain import db
-from worker.domain.deactivation import deactivate_user
-from worker.domain.errors import Refused
-from worker.domain.issuing import IssuedToken, create_token
-from worker.domain.members import add_member
-from worker.domain.models import AuditEntry, Base, Membership, Token, TokenKind, UserDeactivation
-from worker.domain.revocation import revoke_token
-from worker.domain.tokens import generate, hash_token
-from worker.domain.verification import verify_token
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.deactivation import deactivate_user
+from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.domain.issuing import IssuedToken, create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import (
+    AuditEntry,
+    Base,
+    Membership,
+    Token,
+    TokenKind,
+    UserDeactivation,
+)
+from tokenwarden.worker.domain.revocation import revoke_token
+from tokenwarden.worker.domain.tokens import generate, hash_token
+from tokenwarden.worker.domain.verification import verify_token
 
 ORG = "acme"
 

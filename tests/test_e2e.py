@@ -18,11 +18,17 @@ import pytest
 from kombu.connection import Connection
 from sqlalchemy import func, select, text
 
-from config.settings import Settings
 from tests.conftest import fresh_postgres_database, service_url
 from tests.stack import KEY, LiveStack, check_broker, event, stack_env
-from worker.domain.models import AuditEntry, DeadLetter, EventStatus, InboxEvent, TokenKind
-from worker.ops.supervisor import free_port
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.domain.models import (
+    AuditEntry,
+    DeadLetter,
+    EventStatus,
+    InboxEvent,
+    TokenKind,
+)
+from tokenwarden.worker.ops.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +64,7 @@ def _run(home: Path, extra: dict[str, str]) -> Iterator[LiveStack]:
     stack = LiveStack(
         home=home, env=env, database_url=settings.resolved_database_url, port=free_port()
     )
-    from worker.domain import db
+    from tokenwarden.worker.domain import db
 
     db.upgrade(stack.database_url)
     stack.start("api", "worker", "beat")
@@ -227,7 +233,7 @@ def _broker_url(live: LiveStack) -> str:
 
 
 def _connection(live: LiveStack) -> Connection:
-    from config.celery import transport_options
+    from tokenwarden.config.celery import transport_options
 
     settings = Settings(home=live.home, broker_url=live.env.get("TOKENWARDEN_BROKER_URL"))
     return Connection(  # type: ignore[no-untyped-call]

@@ -21,18 +21,18 @@ import pytest
 from kombu.connection import Connection
 from sqlalchemy import select
 
-from config.settings import Settings
 from tests.conftest import fresh_postgres_database, service_url
 from tests.stack import LiveStack, check_broker, event, stack_env
 from tests.test_delivery import SECRET, Received, Receiver
 from tests.test_secrecy import dump_tables, secrets_of
-from worker.domain import db
-from worker.domain.issuing import IssuedToken
-from worker.domain.members import add_member
-from worker.domain.models import Notice, NoticeStatus, TokenKind
-from worker.domain.notices import LEAKED, OFFBOARDED
-from worker.ops.demo_peers import KEY_ID, Peers
-from worker.ops.supervisor import free_port
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.issuing import IssuedToken
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import Notice, NoticeStatus, TokenKind
+from tokenwarden.worker.domain.notices import LEAKED, OFFBOARDED
+from tokenwarden.worker.ops.demo_peers import KEY_ID, Peers
+from tokenwarden.worker.ops.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 

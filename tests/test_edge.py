@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from producer.serving import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
 from tests.hostile import (
     MIB,
     abort,
@@ -33,8 +32,9 @@ from tests.hostile import (
 )
 from tests.reliability.apikeys import GITHUB_PATH, GITLAB_SECRET, GitHubSigner
 from tests.stack import LiveStack, stack_env
-from worker.domain import db
-from worker.ops.supervisor import free_port
+from tokenwarden.producer.serving import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.ops.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 

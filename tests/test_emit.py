@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import Settings
-from producer.api import create_app
 from tests.conftest import TOKENWARDEN, Cli, Store, clean_env
 from tests.test_client import running_server
-from worker.domain import clock
-from worker.domain.db import transaction
-from worker.domain.inbox import dead_letter
-from worker.domain.models import TokenKind
-from worker.domain.tokens import generate, hash_token
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.settings import Settings
+from tokenwarden.producer.api import create_app
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.db import transaction
+from tokenwarden.worker.domain.inbox import dead_letter
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.tokens import generate, hash_token
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 KEY = "twp_emit_test_key_0001"
 

@@ -22,18 +22,26 @@ import structlog
 from sqlalchemy import insert, select
 from starlette.exceptions import StarletteDeprecationWarning
 
-from config.settings import Settings
-from producer.api import create_app
-from producer.github import GitHubKeys
 from tests.conftest import Store
 from tests.test_github import KeysServer, Signer
-from worker.domain import clock
-from worker.domain.db import transaction
-from worker.domain.handlers import apply_pending
-from worker.domain.members import add_member
-from worker.domain.models import AuditEntry, Base, EventStatus, InboxEvent, Notice, Token, TokenKind
-from worker.domain.tokens import WITHHELD, generate, hash_token, mask_encoded_tokens
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.settings import Settings
+from tokenwarden.producer.api import create_app
+from tokenwarden.producer.github import GitHubKeys
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.db import transaction
+from tokenwarden.worker.domain.handlers import apply_pending
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import (
+    AuditEntry,
+    Base,
+    EventStatus,
+    InboxEvent,
+    Notice,
+    Token,
+    TokenKind,
+)
+from tokenwarden.worker.domain.tokens import WITHHELD, generate, hash_token, mask_encoded_tokens
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)

@@ -25,11 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.exceptions import StarletteDeprecationWarning
 
-import tasks.events
-from config.settings import ConfigError, Settings, get_settings, load_settings
-from producer import intake
-from producer.api import create_app
-from producer.client import make_event
+import tokenwarden.tasks.events
 from tests.conftest import Store
 from tests.test_role_change import (
     ADDED,
@@ -44,13 +40,17 @@ from tests.test_role_change import (
     received,
     unique_user,
 )
-from worker.domain import clock, db, inbox
-from worker.domain.events import parse_event
-from worker.domain.handlers import apply_pending
-from worker.domain.models import AuditEntry, EventStatus, InboxEvent, Membership
-from worker.domain.verification import verify_token
-from worker.runtime import tasking
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.settings import ConfigError, Settings, get_settings, load_settings
+from tokenwarden.producer import intake
+from tokenwarden.producer.api import create_app
+from tokenwarden.producer.client import make_event
+from tokenwarden.worker.domain import clock, db, inbox
+from tokenwarden.worker.domain.events import parse_event
+from tokenwarden.worker.domain.handlers import apply_pending
+from tokenwarden.worker.domain.models import AuditEntry, EventStatus, InboxEvent, Membership
+from tokenwarden.worker.domain.verification import verify_token
+from tokenwarden.worker.runtime import tasking
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -290,7 +290,7 @@ def test_the_queue_path_marks_an_event_too_far_ahead_dead_with_the_reason(
         with db.transaction(committed.engine) as session:
             inbox.store_events(session, [parse_event(raw) for raw in raws], now=now)
 
-        tasks.events.process_events.run([raw["id"] for raw in raws])
+        tokenwarden.tasks.events.process_events.run([raw["id"] for raw in raws])
     finally:
         get_settings.cache_clear()
 

@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import TOKENWARDEN, Cli, Store
 from tests.test_sweep import add_tokens
-from worker.domain import db, notices
-from worker.domain.expiry.lock import single_run
-from worker.domain.issuing import create_token
-from worker.domain.models import Notice, TokenKind
+from tokenwarden.worker.domain import db, notices
+from tokenwarden.worker.domain.expiry.lock import single_run
+from tokenwarden.worker.domain.issuing import create_token
+from tokenwarden.worker.domain.models import Notice, TokenKind
 
 
 @pytest.fixture

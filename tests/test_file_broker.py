@@ -12,10 +12,10 @@ from typing import Any
 
 from kombu.connection import Connection
 
-from config.celery import transport_options
-from config.settings import Settings
-from worker.runtime import file_transport
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.celery import transport_options
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.runtime import file_transport
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 MESSAGES = 20
 # Big enough that writing one message takes a while: the window a consumer used to hit.

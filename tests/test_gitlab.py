@@ -18,15 +18,15 @@ import structlog
 from sqlalchemy import select
 from starlette.exceptions import StarletteDeprecationWarning
 
-from config.settings import Settings
-from producer.api import create_app
 from tests.conftest import Store
-from worker.domain import clock
-from worker.domain.db import transaction
-from worker.domain.handlers import apply_pending
-from worker.domain.models import AuditEntry, Base, InboxEvent, Token, TokenKind
-from worker.domain.tokens import generate, hash_token
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.settings import Settings
+from tokenwarden.producer.api import create_app
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.db import transaction
+from tokenwarden.worker.domain.handlers import apply_pending
+from tokenwarden.worker.domain.models import AuditEntry, Base, InboxEvent, Token, TokenKind
+from tokenwarden.worker.domain.tokens import generate, hash_token
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     # Starlette 1.x would rather its test client ran on httpx2, and says so on import.

@@ -12,14 +12,14 @@ import pytest
 from sqlalchemy import func, select
 from starlette.exceptions import StarletteDeprecationWarning
 
-from config.settings import Settings
-from producer.api import create_app
-from producer.schemas import MAX_BATCH
 from tests.conftest import Store
-from worker.domain.db import transaction
-from worker.domain.models import InboxEvent, TokenKind
-from worker.domain.tokens import generate
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.settings import Settings
+from tokenwarden.producer.api import create_app
+from tokenwarden.producer.schemas import MAX_BATCH
+from tokenwarden.worker.domain.db import transaction
+from tokenwarden.worker.domain.models import InboxEvent, TokenKind
+from tokenwarden.worker.domain.tokens import generate
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)

@@ -17,13 +17,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from tests.conftest import Store
-from worker.domain import audit, inbox
-from worker.domain.errors import Refused
-from worker.domain.events import InvalidEvent, parse_event
-from worker.domain.handlers import apply_event, apply_pending
-from worker.domain.issuing import IssuedToken, create_token
-from worker.domain.members import add_member
-from worker.domain.models import (
+from tokenwarden.worker.domain import audit, inbox
+from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.domain.events import InvalidEvent, parse_event
+from tokenwarden.worker.domain.handlers import apply_event, apply_pending
+from tokenwarden.worker.domain.issuing import IssuedToken, create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import (
     AuditEntry,
     EventStatus,
     InboxEvent,
@@ -32,9 +32,9 @@ from worker.domain.models import (
     Token,
     TokenKind,
 )
-from worker.domain.tokens import hash_token
-from worker.domain.verification import verify_token
-from worker.runtime.tasking import is_transient
+from tokenwarden.worker.domain.tokens import hash_token
+from tokenwarden.worker.domain.verification import verify_token
+from tokenwarden.worker.runtime.tasking import is_transient
 
 SOURCE = "hr://workday"
 

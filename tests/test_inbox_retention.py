@@ -16,17 +16,17 @@ import structlog
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session
 
-import tasks.expiry
+import tokenwarden.tasks.expiry
 from tests.conftest import Cli, Store
-from worker.domain import clock, db
-from worker.domain.errors import Refused
-from worker.domain.events import parse_event
-from worker.domain.expiry.sweep import run_sweep
-from worker.domain.handlers import apply_pending
-from worker.domain.inbox import store_events
-from worker.domain.issuing import create_token
-from worker.domain.members import add_member
-from worker.domain.models import (
+from tokenwarden.worker.domain import clock, db
+from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.domain.events import parse_event
+from tokenwarden.worker.domain.expiry.sweep import run_sweep
+from tokenwarden.worker.domain.handlers import apply_pending
+from tokenwarden.worker.domain.inbox import store_events
+from tokenwarden.worker.domain.issuing import create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import (
     AuditEntry,
     DeadLetter,
     EventStatus,
@@ -36,9 +36,9 @@ from worker.domain.models import (
     Token,
     TokenKind,
 )
-from worker.domain.tokens import hash_token
-from worker.domain.verification import verify_token
-from worker.runtime import tasking
+from tokenwarden.worker.domain.tokens import hash_token
+from tokenwarden.worker.domain.verification import verify_token
+from tokenwarden.worker.runtime import tasking
 
 DAYS = 30
 
@@ -195,15 +195,15 @@ def test_the_scheduled_sweep_keeps_finished_events_30_days_by_default(
 ) -> None:
     engine = committed.engine
     monkeypatch.setattr(tasking, "store_engine", lambda: engine)
-    monkeypatch.setattr(tasks.expiry, "store_engine", lambda: engine)
+    monkeypatch.setattr(tokenwarden.tasks.expiry, "store_engine", lambda: engine)
     finished = now - timedelta(days=10)
     ids = add_events(engine, 2, status=EventStatus.DONE, received_at=finished, finished_at=finished)
 
     clock.set_clock(lambda: finished + timedelta(days=29))
-    assert tasks.expiry.sweep_expired.run()["inbox_deleted"] == 0
+    assert tokenwarden.tasks.expiry.sweep_expired.run()["inbox_deleted"] == 0
     assert event_ids(engine) == set(ids)
     clock.set_clock(lambda: finished + timedelta(days=30, seconds=1))
-    assert tasks.expiry.sweep_expired.run()["inbox_deleted"] == 2
+    assert tokenwarden.tasks.expiry.sweep_expired.run()["inbox_deleted"] == 2
     assert event_ids(engine) == set()
 
 
@@ -232,7 +232,7 @@ def test_the_sweep_command_reports_what_the_inbox_retention_deleted(cli: Cli, st
 def test_the_inbox_retention_setting_is_30_days_empty_to_keep(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from config.settings import ConfigError, load_settings
+    from tokenwarden.config.settings import ConfigError, load_settings
 
     monkeypatch.delenv("TOKENWARDEN_INBOX_RETENTION_DAYS", raising=False)
     assert load_settings().inbox_retention_days == DAYS

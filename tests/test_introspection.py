@@ -17,22 +17,22 @@ import pytest
 import structlog
 from sqlalchemy import event, select, text
 
-from config.settings import ConfigError, Settings, load_settings
-from producer.api import create_app
-from producer.client import ProducerClient
-from producer.revocation_feed import APPLICATION_NAME
 from tests.conftest import Cli, Store
 from tests.stack import LiveStack, stack_env
 from tests.test_client import running_server
-from worker.domain import db
-from worker.domain.issuing import IssuedToken, create_token
-from worker.domain.members import add_member, change_role
-from worker.domain.models import AuditEntry, TokenKind
-from worker.domain.removals import remove_member
-from worker.domain.revocation import revoke_token
-from worker.domain.tokens import generate
-from worker.ops.supervisor import free_port
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.settings import ConfigError, Settings, load_settings
+from tokenwarden.producer.api import create_app
+from tokenwarden.producer.client import ProducerClient
+from tokenwarden.producer.revocation_feed import APPLICATION_NAME
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.issuing import IssuedToken, create_token
+from tokenwarden.worker.domain.members import add_member, change_role
+from tokenwarden.worker.domain.models import AuditEntry, TokenKind
+from tokenwarden.worker.domain.removals import remove_member
+from tokenwarden.worker.domain.revocation import revoke_token
+from tokenwarden.worker.domain.tokens import generate
+from tokenwarden.worker.ops.supervisor import free_port
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     from starlette.exceptions import StarletteDeprecationWarning

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import structlog
 
-from config.logging import bind_task_context, clear_task_context, configure_logging
-from worker.domain.models import TokenKind
-from worker.domain.tokens import generate
+from tokenwarden.config.logging import bind_task_context, clear_task_context, configure_logging
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.tokens import generate
 
 UVICORN = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
@@ -64,7 +64,7 @@ def assert_masked(output: str, token: str) -> None:
 
 def test_json_line_has_event_level_timestamp_fields_and_task_context() -> None:
     stream = configured()  # a StringIO is not a terminal, so JSON without asking
-    log = structlog.get_logger("worker.domain.revocation")
+    log = structlog.get_logger("tokenwarden.worker.domain.revocation")
 
     bind_task_context(task_id="t-1", task_name="tasks.revoke", event_id="e-9")
     log.info("token revoked", token_id=42, reason="leaked")
@@ -74,7 +74,7 @@ def test_json_line_has_event_level_timestamp_fields_and_task_context() -> None:
     first, second = json_lines(stream)
     assert first["event"] == "token revoked"
     assert first["level"] == "info"
-    assert first["logger"] == "worker.domain.revocation"
+    assert first["logger"] == "tokenwarden.worker.domain.revocation"
     assert (first["token_id"], first["reason"]) == (42, "leaked")
     assert (first["task_id"], first["task_name"], first["event_id"]) == (
         "t-1",
@@ -90,7 +90,7 @@ def test_json_line_has_event_level_timestamp_fields_and_task_context() -> None:
 
 def test_a_line_about_one_event_leaves_out_the_ids_of_the_whole_message() -> None:
     stream = configured(json=True)
-    log = structlog.get_logger("worker.domain.handlers")
+    log = structlog.get_logger("tokenwarden.worker.domain.handlers")
     ids = [f"evt-{number}" for number in range(100)]
 
     with structlog.contextvars.bound_contextvars(task_id="t-3", event_ids=ids):
@@ -135,7 +135,7 @@ def test_level_filters_both_kinds_of_logger() -> None:
 def test_calls_below_the_level_write_nothing_not_even_a_masked_token() -> None:
     stream = configured(json=True, level="info")
     token = generate(TokenKind.PERSONAL)
-    log = structlog.get_logger("producer.api")
+    log = structlog.get_logger("tokenwarden.producer.api")
 
     log.debug(f"issued {token}", token=token, ids=[token])
     log.debug("issued %s", token)
@@ -145,7 +145,7 @@ def test_calls_below_the_level_write_nothing_not_even_a_masked_token() -> None:
 
 
 def test_a_logger_obtained_before_reconfiguring_follows_the_new_level() -> None:
-    log = structlog.get_logger("worker.domain.handlers")
+    log = structlog.get_logger("tokenwarden.worker.domain.handlers")
     quiet = configured(json=True, level="warning")
     log.info("dropped")
     loud = configured(json=True, level="debug")
@@ -161,7 +161,7 @@ def test_capture_logs_still_sees_calls_below_the_level() -> None:
     stream = configured(json=True, level="warning")
 
     with structlog.testing.capture_logs() as logs:
-        structlog.get_logger("worker.domain.handlers").debug("event.applied", revoked=1)
+        structlog.get_logger("tokenwarden.worker.domain.handlers").debug("event.applied", revoked=1)
 
     assert [entry["event"] for entry in logs] == ["event.applied"]
     assert stream.getvalue() == ""
@@ -210,7 +210,7 @@ def test_tokens_are_masked_in_keys_of_the_event_itself() -> None:
 def test_tokens_are_masked_in_message_fields_and_nested_values() -> None:
     stream = configured(json=True)
     personal, application = generate(TokenKind.PERSONAL), generate(TokenKind.APPLICATION)
-    log = structlog.get_logger("worker.domain.issuing")
+    log = structlog.get_logger("tokenwarden.worker.domain.issuing")
 
     log.info(f"issued {personal}")
     log.info("issued", token=application)
@@ -232,7 +232,7 @@ def test_tokens_are_masked_in_message_fields_and_nested_values() -> None:
 def test_tokens_are_masked_in_exceptions() -> None:
     stream = configured(json=True)
     token = generate(TokenKind.PERSONAL)
-    log = structlog.get_logger("worker.domain.verification")
+    log = structlog.get_logger("tokenwarden.worker.domain.verification")
 
     try:
         raise ValueError(f"unknown token {token}")
@@ -276,7 +276,9 @@ def test_console_mode_renders_a_readable_redacted_line() -> None:
     stream = configured(json=False)
     token = generate(TokenKind.PERSONAL)
 
-    structlog.get_logger("worker.domain.revocation").warning("revoked", token=token, count=2)
+    structlog.get_logger("tokenwarden.worker.domain.revocation").warning(
+        "revoked", token=token, count=2
+    )
     logging.getLogger("uvicorn.access").info("GET /verify?token=%s 200", token)
 
     output = stream.getvalue()
@@ -341,7 +343,7 @@ def test_url_passwords_and_query_values_are_masked_in_library_lines_and_tracebac
         raise ConnectionError(f"cannot reach '{url}'")
     except ConnectionError:
         logging.getLogger("somelib").warning("gave up", exc_info=True)
-        structlog.get_logger("worker.runtime.webhook").exception("notice.attempt")
+        structlog.get_logger("tokenwarden.worker.runtime.webhook").exception("notice.attempt")
 
     output = stream.getvalue()
     assert "pa55word" not in output

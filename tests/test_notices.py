@@ -11,14 +11,14 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from tests.conftest import Cli, Store
-from worker.domain import db, deactivation, inbox, leaks, notices, removals, revocation
-from worker.domain.events import parse_event
-from worker.domain.handlers import apply_event
-from worker.domain.issuing import IssuedToken, create_token
-from worker.domain.members import add_member
-from worker.domain.models import InboxEvent, Notice, NoticeStatus, Token, TokenKind
-from worker.domain.notices import take_new_notices
-from worker.domain.tokens import hash_token
+from tokenwarden.worker.domain import db, deactivation, inbox, leaks, notices, removals, revocation
+from tokenwarden.worker.domain.events import parse_event
+from tokenwarden.worker.domain.handlers import apply_event
+from tokenwarden.worker.domain.issuing import IssuedToken, create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import InboxEvent, Notice, NoticeStatus, Token, TokenKind
+from tokenwarden.worker.domain.notices import take_new_notices
+from tokenwarden.worker.domain.tokens import hash_token
 
 SOURCE = "hr://workday"
 

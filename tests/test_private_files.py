@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TOKENWARDEN, Cli, clean_env
-from worker.domain.models import TokenKind
-from worker.domain.tokens import TOKEN_PATTERN, generate
-from worker.ops.supervisor import free_port, wait_for_http
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, generate
+from tokenwarden.worker.ops.supervisor import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 

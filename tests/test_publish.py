@@ -17,17 +17,17 @@ import structlog
 from sqlalchemy import select
 from starlette.exceptions import StarletteDeprecationWarning
 
-import config.celery
-from config.settings import Settings
-from producer.api import create_app
+import tokenwarden.config.celery
 from tests.clocks import SteppedTime
 from tests.conftest import Store, service_url
-from worker.domain import clock
-from worker.domain.db import transaction
-from worker.domain.inbox import due_for_redrive
-from worker.domain.models import EventStatus, InboxEvent
-from worker.runtime import publishing
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.settings import Settings
+from tokenwarden.producer.api import create_app
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.db import transaction
+from tokenwarden.worker.domain.inbox import due_for_redrive
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent
+from tokenwarden.worker.runtime import publishing
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -162,7 +162,7 @@ def test_a_hung_broker_is_given_up_on_quickly_then_left_alone_for_a_while(
     assert "timed out" in paused  # the reason of the failure that started the pause
     assert "timed out" in again
     for took in (first_s, again_s):
-        # The short timeout was used: the app's own is 4 s (config.celery).
+        # The short timeout was used: the app's own is 4 s (tokenwarden.config.celery).
         assert publishing.QUICK_CONNECT_S * 0.5 < took < 2.0, (first, again)
     for message in (first, paused, again):
         assert "127.0.0.1" in message
@@ -248,7 +248,7 @@ def test_a_message_is_the_one_send_task_sends_with_a_short_repr_of_its_ids(
 
     def both() -> None:
         publishing.publish_event_ids(app, ids)
-        app.send_task(config.celery.PROCESS_EVENTS, args=[ids], retry=False)
+        app.send_task(tokenwarden.config.celery.PROCESS_EVENTS, args=[ids], retry=False)
 
     # The re-drive publishes from inside a task: its messages name that task as parent.
     @app.task(name="test.redrive", shared=False)  # type: ignore[untyped-decorator]
@@ -262,7 +262,9 @@ def test_a_message_is_the_one_send_task_sends_with_a_short_repr_of_its_ids(
 
     ours = [m for m in messages if m.headers["argsrepr"] == "[100 event ids]"]
     theirs = [m for m in messages if m.headers["argsrepr"].startswith("[['evt-000-")]
-    [notice] = [m for m in messages if m.headers["task"] == config.celery.DELIVER_NOTICES]
+    [notice] = [
+        m for m in messages if m.headers["task"] == tokenwarden.config.celery.DELIVER_NOTICES
+    ]
     assert len(ours) == len(theirs) == 2, [m.headers["argsrepr"][:40] for m in messages]
     for message in ours:
         assert message.headers["kwargsrepr"] == "{}"

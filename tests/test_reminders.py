@@ -12,15 +12,15 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-import tasks.expiry
+import tokenwarden.tasks.expiry
 from tests.conftest import Store
 from tests.test_sweep import add_tokens, listed, member, notice_bodies
-from worker.domain import clock, db, notices
-from worker.domain.expiry.reminders import buckets, send_reminders
-from worker.domain.expiry.results import ReminderResult
-from worker.domain.issuing import create_token
-from worker.domain.models import TokenKind, TokenReminder
-from worker.domain.revocation import revoke_token
+from tokenwarden.worker.domain import clock, db, notices
+from tokenwarden.worker.domain.expiry.reminders import buckets, send_reminders
+from tokenwarden.worker.domain.expiry.results import ReminderResult
+from tokenwarden.worker.domain.issuing import create_token
+from tokenwarden.worker.domain.models import TokenKind, TokenReminder
+from tokenwarden.worker.domain.revocation import revoke_token
 
 DAYS = (60, 30, 7)
 
@@ -28,8 +28,8 @@ DAYS = (60, 30, 7)
 @pytest.fixture
 def committed(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
     """The store, empty before and after; the reminder task reads it at the test's clock."""
-    monkeypatch.setattr(tasks.expiry, "store_engine", lambda: store.engine)
-    monkeypatch.setattr(tasks.expiry, "_publish", lambda ids: None)
+    monkeypatch.setattr(tokenwarden.tasks.expiry, "store_engine", lambda: store.engine)
+    monkeypatch.setattr(tokenwarden.tasks.expiry, "_publish", lambda ids: None)
     store.truncate()
     try:
         yield store
@@ -72,7 +72,7 @@ def test_a_token_is_warned_once_per_bucket_as_the_clock_moves(
     # Daily runs from the day of issue to past expiry, through the scheduled task.
     for day in range(0, 92):
         clock.set_clock(lambda day=day: now + timedelta(days=day, hours=-4))  # type: ignore[misc]
-        outcome = tasks.expiry.send_expiry_reminders.run()
+        outcome = tokenwarden.tasks.expiry.send_expiry_reminders.run()
         assert outcome["ran"] is True
         if outcome["reminded"]:
             runs[day] = outcome["notices"]
@@ -221,22 +221,22 @@ def test_two_reminder_runs_at_once_one_works_the_other_returns(
     add_tokens(engine, 3, expires_at=now + timedelta(days=5), created_at=now)
     inside = threading.Event()
     release = threading.Event()
-    import worker.domain.expiry.reminders
+    import tokenwarden.worker.domain.expiry.reminders
 
-    original = worker.domain.expiry.reminders.remind_tokens
+    original = tokenwarden.worker.domain.expiry.reminders.remind_tokens
 
     def slow_batch(*args: Any, **kwargs: Any) -> Any:
         inside.set()
         release.wait(timeout=10)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(worker.domain.expiry.reminders, "remind_tokens", slow_batch)
+    monkeypatch.setattr(tokenwarden.worker.domain.expiry.reminders, "remind_tokens", slow_batch)
     results: list[ReminderResult] = []
     first = threading.Thread(target=lambda: results.append(remind(committed, now)), daemon=True)
     first.start()
     assert inside.wait(timeout=10)
     started = time.monotonic()
-    monkeypatch.setattr(worker.domain.expiry.reminders, "remind_tokens", original)
+    monkeypatch.setattr(tokenwarden.worker.domain.expiry.reminders, "remind_tokens", original)
     second = remind(committed, now)
     elapsed = time.monotonic() - started
     first_still_held = first.is_alive()
@@ -288,7 +288,7 @@ def test_many_recipients_each_get_one_notice_across_transactions(
 def test_a_recipient_split_across_two_reads_still_gets_one_notice(
     committed: Store, now: datetime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.domain.expiry.reminders
+    import tokenwarden.worker.domain.expiry.reminders
 
     engine = committed.engine
     for user in ("bob", "dan"):
@@ -296,7 +296,7 @@ def test_a_recipient_split_across_two_reads_still_gets_one_notice(
     bobs = add_tokens(engine, 4, expires_at=now + timedelta(days=5), user="bob", created_at=now)
     dans = add_tokens(engine, 4, expires_at=now + timedelta(days=5), user="dan", created_at=now)
     # Reads of 6 due tokens: the first read ends inside dan's tokens.
-    monkeypatch.setattr(worker.domain.expiry.reminders, "DUE_PER_READ", 6)
+    monkeypatch.setattr(tokenwarden.worker.domain.expiry.reminders, "DUE_PER_READ", 6)
 
     result = remind(committed, now)
 

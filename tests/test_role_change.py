@@ -10,14 +10,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker.domain import inbox
-from worker.domain.errors import Refused
-from worker.domain.events import parse_event
-from worker.domain.handlers import apply_event
-from worker.domain.issuing import IssuedToken, create_token
-from worker.domain.members import add_member
-from worker.domain.models import AuditEntry, InboxEvent, Membership, TokenKind
-from worker.domain.verification import verify_token
+from tokenwarden.worker.domain import inbox
+from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.domain.events import parse_event
+from tokenwarden.worker.domain.handlers import apply_event
+from tokenwarden.worker.domain.issuing import IssuedToken, create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import AuditEntry, InboxEvent, Membership, TokenKind
+from tokenwarden.worker.domain.verification import verify_token
 
 ADDED, ROLE_CHANGED, REMOVED, DEACTIVATED = (
     "membership.added",

@@ -22,19 +22,19 @@ import pytest
 from sqlalchemy import event, func, select, text, update
 from starlette.exceptions import StarletteDeprecationWarning
 
-import producer.api
-from config.settings import Settings, load_settings
-from producer import metrics
-from producer.api import create_app
-from producer.app_state import READY_MAX_AGE_S
-from producer.metrics import STORE_MAX_AGE_S
+import tokenwarden.producer.api
 from tests.clocks import SteppedTime
 from tests.conftest import Store
-from worker.domain import clock, inbox
-from worker.domain.db import engine_for, transaction
-from worker.domain.inbox import dead_letter
-from worker.domain.models import EventStatus, InboxEvent
-from worker.runtime.celery_app import make_celery
+from tokenwarden.config.settings import Settings, load_settings
+from tokenwarden.producer import metrics
+from tokenwarden.producer.api import create_app
+from tokenwarden.producer.app_state import READY_MAX_AGE_S
+from tokenwarden.producer.metrics import STORE_MAX_AGE_S
+from tokenwarden.worker.domain import clock, inbox
+from tokenwarden.worker.domain.db import engine_for, transaction
+from tokenwarden.worker.domain.inbox import dead_letter
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent
+from tokenwarden.worker.runtime.celery_app import make_celery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -286,7 +286,7 @@ def test_readiness_probes_open_at_most_one_broker_connection_a_second(
 ) -> None:
     broker = _CountingBroker()
     api = serve(wrap=broker.wrap)
-    monkeypatch.setattr(producer.api, "time", stepped := SteppedTime())
+    monkeypatch.setattr(tokenwarden.producer.api, "time", stepped := SteppedTime())
 
     def flood() -> None:
         with ThreadPoolExecutor(SCRAPERS) as pool:

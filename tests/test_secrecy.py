@@ -15,14 +15,14 @@ from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from config.logging import configure_logging
 from tests.conftest import Cli, Result, Store
-from worker.domain.issuing import create_token
-from worker.domain.members import add_member
-from worker.domain.models import Membership, TokenKind
-from worker.domain.revocation import revoke_token
-from worker.domain.tokens import TOKEN_PATTERN, from_header, from_url, hash_token
-from worker.domain.verification import verify_token
+from tokenwarden.config.logging import configure_logging
+from tokenwarden.worker.domain.issuing import create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import Membership, TokenKind
+from tokenwarden.worker.domain.revocation import revoke_token
+from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, from_header, from_url, hash_token
+from tokenwarden.worker.domain.verification import verify_token
 
 FAR = "2099-01-01T00:00:00Z"
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from config.settings import GITHUB_KEYS_URL, ConfigError, Settings, load_settings
 from tests.conftest import TOKENWARDEN
+from tokenwarden.config.settings import GITHUB_KEYS_URL, ConfigError, Settings, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -22,10 +22,10 @@ import pytest
 from kombu.connection import Connection
 
 from tests.conftest import service_url
-from worker.domain import db
-from worker.ops import supervisor
-from worker.ops.supervisor import HEARTBEAT_ENV, Stack, command
-from worker.runtime.redis_transport import use_fixed_channels
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.ops import supervisor
+from tokenwarden.worker.ops.supervisor import HEARTBEAT_ENV, Stack, command
+from tokenwarden.worker.runtime.redis_transport import use_fixed_channels
 
 
 @pytest.fixture(autouse=True)

@@ -24,19 +24,19 @@ import pytest
 from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.orm import Session
 
-import config.celery
-import tasks.expiry
+import tokenwarden.config.celery
+import tokenwarden.tasks.expiry
 from tests.conftest import Store
-from worker.domain import clock, db, notices
-from worker.domain.expiry.lock import lock_key, single_run
-from worker.domain.expiry.results import SweepResult
-from worker.domain.expiry.sweep import run_sweep
-from worker.domain.expiry.table_walk import table_walk_pages
-from worker.domain.members import add_member
-from worker.domain.models import AuditEntry, Notice, Token, TokenKind, TokenReminder
-from worker.domain.revocation import revoke_token
-from worker.runtime import tasking
-from worker.runtime.celery_app import app
+from tokenwarden.worker.domain import clock, db, notices
+from tokenwarden.worker.domain.expiry.lock import lock_key, single_run
+from tokenwarden.worker.domain.expiry.results import SweepResult
+from tokenwarden.worker.domain.expiry.sweep import run_sweep
+from tokenwarden.worker.domain.expiry.table_walk import table_walk_pages
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import AuditEntry, Notice, Token, TokenKind, TokenReminder
+from tokenwarden.worker.domain.revocation import revoke_token
+from tokenwarden.worker.runtime import tasking
+from tokenwarden.worker.runtime.celery_app import app
 
 
 @pytest.fixture
@@ -650,7 +650,9 @@ def test_a_retention_pass_cut_by_the_budget_resumes(committed: Store, now: datet
 # -- the scheduled task ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [config.celery.SWEEP_EXPIRED, config.celery.SEND_REMINDERS])
+@pytest.mark.parametrize(
+    "name", [tokenwarden.config.celery.SWEEP_EXPIRED, tokenwarden.config.celery.SEND_REMINDERS]
+)
 def test_expiry_tasks_are_registered_with_options_celery_knows(name: str) -> None:
     task = app.tasks[name]
     assert task.name == name
@@ -670,14 +672,14 @@ def test_expiry_tasks_are_registered_with_options_celery_knows(name: str) -> Non
 def test_the_schedule_runs_the_sweep_every_interval_and_reminders_daily() -> None:
     schedule = app.conf.beat_schedule
     sweep = schedule["sweep-expired"]
-    assert sweep["task"] == config.celery.SWEEP_EXPIRED
+    assert sweep["task"] == tokenwarden.config.celery.SWEEP_EXPIRED
     assert sweep["schedule"] == timedelta(seconds=300)
     remind = schedule["send-reminders"]
-    assert remind["task"] == config.celery.SEND_REMINDERS
+    assert remind["task"] == tokenwarden.config.celery.SEND_REMINDERS
     assert remind["schedule"].remaining_estimate(datetime.now(remind["schedule"].tz)) <= timedelta(
         days=1
     )
-    assert tasks.expiry.sweep_budget_s() < app.conf.task_soft_time_limit
+    assert tokenwarden.tasks.expiry.sweep_budget_s() < app.conf.task_soft_time_limit
 
 
 def test_the_sweep_task_takes_now_from_the_clock(
@@ -685,16 +687,18 @@ def test_the_sweep_task_takes_now_from_the_clock(
 ) -> None:
     engine = committed.engine
     monkeypatch.setattr(tasking, "store_engine", lambda: engine)
-    monkeypatch.setattr(tasks.expiry, "store_engine", lambda: engine)
+    monkeypatch.setattr(tokenwarden.tasks.expiry, "store_engine", lambda: engine)
     published: list[list[str]] = []
-    monkeypatch.setattr(tasks.expiry, "_publish", lambda ids: published.append(list(ids)))
+    monkeypatch.setattr(
+        tokenwarden.tasks.expiry, "_publish", lambda ids: published.append(list(ids))
+    )
     member(engine, "acme", "bob", now=now)
     token = add_tokens(engine, 1, expires_at=now + timedelta(days=3))[0]
 
     clock.set_clock(lambda: now + timedelta(days=2))
-    assert tasks.expiry.sweep_expired.run()["swept"] == 0
+    assert tokenwarden.tasks.expiry.sweep_expired.run()["swept"] == 0
     clock.set_clock(lambda: now + timedelta(days=3))
-    outcome = tasks.expiry.sweep_expired.run()
+    outcome = tokenwarden.tasks.expiry.sweep_expired.run()
 
     assert (outcome["ran"], outcome["swept"], outcome["notices"]) == (True, 1, 1)
     assert states(engine)[token] == ("expired", "expired")
@@ -709,7 +713,7 @@ def test_the_sweep_task_takes_now_from_the_clock(
 def test_retention_days_setting_is_off_unless_a_positive_number(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from config.settings import ConfigError, load_settings
+    from tokenwarden.config.settings import ConfigError, load_settings
 
     monkeypatch.delenv("TOKENWARDEN_RETENTION_DAYS", raising=False)
     assert load_settings().retention_days is None

@@ -24,16 +24,16 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-import config.celery
-import tasks.events
-from config.celery import PROCESS_EVENTS
-from config.logging import configure_logging
+import tokenwarden.config.celery
+import tokenwarden.tasks.events
 from tests.conftest import Store
-from worker.domain import clock, db, deactivation, inbox, removals
-from worker.domain.events import parse_event
-from worker.domain.issuing import create_token
-from worker.domain.members import add_member
-from worker.domain.models import (
+from tokenwarden.config.celery import PROCESS_EVENTS
+from tokenwarden.config.logging import configure_logging
+from tokenwarden.worker.domain import clock, db, deactivation, inbox, removals
+from tokenwarden.worker.domain.events import parse_event
+from tokenwarden.worker.domain.issuing import create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import (
     AuditEntry,
     DeadLetter,
     EventStatus,
@@ -42,11 +42,11 @@ from worker.domain.models import (
     Token,
     TokenKind,
 )
-from worker.domain.tokens import generate
-from worker.runtime import publishing, redrive, signals, tasking
-from worker.runtime.celery_app import app
-from worker.runtime.publishing import CHUNK, PublishError
-from worker.runtime.tasking import DatabaseTask, TransientDatabaseError
+from tokenwarden.worker.domain.tokens import generate
+from tokenwarden.worker.runtime import publishing, redrive, signals, tasking
+from tokenwarden.worker.runtime.celery_app import app
+from tokenwarden.worker.runtime.publishing import CHUNK, PublishError
+from tokenwarden.worker.runtime.tasking import DatabaseTask, TransientDatabaseError
 
 probe_app = Celery("tokenwarden-probe", set_as_current=False)
 
@@ -171,7 +171,7 @@ def dead_letters(store: Store) -> list[DeadLetter]:
 # -- options -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [PROCESS_EVENTS, config.celery.REDRIVE_EVENTS])
+@pytest.mark.parametrize("name", [PROCESS_EVENTS, tokenwarden.config.celery.REDRIVE_EVENTS])
 def test_each_task_is_registered_with_the_options_it_relies_on(name: str) -> None:
     task = app.tasks[name]
 
@@ -191,10 +191,10 @@ def test_each_task_is_registered_with_the_options_it_relies_on(name: str) -> Non
 
 def test_senders_are_checked_against_the_arguments_without_the_session() -> None:
     # Celery checks a task's arguments when it is sent; the session is not one of them.
-    tasks.events.redrive_events.__header__()
-    tasks.events.process_events.__header__(["evt-1"])
+    tokenwarden.tasks.events.redrive_events.__header__()
+    tokenwarden.tasks.events.process_events.__header__(["evt-1"])
     with pytest.raises(TypeError):
-        tasks.events.redrive_events.__header__(["evt-1"])
+        tokenwarden.tasks.events.redrive_events.__header__(["evt-1"])
 
 
 def test_the_beat_schedule_names_a_registered_task() -> None:
@@ -281,7 +281,7 @@ def test_the_log_context_names_the_task_and_events_during_the_run_only(
         now=now,
     )
 
-    tasks.events.process_events.apply(args=[[event_id]], task_id="task-ctx")
+    tokenwarden.tasks.events.process_events.apply(args=[[event_id]], task_id="task-ctx")
     structlog.get_logger("test").info("after the run")
 
     logged = lines(log_lines)
@@ -312,7 +312,7 @@ def test_the_log_context_names_the_task_and_events_during_the_run_only(
 def test_a_message_with_bad_arguments_is_dead_lettered_not_retried(
     committed: Store, args: tuple[Any, ...], kwargs: dict[str, Any], reason: str
 ) -> None:
-    tasks.events.process_events.run(*args, **kwargs)
+    tokenwarden.tasks.events.process_events.run(*args, **kwargs)
 
     (letter,) = dead_letters(committed)
     assert letter.reason.startswith("bad arguments: ")
@@ -323,7 +323,7 @@ def test_a_message_with_bad_arguments_is_dead_lettered_not_retried(
 def test_a_dead_letter_never_keeps_a_token(committed: Store) -> None:
     leaked = generate(TokenKind.PERSONAL)
 
-    tasks.events.process_events.run(f"please revoke {leaked}")
+    tokenwarden.tasks.events.process_events.run(f"please revoke {leaked}")
 
     (letter,) = dead_letters(committed)
     assert letter.body is not None
@@ -340,9 +340,9 @@ def test_ids_not_in_the_inbox_are_dead_lettered_and_finished_ones_skipped(
         raw_event("user.deactivated", {"user_id": "u-1"}, at=now, id_="evt-known"),
         now=now,
     )
-    tasks.events.process_events.run([known])
+    tokenwarden.tasks.events.process_events.run([known])
 
-    tasks.events.process_events.run([known, "evt-nowhere", "evt-nowhere"])
+    tokenwarden.tasks.events.process_events.run([known, "evt-nowhere", "evt-nowhere"])
 
     (letter,) = dead_letters(committed)
     assert (letter.reason, letter.event_id, letter.task) == (
@@ -405,7 +405,7 @@ def test_a_poison_event_is_marked_dead_and_the_others_are_applied(
 
     monkeypatch.setattr(deactivation, "deactivate_user", explode)
 
-    tasks.events.process_events.run(ids)
+    tokenwarden.tasks.events.process_events.run(ids)
 
     events = events_by_id(committed)
     assert {i: e.status for i, e in events.items()} == {
@@ -442,9 +442,9 @@ def test_each_removal_of_a_message_applied_together_is_logged(
         "membership.added", {"org_id": "acme", "user_id": "u-3", "role": "user"}, at=now, id_="j"
     )
     store_events(committed, join_first, now=now)
-    tasks.events.process_events.run(["j"])
+    tokenwarden.tasks.events.process_events.run(["j"])
 
-    tasks.events.process_events.run(ids)
+    tokenwarden.tasks.events.process_events.run(ids)
 
     logged = lines(log_lines)
     assert not any(line["event"] == "events.batch_split" for line in logged)
@@ -505,7 +505,7 @@ def test_a_poison_removal_in_a_message_of_removals_is_dead_and_the_others_applie
         publishing, "publish_new_notices", lambda _app, notice_ids: published.extend(notice_ids)
     )
 
-    tasks.events.process_events.run(ids)
+    tokenwarden.tasks.events.process_events.run(ids)
 
     events = events_by_id(committed)
     assert {i: e.status for i, e in events.items()} == {
@@ -551,7 +551,7 @@ def test_a_transient_error_in_one_event_rolls_back_the_whole_run(
     monkeypatch.setattr(deactivation, "deactivate_user", lose_connection)
 
     with pytest.raises(TransientDatabaseError):
-        tasks.events.process_events.run(ids)
+        tokenwarden.tasks.events.process_events.run(ids)
 
     assert {e.status for e in events_by_id(committed).values()} == {EventStatus.PENDING}
     with read(committed) as session:
@@ -582,7 +582,7 @@ def test_redrive_publishes_pending_events_only_after_committing_the_marks(
 
     monkeypatch.setattr(redrive, "publish_event_ids", publish)
 
-    tasks.events.redrive_events.run()
+    tokenwarden.tasks.events.redrive_events.run()
 
     assert published == [(ids, now)]  # the mark was visible to another connection
 
@@ -602,7 +602,7 @@ def test_redrive_that_cannot_publish_logs_and_leaves_the_rest_to_the_next_run(
 
     monkeypatch.setattr(redrive, "publish_event_ids", broker_down)
 
-    tasks.events.redrive_events.run()
+    tokenwarden.tasks.events.redrive_events.run()
 
     assert any(line["event"] == "events.redrive_failed" for line in lines(log_lines))
     assert events_by_id(committed)["e-old"].status == EventStatus.PENDING
@@ -682,7 +682,7 @@ def test_a_short_message_applies_other_pending_events_and_theirs_then_skip(
         now=now,
     )
 
-    tasks.events.process_events.run([ids[2]])
+    tokenwarden.tasks.events.process_events.run([ids[2]])
 
     assert {e.id: e.status for e in events_by_id(committed).values()} == dict.fromkeys(
         ids, EventStatus.DONE
@@ -690,7 +690,7 @@ def test_a_short_message_applies_other_pending_events_and_theirs_then_skip(
     (processed,) = [line for line in lines(log_lines) if line["event"] == "events.processed"]
     assert (processed["done"], processed["besides"]) == (5, 4)
     # The other events' own messages find them finished: no second application.
-    tasks.events.process_events.run([ids[0]])
+    tokenwarden.tasks.events.process_events.run([ids[0]])
     assert all(e.attempts == 1 for e in events_by_id(committed).values())
     assert dead_letters(committed) == []
 
@@ -705,7 +705,7 @@ def test_a_full_message_takes_nothing_along(committed: Store, now: datetime) -> 
         now=now,
     )
 
-    tasks.events.process_events.run(ids[:CHUNK])
+    tokenwarden.tasks.events.process_events.run(ids[:CHUNK])
 
     left = [e.id for e in events_by_id(committed).values() if e.status == EventStatus.PENDING]
     assert left == [ids[-1]]
@@ -724,7 +724,7 @@ def test_events_another_worker_holds_are_skipped_not_waited_for(
     )
     with committed.engine.connect() as other:
         other.execute(select(InboxEvent.id).where(InboxEvent.id == held).with_for_update()).all()
-        tasks.events.process_events.run([mine])  # would hang here if it waited
+        tokenwarden.tasks.events.process_events.run([mine])  # would hang here if it waited
         other.rollback()
 
     status = {e.id: e.status for e in events_by_id(committed).values()}
@@ -763,7 +763,7 @@ def test_two_workers_taking_each_others_events_along_do_not_deadlock(
 
     def run(event_id: str) -> None:
         try:
-            tasks.events.process_events.run([event_id])
+            tokenwarden.tasks.events.process_events.run([event_id])
         except BaseException as error:  # a deadlock surfaces as a retry
             failures.append(error)
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from worker.domain.models import TokenKind
-from worker.domain.tokens import (
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.tokens import (
     ALPHABET,
     ExtractError,
     checksum,

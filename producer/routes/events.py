@@ -19,15 +19,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from producer import intake
-from producer.app_state import AppState, conflicting, state_of, unavailable
-from producer.auth import authenticate_producer, producer_bearer
-from producer.inbox_writer import StoreUnavailable
-from producer.intake import mask
-from producer.routes.responses import BEARER_CHALLENGE, TOO_LARGE
-from producer.schemas import Accepted, Conflicting, InvalidEvents, Problem, request_body
-from worker.domain import clock
-from worker.domain.inbox import Conflict
+from tokenwarden.producer import intake
+from tokenwarden.producer.app_state import AppState, conflicting, state_of, unavailable
+from tokenwarden.producer.auth import authenticate_producer, producer_bearer
+from tokenwarden.producer.inbox_writer import StoreUnavailable
+from tokenwarden.producer.intake import mask
+from tokenwarden.producer.routes.responses import BEARER_CHALLENGE, TOO_LARGE
+from tokenwarden.producer.schemas import Accepted, Conflicting, InvalidEvents, Problem, request_body
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.inbox import Conflict
 
 _EVENT_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     202: {"model": Accepted, "description": "Stored in the inbox; published or soon re-driven."},

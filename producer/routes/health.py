@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request, Security
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from producer.app_state import Shared
-from producer.auth import authorize_scrape, metrics_bearer
-from producer.schemas import Health, Problem, Readiness
+from tokenwarden.producer.app_state import Shared
+from tokenwarden.producer.auth import authorize_scrape, metrics_bearer
+from tokenwarden.producer.schemas import Health, Problem, Readiness
 
 
 async def healthz() -> Health:

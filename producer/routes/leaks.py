@@ -15,13 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import APIRouter, Header, Request, Security
 from fastapi.responses import JSONResponse, Response
 
-from producer import github, gitlab, intake
-from producer.app_state import AppState, Shared, log
-from producer.auth import gitlab_token
-from producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER
-from producer.intake import Refused, mask
-from producer.routes.responses import BEARER_CHALLENGE, RETRY_AFTER, TOO_LARGE
-from producer.schemas import (
+from tokenwarden.producer import github, gitlab, intake
+from tokenwarden.producer.app_state import AppState, Shared, log
+from tokenwarden.producer.auth import gitlab_token
+from tokenwarden.producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER
+from tokenwarden.producer.intake import Refused, mask
+from tokenwarden.producer.routes.responses import BEARER_CHALLENGE, RETRY_AFTER, TOO_LARGE
+from tokenwarden.producer.schemas import (
     MAX_BODY_BYTES,
     GitHubFeedback,
     GitHubReport,

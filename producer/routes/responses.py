@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from producer.schemas import MAX_BODY_BYTES, Problem
+from tokenwarden.producer.schemas import MAX_BODY_BYTES, Problem
 
 BEARER_CHALLENGE: Final[dict[str, Any]] = {
     "WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}

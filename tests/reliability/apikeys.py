@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.stack import KEY
-from worker.ops.supervisor import free_port
+from tokenwarden.worker.ops.supervisor import free_port
 
 PRODUCER_KEY: Final = KEY
 GITLAB_SECRET: Final = "glrt-chaos-revocation-secret"

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import BACKENDS, Store, fresh_postgres_database, service_url
 from tests.reliability.evidence import Evidence
 from tests.reliability.figures import RECORDED
-from worker.domain import db
+from tokenwarden.worker.domain import db
 
 # Runs after every other test of the session (see pytest_collection_modifyitems).
 LAST_MODULE = "test_secrets.py"

@@ -32,14 +32,14 @@ from kombu.connection import Connection
 from sqlalchemy import func, select, text
 from standardwebhooks.webhooks import Webhook
 
-from config.celery import transport_options
-from config.settings import Settings
-from producer.client import ProducerClient, ProducerError
 from tests.reliability.evidence import Evidence
 from tests.stack import KEY, LiveStack, stack_env
-from worker.domain import db
-from worker.domain.models import EventStatus, InboxEvent, Notice
-from worker.ops.supervisor import command, free_port, wait_for_http
+from tokenwarden.config.celery import transport_options
+from tokenwarden.config.settings import Settings
+from tokenwarden.producer.client import ProducerClient, ProducerError
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent, Notice
+from tokenwarden.worker.ops.supervisor import command, free_port, wait_for_http
 
 SIGNING_SECRET = "whsec_" + "dHdjaGFvcy1zaWduaW5nLXNlY3JldC0wMTIzNDU2Nzg5"
 PROCESS_EVENTS = "tokenwarden.process_events"
@@ -77,7 +77,7 @@ class ChaosStack(LiveStack):
             "-m",
             "celery",
             "-A",
-            "worker.runtime.celery_app",
+            "tokenwarden.worker.runtime.celery_app",
             "--quiet",
             "worker",
             "--loglevel",

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from worker.ops.supervisor import free_port
+from tokenwarden.worker.ops.supervisor import free_port
 
 START_TIMEOUT_S = 60.0
 

@@ -18,13 +18,13 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from config.settings import SIGNING_SECRET_FILE
 from tests.conftest import TOKENWARDEN, clean_env, fresh_postgres_database, service_url
 from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.harness import chaos_stack, kill_group
 from tests.reliability.workload import cloud_event, notices_wired
-from worker.domain.models import EventStatus, InboxEvent, Notice, TokenKind
+from tokenwarden.config.settings import SIGNING_SECRET_FILE
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent, Notice, TokenKind
 
 pytestmark = [pytest.mark.chaos]
 

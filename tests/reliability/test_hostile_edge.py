@@ -30,8 +30,6 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from producer.github import FETCH_DEADLINE_S
-from producer.serving import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
 from tests.hostile import (
     MIB,
     Producer,
@@ -49,6 +47,8 @@ from tests.reliability.apikeys import GITHUB_PATH, GitHubSigner
 from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.harness import ChaosStack, chaos_stack
+from tokenwarden.producer.github import FETCH_DEADLINE_S
+from tokenwarden.producer.serving import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

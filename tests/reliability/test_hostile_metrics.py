@@ -35,14 +35,14 @@ import httpx
 import pytest
 from sqlalchemy import func, insert, select
 
-from config.settings import Settings
 from tests.conftest import service_url
 from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.harness import ChaosStack, chaos_stack
 from tests.reliability.workload import cloud_event
 from tests.stack import KEY
-from worker.domain.models import EventStatus, InboxEvent
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent
 
 pytestmark = [pytest.mark.chaos]
 

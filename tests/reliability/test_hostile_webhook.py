@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import Settings
 from tests.reliability.figures import Figures
 from tests.stack import LiveStack, event, stack_env
 from tests.test_delivery import SECRET, Receiver
-from worker.domain import db
-from worker.domain.models import TokenKind
-from worker.ops.supervisor import free_port
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.ops.supervisor import free_port
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

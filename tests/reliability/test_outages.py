@@ -54,9 +54,9 @@ from tests.reliability.workload import (
     make_events,
     notices_wired,
 )
-from worker.domain import db
-from worker.domain.models import EventStatus, InboxEvent
-from worker.runtime.redis_transport import CLOSED
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent
+from tokenwarden.worker.runtime.redis_transport import CLOSED
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -31,7 +31,7 @@ from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.harness import ChaosStack, WebhookReceiver, chaos_stack
 from tests.reliability.workload import cloud_event
-from worker.domain.models import (
+from tokenwarden.worker.domain.models import (
     DeadLetter,
     EventStatus,
     InboxEvent,
@@ -39,9 +39,9 @@ from worker.domain.models import (
     NoticeStatus,
     TokenKind,
 )
-from worker.domain.notices import LEAKED
-from worker.domain.notices import queue as queue_notice
-from worker.domain.tokens import TOKEN_PATTERN, generate
+from tokenwarden.worker.domain.notices import LEAKED
+from tokenwarden.worker.domain.notices import queue as queue_notice
+from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, generate
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

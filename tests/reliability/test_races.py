@@ -30,19 +30,19 @@ from typing import Any
 import pytest
 from sqlalchemy import func, insert, select
 
-from producer.intake import validate
 from tests.conftest import TOKENWARDEN, Store, clean_env
 from tests.reliability.conftest import SeededRandom
 from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.workload import cloud_event
-from worker.domain import db, handlers, inbox
-from worker.domain.errors import Refused
-from worker.domain.issuing import create_token
-from worker.domain.members import add_member
-from worker.domain.models import AuditEntry, Notice, Token, TokenKind
-from worker.domain.tokens import hash_token
-from worker.domain.verification import verify_token
+from tokenwarden.producer.intake import validate
+from tokenwarden.worker.domain import db, handlers, inbox
+from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.domain.issuing import create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import AuditEntry, Notice, Token, TokenKind
+from tokenwarden.worker.domain.tokens import hash_token
+from tokenwarden.worker.domain.verification import verify_token
 
 pytestmark = [pytest.mark.chaos]
 
@@ -262,7 +262,9 @@ def test_two_sweeps_at_once_never_sweep_the_same_rows(
     own_store: Store, tmp_path: Path, evidence: Evidence, rng: SeededRandom
 ) -> None:
     store = own_store
-    pytest.importorskip("worker.domain.expiry.sweep", reason="the expiry sweep has not landed")
+    pytest.importorskip(
+        "tokenwarden.worker.domain.expiry.sweep", reason="the expiry sweep has not landed"
+    )
     figures = Figures(f"race_two_sweeps[{store.backend}]", {"seed": rng.seed_value})
     home = tmp_path / "home"
     home.mkdir()

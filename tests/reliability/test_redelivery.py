@@ -26,7 +26,6 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from producer.intake import validate
 from tests.conftest import fresh_postgres_database, service_url
 from tests.reliability.conftest import SeededRandom
 from tests.reliability.evidence import Evidence
@@ -46,10 +45,11 @@ from tests.reliability.workload import (
     make_events,
     notices_wired,
 )
-from worker.domain import db, handlers, inbox
-from worker.domain.deactivation import deactivate_user
-from worker.domain.members import add_member
-from worker.domain.models import AuditEntry, Membership, Token
+from tokenwarden.producer.intake import validate
+from tokenwarden.worker.domain import db, handlers, inbox
+from tokenwarden.worker.domain.deactivation import deactivate_user
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import AuditEntry, Membership, Token
 
 EVENTS = 1_200
 COPIES = 3

@@ -41,8 +41,8 @@ from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.harness import ChaosStack, chaos_stack
 from tests.reliability.workload import cloud_event
-from worker.domain.models import InboxEvent, TokenKind
-from worker.domain.tokens import TOKEN_PATTERN, generate
+from tokenwarden.worker.domain.models import InboxEvent, TokenKind
+from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, generate
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

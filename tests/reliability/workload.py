@@ -34,9 +34,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from worker.domain.issuing import create_token
-from worker.domain.members import add_member
-from worker.domain.models import (
+from tokenwarden.worker.domain.issuing import create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import (
     AuditEntry,
     EventStatus,
     InboxEvent,
@@ -45,7 +45,7 @@ from worker.domain.models import (
     Token,
     TokenKind,
 )
-from worker.domain.tokens import generate, hash_token
+from tokenwarden.worker.domain.tokens import generate, hash_token
 
 ADDED = "membership.added"
 ROLE_CHANGED = "membership.role_changed"
@@ -585,7 +585,7 @@ def _state(row: Any) -> str:
 
 def notices_wired() -> bool:
     """True once the worker delivers notices (tasks.notices exists)."""
-    return importlib.util.find_spec("tasks.notices") is not None
+    return importlib.util.find_spec("tokenwarden.tasks.notices") is not None
 
 
 def judge_deliveries(

@@ -6,13 +6,13 @@ import sys
 
 import click
 
-from worker.cli import admin, events, expiry, members, notices, runtime, tokens
+from tokenwarden.worker.cli import admin, events, expiry, members, notices, runtime, tokens
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """tokenwarden: keeps the token store and revokes what must stop working."""
-    from config.logging import configure_logging
+    from tokenwarden.config.logging import configure_logging
 
     configure_logging(level="WARNING")
 
@@ -27,8 +27,8 @@ def main() -> None:
     Click repeats a bad argument in its error (``Invalid value for '--kind': 'sm_pat_…'``), and
     the token may be what was mistyped into that place.
     """
-    from config.settings import keep_files_private
-    from worker.domain.tokens import mask_tokens
+    from tokenwarden.config.settings import keep_files_private
+    from tokenwarden.worker.domain.tokens import mask_tokens
 
     keep_files_private()
     try:

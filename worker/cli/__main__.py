@@ -1,3 +1,3 @@
-from worker.cli import main
+from tokenwarden.worker.cli import main
 
 main()

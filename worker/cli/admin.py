@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import click
 
-from worker.cli.common import (
+from tokenwarden.worker.cli.common import (
     echo_json,
     echo_listing,
     json_option,
@@ -17,9 +17,9 @@ from worker.cli.common import (
     store_failed,
     transaction,
 )
-from worker.domain import audit as audit_trail
-from worker.domain import db
-from worker.domain.models import AuditEntry
+from tokenwarden.worker.domain import audit as audit_trail
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.models import AuditEntry
 
 
 @click.group(name="db")

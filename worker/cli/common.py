@@ -18,11 +18,11 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from config.redaction import first_line
-from config.settings import ENV_PREFIX, ConfigError, Settings, get_settings
-from worker.domain import db
-from worker.domain.errors import Refused
-from worker.runtime.publishing import published_after_commit
+from tokenwarden.config.redaction import first_line
+from tokenwarden.config.settings import ENV_PREFIX, ConfigError, Settings, get_settings
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.runtime.publishing import published_after_commit
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,7 +32,7 @@ EXIT_USAGE = 2  # a request refused: nothing changed
 
 def fail(message: str) -> NoReturn:
     """Print a one-line reason and exit 2; nothing was changed. Never echoes a token."""
-    from worker.domain.tokens import mask_tokens
+    from tokenwarden.worker.domain.tokens import mask_tokens
 
     click.echo(f"error: {mask_tokens(message)}", err=True)
     sys.exit(EXIT_USAGE)
@@ -45,7 +45,7 @@ class _NoTokenText(click.types.StringParamType):
     """
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from config.redaction import TOKEN_PATTERN
+        from tokenwarden.config.redaction import TOKEN_PATTERN
 
         text = super().convert(value, param, ctx)
         if TOKEN_PATTERN.search(text):

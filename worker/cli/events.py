@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from config.settings import ConfigError
-from worker.cli.common import (
+from tokenwarden.config.settings import ConfigError
+from tokenwarden.worker.cli.common import (
     cut,
     echo_json,
     echo_table,
@@ -27,8 +27,8 @@ from worker.cli.common import (
     status_option,
     transaction,
 )
-from worker.domain.events import DATA_MODELS
-from worker.domain.models import EventStatus, InboxEvent
+from tokenwarden.worker.domain.events import DATA_MODELS
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent
 
 # Table cells are cut here; --json has the full text.
 CELL = 60
@@ -64,7 +64,12 @@ def emit(
     For a leak, pass the token as data.token (better through --data - than on the command
     line): only its SHA-256 leaves this process.
     """
-    from producer.client import DEFAULT_SOURCE, RETRY_STATUSES, ProducerClient, ProducerError
+    from tokenwarden.producer.client import (
+        DEFAULT_SOURCE,
+        RETRY_STATUSES,
+        ProducerClient,
+        ProducerError,
+    )
 
     data = _data(sys.stdin.read() if data_text == "-" else data_text)
     when = parse_instant(at, option="--time").isoformat() if at else None
@@ -110,7 +115,7 @@ def _data(text: str) -> dict[str, Any]:
 @json_option
 def events(status: str | None, limit: int, as_json: bool) -> None:
     """The event inbox, newest first, then the dead letters with their reasons."""
-    from worker.domain.inbox import list_dead_letters, list_events
+    from tokenwarden.worker.domain.inbox import list_dead_letters, list_events
 
     with transaction() as session:
         inbox = list_events(session, status=status, limit=limit)

@@ -10,19 +10,19 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from config.redaction import first_line
-from worker.cli.common import echo_json, fail, json_option, settings, store
-from worker.domain import clock
+from tokenwarden.config.redaction import first_line
+from tokenwarden.worker.cli.common import echo_json, fail, json_option, settings, store
+from tokenwarden.worker.domain import clock
 
 if TYPE_CHECKING:
-    from config.settings import Settings
-    from worker.domain.expiry.results import RunStats, SweepResult
+    from tokenwarden.config.settings import Settings
+    from tokenwarden.worker.domain.expiry.results import RunStats, SweepResult
 
 R = TypeVar("R", bound="RunStats")
 
 
 def _publish(notice_ids: Sequence[str]) -> None:
-    from worker.runtime.publishing import publish_new_notices
+    from tokenwarden.worker.runtime.publishing import publish_new_notices
 
     publish_new_notices(None, notice_ids)  # None: the worker's app, loaded when needed
 
@@ -75,8 +75,8 @@ def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
     and finished inbox events and dead letters older than TOKENWARDEN_INBOX_RETENTION_DAYS.
     Returns at once if another sweep (the scheduler's, say) is running.
     """
-    from worker.domain.expiry.expire import count_due
-    from worker.domain.expiry.sweep import run_sweep
+    from tokenwarden.worker.domain.expiry.expire import count_due
+    from tokenwarden.worker.domain.expiry.sweep import run_sweep
 
     current = settings()
     engine = store(current)
@@ -157,7 +157,7 @@ def remind(as_json: bool) -> None:
 
     Returns at once if another reminder run is going on.
     """
-    from worker.domain.expiry.reminders import send_reminders
+    from tokenwarden.worker.domain.expiry.reminders import send_reminders
 
     current = settings()
     engine = store(current)

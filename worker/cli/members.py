@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from worker.cli.common import NO_TOKEN, echo_json, json_option, transaction
-from worker.domain import clock
-from worker.domain.members import add_member
+from tokenwarden.worker.cli.common import NO_TOKEN, echo_json, json_option, transaction
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.members import add_member
 
 
 @click.group()

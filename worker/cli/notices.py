@@ -10,7 +10,7 @@ from typing import Any, Final
 
 import click
 
-from worker.cli.common import (
+from tokenwarden.worker.cli.common import (
     cut,
     echo_json,
     echo_table,
@@ -21,7 +21,7 @@ from worker.cli.common import (
     status_option,
     transaction,
 )
-from worker.domain.models import Notice, NoticeStatus
+from tokenwarden.worker.domain.models import Notice, NoticeStatus
 
 # Table cells are cut here; --json has the full text.
 CELL = 48
@@ -37,7 +37,7 @@ def notices(status: str | None, limit: int, as_json: bool) -> None:
     --json adds each notice's body, the exact JSON posted to the webhook (it names tokens by
     id, name and last four characters, never the token itself).
     """
-    from worker.domain.notices import list_notices
+    from tokenwarden.worker.domain.notices import list_notices
 
     current = settings()
     with transaction(current) as session:

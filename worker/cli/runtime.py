@@ -10,14 +10,14 @@ from typing import Any
 import click
 import structlog
 
-from config.settings import ENV_PREFIX, Settings, without_password
-from worker.cli.common import echo_table, fail, settings, store, store_failed
-from worker.domain import db
-from worker.ops.supervisor import Stack, command, wait_for_http
+from tokenwarden.config.settings import ENV_PREFIX, Settings, without_password
+from tokenwarden.worker.cli.common import echo_table, fail, settings, store, store_failed
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.ops.supervisor import Stack, command, wait_for_http
 
 
 def _configure_logging(level: str) -> None:
-    from config.logging import configure_logging
+    from tokenwarden.config.logging import configure_logging
 
     configure_logging(level=level.upper())
 
@@ -34,7 +34,7 @@ def _warn_if_broker_unreachable(current: Settings, celery_app: Any, role: str) -
     """
     if current.broker_url is None:
         return  # the embedded broker is a folder: nothing to reach
-    from worker.runtime.publishing import broker_of, broker_unreachable
+    from tokenwarden.worker.runtime.publishing import broker_of, broker_unreachable
 
     problem = broker_unreachable(celery_app)
     if problem is not None:
@@ -70,7 +70,7 @@ def worker(concurrency: int | None, pool: str, log_level: str) -> None:
     current = settings()
     _require_schema(current)
     _configure_logging(log_level)
-    from worker.runtime.celery_app import app
+    from tokenwarden.worker.runtime.celery_app import app
 
     _warn_if_broker_unreachable(current, app, "worker")
     argv = [
@@ -101,7 +101,7 @@ def beat(log_level: str) -> None:
     _require_schema(current)
     current.ensure_home()
     _configure_logging(log_level)
-    from worker.runtime.celery_app import app
+    from tokenwarden.worker.runtime.celery_app import app
 
     _warn_if_broker_unreachable(current, app, "beat")
     sys.exit(app.start(["--quiet", "beat", "--loglevel", log_level]))
@@ -115,13 +115,13 @@ def api(host: str | None, port: int | None, log_level: str) -> None:
     """Run the producer API."""
     import uvicorn
 
-    from producer.api import create_app
-    from producer.serving import uvicorn_options
+    from tokenwarden.producer.api import create_app
+    from tokenwarden.producer.serving import uvicorn_options
 
     current = settings()
     _require_schema(current)
     _configure_logging(log_level)
-    from worker.runtime.celery_app import make_celery
+    from tokenwarden.worker.runtime.celery_app import make_celery
 
     probe = make_celery(current)
     _warn_if_broker_unreachable(current, probe, "api")
@@ -212,7 +212,7 @@ def _banner(facts: dict[str, str | None], current: Settings) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the steps as JSON.")
 def demo(keep: bool, as_json: bool) -> None:
     """A narrated end-to-end story on a throw-away embedded home; exit 0 if every step held."""
-    from worker.ops.demo import run_demo
+    from tokenwarden.worker.ops.demo import run_demo
 
     held, steps, home = run_demo((lambda _line: None) if as_json else click.echo, keep=keep)
     if as_json:

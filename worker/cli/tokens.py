@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import click
 
-from worker.cli.common import (
+from tokenwarden.worker.cli.common import (
     EXIT_REFUSED,
     NO_TOKEN,
     echo_json,
@@ -23,13 +23,13 @@ from worker.cli.common import (
     record,
     transaction,
 )
-from worker.domain import clock
-from worker.domain.issuing import create_token, list_tokens, parse_kind
-from worker.domain.models import Token, TokenKind
-from worker.domain.revocation import revoke_token
-from worker.domain.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
-from worker.domain.usage import last_used
-from worker.domain.verification import verify_token
+from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain.issuing import create_token, list_tokens, parse_kind
+from tokenwarden.worker.domain.models import Token, TokenKind
+from tokenwarden.worker.domain.revocation import revoke_token
+from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
+from tokenwarden.worker.domain.usage import last_used
+from tokenwarden.worker.domain.verification import verify_token
 
 
 @click.group()

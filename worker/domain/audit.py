@@ -19,8 +19,8 @@ from sqlalchemy import Connection, Table, insert, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from worker.domain.clock import as_utc
-from worker.domain.models import AuditEntry, Token
+from tokenwarden.worker.domain.clock import as_utc
+from tokenwarden.worker.domain.models import AuditEntry, Token
 
 log = structlog.get_logger(__name__)
 

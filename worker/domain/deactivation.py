@@ -19,9 +19,9 @@ import structlog
 from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
-from worker.domain import audit, db, members
-from worker.domain.models import Membership, Token, UserDeactivation
-from worker.domain.revocation import revoke_leaver_tokens
+from tokenwarden.worker.domain import audit, db, members
+from tokenwarden.worker.domain.models import Membership, Token, UserDeactivation
+from tokenwarden.worker.domain.revocation import revoke_leaver_tokens
 
 log = structlog.get_logger(__name__)
 

@@ -20,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from worker.domain.clock import as_utc
-from worker.domain.tokens import TOKEN_PATTERN, hash_token, mask_encoded_tokens
+from tokenwarden.worker.domain.clock import as_utc
+from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, hash_token, mask_encoded_tokens
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 HashHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

@@ -33,9 +33,9 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from config.settings import get_settings
-from worker.domain import deactivation, inbox, leaks, members, removals, revocation
-from worker.domain.events import (
+from tokenwarden.config.settings import get_settings
+from tokenwarden.worker.domain import deactivation, inbox, leaks, members, removals, revocation
+from tokenwarden.worker.domain.events import (
     CloudEvent,
     InvalidEvent,
     MembershipAdded,
@@ -48,9 +48,9 @@ from worker.domain.events import (
     parse_event,
     too_far_ahead,
 )
-from worker.domain.models import EventStatus, InboxEvent
-from worker.domain.notices import NEW_NOTICES
-from worker.domain.tokens import mask_tokens
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent
+from tokenwarden.worker.domain.notices import NEW_NOTICES
+from tokenwarden.worker.domain.tokens import mask_tokens
 
 log = structlog.get_logger(__name__)
 

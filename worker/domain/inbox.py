@@ -30,8 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from worker.domain.events import CloudEvent, canonical, digest
-from worker.domain.models import DeadLetter, EventStatus, InboxEvent
+from tokenwarden.worker.domain.events import CloudEvent, canonical, digest
+from tokenwarden.worker.domain.models import DeadLetter, EventStatus, InboxEvent
 
 BODY_EXCERPT = 2000
 

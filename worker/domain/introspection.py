@@ -16,9 +16,9 @@ from typing import Any, Final
 
 from sqlalchemy.orm import Session
 
-from worker.domain.models import Membership, Token, TokenKind
-from worker.domain.tokens import kind_of
-from worker.domain.verification import find_token, refusal
+from tokenwarden.worker.domain.models import Membership, Token, TokenKind
+from tokenwarden.worker.domain.tokens import kind_of
+from tokenwarden.worker.domain.verification import find_token, refusal
 
 TOKEN_TYPES: Final = {
     TokenKind.PERSONAL: "personal_access_token",

@@ -14,10 +14,10 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker.domain import audit
-from worker.domain.errors import Refused
-from worker.domain.models import Membership, Token, TokenKind
-from worker.domain.tokens import generate, hash_token, hint
+from tokenwarden.worker.domain import audit
+from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.domain.models import Membership, Token, TokenKind
+from tokenwarden.worker.domain.tokens import generate, hash_token, hint
 
 NAME_MAX = 200
 

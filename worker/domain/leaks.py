@@ -16,9 +16,9 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker.domain import notices
-from worker.domain.models import Token
-from worker.domain.revocation import TokenOutcome, revoke_token
+from tokenwarden.worker.domain import notices
+from tokenwarden.worker.domain.models import Token
+from tokenwarden.worker.domain.revocation import TokenOutcome, revoke_token
 
 log = structlog.get_logger(__name__)
 

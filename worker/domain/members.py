@@ -33,9 +33,9 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from worker.domain import audit, db
-from worker.domain.errors import Refused
-from worker.domain.models import Membership, Role, UserDeactivation
+from tokenwarden.worker.domain import audit, db
+from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.domain.models import Membership, Role, UserDeactivation
 
 log = structlog.get_logger(__name__)
 

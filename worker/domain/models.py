@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from worker.domain.clock import as_utc
+from tokenwarden.worker.domain.clock import as_utc
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -25,7 +25,7 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker.domain.models import Membership, Notice, NoticeStatus, Role, TokenKind
+from tokenwarden.worker.domain.models import Membership, Notice, NoticeStatus, Role, TokenKind
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,7 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from worker.domain.models import Notice, NoticeStatus
+from tokenwarden.worker.domain.models import Notice, NoticeStatus
 
 log = structlog.get_logger(__name__)
 

@@ -31,9 +31,9 @@ import structlog
 from sqlalchemy import ColumnElement, and_, or_, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
-from worker.domain import audit, members, notices
-from worker.domain.models import Membership, Role, Token, UserDeactivation
-from worker.domain.revocation import held_at, revoke_leaver_tokens, revoke_statement
+from tokenwarden.worker.domain import audit, members, notices
+from tokenwarden.worker.domain.models import Membership, Role, Token, UserDeactivation
+from tokenwarden.worker.domain.revocation import held_at, revoke_leaver_tokens, revoke_statement
 
 log = structlog.get_logger(__name__)
 

@@ -20,8 +20,8 @@ import structlog
 from sqlalchemy import ColumnElement, and_, false, or_, select, update
 from sqlalchemy.orm import Session
 
-from worker.domain import audit, notices
-from worker.domain.models import Token, TokenKind
+from tokenwarden.worker.domain import audit, notices
+from tokenwarden.worker.domain.models import Token, TokenKind
 
 log = structlog.get_logger(__name__)
 

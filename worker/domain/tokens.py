@@ -16,8 +16,8 @@ import zlib
 from typing import Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from config import redaction
-from worker.domain.models import TokenKind
+from tokenwarden.config import redaction
+from tokenwarden.worker.domain.models import TokenKind
 
 ALPHABET: Final = string.digits + string.ascii_uppercase + string.ascii_lowercase
 BODY_LENGTH: Final = 32

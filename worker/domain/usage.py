@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from worker.domain.models import Token, TokenUsage
+from tokenwarden.worker.domain.models import Token, TokenUsage
 
 # Ids bound in one statement, well under SQLite's limit on parameters.
 CHUNK: Final = 5000

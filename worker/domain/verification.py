@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-from worker.domain import audit
-from worker.domain.models import Membership, Token, TokenKind
-from worker.domain.tokens import hash_token, kind_of
+from tokenwarden.worker.domain import audit
+from tokenwarden.worker.domain.models import Membership, Token, TokenKind
+from tokenwarden.worker.domain.tokens import hash_token, kind_of
 
 
 @dataclass(frozen=True)

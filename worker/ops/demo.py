@@ -21,13 +21,13 @@ from typing import Any
 
 import httpx
 
-from worker.domain import db
-from worker.domain.issuing import IssuedToken, create_token
-from worker.domain.members import add_member
-from worker.domain.models import TokenKind
-from worker.domain.verification import Verdict, verify_token
-from worker.ops.demo_peers import KEY_ID, Peers
-from worker.ops.supervisor import Stack, child_env, command, free_port, wait_for_http
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.issuing import IssuedToken, create_token
+from tokenwarden.worker.domain.members import add_member
+from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.verification import Verdict, verify_token
+from tokenwarden.worker.ops.demo_peers import KEY_ID, Peers
+from tokenwarden.worker.ops.supervisor import Stack, child_env, command, free_port, wait_for_http
 
 Say = Callable[[str], None]
 
@@ -232,7 +232,7 @@ def _bob_leaves(demo: Demo, pat: IssuedToken, aat: IssuedToken, globex: IssuedTo
     demo.check("acme's AAT (bob created it, but it belongs to the app)", "usable", demo.state(aat))
     demo.check("bob's globex PAT (another organization)", "usable", demo.state(globex))
     with demo.session() as session:
-        from worker.domain.audit import trail
+        from tokenwarden.worker.domain.audit import trail
 
         revoked = [e for e in trail(session, token_id=pat.id) if e.action == "revoke"]
     seen = f"{revoked[0].reason} from {revoked[0].source}" if revoked else "none"

@@ -42,7 +42,7 @@ TICK_S = 0.2
 
 def command(*args: str) -> list[str]:
     """The ``tokenwarden`` command line of this very interpreter."""
-    return [sys.executable, "-m", "worker.cli", *args]
+    return [sys.executable, "-m", "tokenwarden.worker.cli", *args]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

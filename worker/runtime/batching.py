@@ -17,9 +17,9 @@ from datetime import datetime
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from worker.domain import handlers, inbox
-from worker.runtime.publishing import CHUNK
-from worker.runtime.tasking import is_transient
+from tokenwarden.worker.domain import handlers, inbox
+from tokenwarden.worker.runtime.publishing import CHUNK
+from tokenwarden.worker.runtime.tasking import is_transient
 
 
 @dataclass(frozen=True)

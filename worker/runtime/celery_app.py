@@ -1,14 +1,19 @@
-"""The Celery app: ``celery -A worker.runtime.celery_app worker``."""
+"""The Celery app: ``celery -A tokenwarden.worker.runtime.celery_app worker``."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from config.celery import celery_config
-from config.settings import Settings, get_settings, keep_files_private
-from worker.runtime import file_transport
+from tokenwarden.config.celery import celery_config
+from tokenwarden.config.settings import Settings, get_settings, keep_files_private
+from tokenwarden.worker.runtime import file_transport
 
-TASK_MODULES = ["tasks.events", "tasks.notices", "tasks.expiry", "worker.runtime.signals"]
+TASK_MODULES = [
+    "tokenwarden.tasks.events",
+    "tokenwarden.tasks.notices",
+    "tokenwarden.tasks.expiry",
+    "tokenwarden.worker.runtime.signals",
+]
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -17,10 +17,10 @@ from typing import Final
 
 import structlog
 
-from worker.domain import db, outbox_delivery
-from worker.domain.outbox_delivery import Target
-from worker.runtime import webhook
-from worker.runtime.tasking import CountedTask
+from tokenwarden.worker.domain import db, outbox_delivery
+from tokenwarden.worker.domain.outbox_delivery import Target
+from tokenwarden.worker.runtime import webhook
+from tokenwarden.worker.runtime.tasking import CountedTask
 
 log = structlog.get_logger(__name__)
 

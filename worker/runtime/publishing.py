@@ -28,9 +28,9 @@ import structlog
 from celery.utils import uuid
 from sqlalchemy.orm import Session
 
-from config.celery import DELIVER_NOTICES, PROCESS_EVENTS
-from config.settings import get_settings, without_password
-from worker.domain.notices import take_new_notices
+from tokenwarden.config.celery import DELIVER_NOTICES, PROCESS_EVENTS
+from tokenwarden.config.settings import get_settings, without_password
+from tokenwarden.worker.domain.notices import take_new_notices
 
 log = structlog.get_logger(__name__)
 
@@ -202,7 +202,7 @@ def publish_new_notices(app: Any | None, notice_ids: Sequence[str]) -> None:
     if not notice_ids or not get_settings().notice_webhook_url:
         return
     if app is None:
-        from worker.runtime import celery_app
+        from tokenwarden.worker.runtime import celery_app
 
         app = celery_app.app
     try:

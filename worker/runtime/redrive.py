@@ -19,10 +19,10 @@ import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from config.settings import Settings
-from worker.domain import db, inbox, outbox_delivery
-from worker.runtime import webhook
-from worker.runtime.publishing import (
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.domain import db, inbox, outbox_delivery
+from tokenwarden.worker.runtime import webhook
+from tokenwarden.worker.runtime.publishing import (
     PublishError,
     after_commit,
     publish_event_ids,

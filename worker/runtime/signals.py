@@ -27,12 +27,12 @@ from celery import signals
 from celery.platforms import EX_FAILURE
 from celery.worker.consumer import Consumer
 
-from config.celery import PROCESS_EVENTS
-from config.logging import bind_task_context, clear_task_context, configure_logging
-from config.settings import get_settings
-from worker.domain import clock, db, handlers
-from worker.runtime import tasking
-from worker.runtime.redis_transport import use_fixed_channels
+from tokenwarden.config.celery import PROCESS_EVENTS
+from tokenwarden.config.logging import bind_task_context, clear_task_context, configure_logging
+from tokenwarden.config.settings import get_settings
+from tokenwarden.worker.domain import clock, db, handlers
+from tokenwarden.worker.runtime import tasking
+from tokenwarden.worker.runtime.redis_transport import use_fixed_channels
 
 log = structlog.get_logger(__name__)
 

@@ -29,10 +29,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from config.redaction import first_line
-from config.settings import get_settings
-from worker.domain import clock, db, handlers
-from worker.runtime import publishing
+from tokenwarden.config.redaction import first_line
+from tokenwarden.config.settings import get_settings
+from tokenwarden.worker.domain import clock, db, handlers
+from tokenwarden.worker.runtime import publishing
 
 log = structlog.get_logger(__name__)
 

@@ -23,10 +23,10 @@ import structlog
 from sqlalchemy import Engine
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
-from config.settings import Settings
-from worker.domain import clock, db
-from worker.domain.models import NoticeStatus
-from worker.domain.outbox_delivery import (
+from tokenwarden.config.settings import Settings
+from tokenwarden.worker.domain import clock, db
+from tokenwarden.worker.domain.models import NoticeStatus
+from tokenwarden.worker.domain.outbox_delivery import (
     MISSING,
     SKIPPED,
     TIMEOUT_S,

@@ -12,8 +12,8 @@ from typing import Any, Final
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from worker.domain.expiry.grouped_notices import AnyRow
-from worker.domain.models import AuditEntry
+from tokenwarden.worker.domain.expiry.grouped_notices import AnyRow
+from tokenwarden.worker.domain.models import AuditEntry
 
 # The ``source`` of the sweep's audit rows, and the reason of a token it marks.
 SOURCE: Final = "sweep"

@@ -23,9 +23,9 @@ import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from worker.domain import db
-from worker.domain.expiry.lock import RunLock, single_run
-from worker.domain.expiry.results import RunStats
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.expiry.lock import RunLock, single_run
+from tokenwarden.worker.domain.expiry.results import RunStats
 
 log = structlog.get_logger(__name__)
 

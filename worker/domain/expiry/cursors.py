@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from worker.domain.models import JobCursor
+from tokenwarden.worker.domain.models import JobCursor
 
 
 def read_cursor(

@@ -18,12 +18,17 @@ from datetime import datetime
 from sqlalchemy import Engine, Select, any_, func, insert, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from worker.domain import db
-from worker.domain.expiry.audit_rows import EXPIRED, SOURCE, audit_row, insert_audit_rows
-from worker.domain.expiry.budget import BudgetedRun, Next
-from worker.domain.expiry.results import SweepResult
-from worker.domain.expiry.table_walk import expire_along_table, table_walk_pages
-from worker.domain.models import AuditEntry, Token, UTCDateTime
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.expiry.audit_rows import (
+    EXPIRED,
+    SOURCE,
+    audit_row,
+    insert_audit_rows,
+)
+from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Next
+from tokenwarden.worker.domain.expiry.results import SweepResult
+from tokenwarden.worker.domain.expiry.table_walk import expire_along_table, table_walk_pages
+from tokenwarden.worker.domain.models import AuditEntry, Token, UTCDateTime
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Any, Final, TypeAlias
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
-from worker.domain import notices
-from worker.domain.models import Membership, Token, TokenKind
+from tokenwarden.worker.domain import notices
+from tokenwarden.worker.domain.models import Membership, Token, TokenKind
 
 # Tokens listed in one notice.
 TOKENS_PER_NOTICE: Final = 100

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy.orm import Session
 
-from worker.domain import inbox
-from worker.domain.expiry.budget import BudgetedRun, Next
-from worker.domain.expiry.results import SweepResult
+from tokenwarden.worker.domain import inbox
+from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Next
+from tokenwarden.worker.domain.expiry.results import SweepResult
 
 log = structlog.get_logger(__name__)
 

@@ -17,11 +17,11 @@ from typing import Final
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from worker.domain import notices
-from worker.domain.expiry.audit_rows import EXPIRED
-from worker.domain.expiry.budget import BudgetedRun, Next
-from worker.domain.expiry.cursors import move_cursor, read_cursor
-from worker.domain.expiry.grouped_notices import (
+from tokenwarden.worker.domain import notices
+from tokenwarden.worker.domain.expiry.audit_rows import EXPIRED
+from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Next
+from tokenwarden.worker.domain.expiry.cursors import move_cursor, read_cursor
+from tokenwarden.worker.domain.expiry.grouped_notices import (
     GROUPS_PER_TRANSACTION,
     NOTICE_ROWS,
     TOKEN_COLUMNS,
@@ -31,8 +31,8 @@ from worker.domain.expiry.grouped_notices import (
     new_notice_ids,
     queue_grouped,
 )
-from worker.domain.expiry.results import SweepResult
-from worker.domain.models import AuditEntry, Token
+from tokenwarden.worker.domain.expiry.results import SweepResult
+from tokenwarden.worker.domain.models import AuditEntry, Token
 
 NOTICE_CURSOR: Final = "expired_notices"
 

@@ -30,9 +30,9 @@ from typing import Final
 from sqlalchemy import ColumnElement, Engine, func, insert, select
 from sqlalchemy.orm import Session
 
-from worker.domain import db, notices
-from worker.domain.expiry.budget import BudgetedRun, Next, Publish, run_exclusive
-from worker.domain.expiry.grouped_notices import (
+from tokenwarden.worker.domain import db, notices
+from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Next, Publish, run_exclusive
+from tokenwarden.worker.domain.expiry.grouped_notices import (
     GROUPS_PER_TRANSACTION,
     NOTICE_ROWS,
     TOKEN_COLUMNS,
@@ -42,8 +42,8 @@ from worker.domain.expiry.grouped_notices import (
     new_notice_ids,
     queue_grouped,
 )
-from worker.domain.expiry.results import ReminderResult
-from worker.domain.models import Token, TokenReminder
+from tokenwarden.worker.domain.expiry.results import ReminderResult
+from tokenwarden.worker.domain.models import Token, TokenReminder
 
 REMIND_LOCK: Final = "remind"
 # Due tokens read at once: every token entering a bucket on a given day in one read, and a

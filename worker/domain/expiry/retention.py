@@ -16,11 +16,11 @@ from typing import Final
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from worker.domain.expiry.audit_rows import audit_row, insert_audit_rows
-from worker.domain.expiry.budget import BudgetedRun, Next
-from worker.domain.expiry.cursors import move_cursor, read_cursor
-from worker.domain.expiry.results import SweepResult
-from worker.domain.models import Token, TokenReminder
+from tokenwarden.worker.domain.expiry.audit_rows import audit_row, insert_audit_rows
+from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Next
+from tokenwarden.worker.domain.expiry.cursors import move_cursor, read_cursor
+from tokenwarden.worker.domain.expiry.results import SweepResult
+from tokenwarden.worker.domain.models import Token, TokenReminder
 
 RETENTION_CURSOR: Final = "retention"
 # A retention pass over the whole table starts at most this often.

@@ -28,12 +28,12 @@ from typing import Final
 
 from sqlalchemy import Engine
 
-from worker.domain.expiry.budget import BudgetedRun, Publish, run_exclusive
-from worker.domain.expiry.expire import expire_all
-from worker.domain.expiry.inbox_pruning import prune_inbox_all
-from worker.domain.expiry.notify import notify_all
-from worker.domain.expiry.results import Progress, SweepResult
-from worker.domain.expiry.retention import purge_all
+from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Publish, run_exclusive
+from tokenwarden.worker.domain.expiry.expire import expire_all
+from tokenwarden.worker.domain.expiry.inbox_pruning import prune_inbox_all
+from tokenwarden.worker.domain.expiry.notify import notify_all
+from tokenwarden.worker.domain.expiry.results import Progress, SweepResult
+from tokenwarden.worker.domain.expiry.retention import purge_all
 
 SWEEP_LOCK: Final = "sweep"
 

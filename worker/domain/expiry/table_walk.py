@@ -16,11 +16,11 @@ from typing import Final
 from sqlalchemy import Engine, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
-from worker.domain import db
-from worker.domain.expiry.audit_rows import EXPIRED, SOURCE
-from worker.domain.expiry.budget import BudgetedRun, Next
-from worker.domain.expiry.results import SweepResult
-from worker.domain.models import Token, UTCDateTime
+from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.expiry.audit_rows import EXPIRED, SOURCE
+from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Next
+from tokenwarden.worker.domain.expiry.results import SweepResult
+from tokenwarden.worker.domain.models import Token, UTCDateTime
 
 # A backlog of at least this many due tokens per page of the table is swept in table order.
 # Walked along the index, such a backlog reaches each page once per due token on it, in
