@@ -1,6 +1,6 @@
 """The producer API: events in, stored in the inbox, their ids onto the queue.
 
-``uvicorn --factory producer.api:create_app`` serves it with the environment's settings.
+``uvicorn --factory tokenwarden.producer.api:create_app`` serves it with the environment's settings.
 :func:`create_app` builds the app from the routers of producer/routes/ (events, leaks, health)
 and the doors for services (introspection, forward-auth) over the state they share
 (producer/app_state.py), and answers refusals, clients that left and failures the same way on
