@@ -7,6 +7,7 @@ file-backed Celery broker, so the embedded default needs no server at all.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import secrets
 import stat
@@ -97,6 +98,21 @@ Keys = Annotated[
 ]
 
 
+def _networks(value: Any) -> Any:
+    parts = _split_csv(value)
+    if not isinstance(parts, tuple | list):
+        return parts
+    try:
+        return tuple(ipaddress.ip_network(part) for part in parts)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"expected addresses or networks such as 10.0.0.0/8: {error}") from None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Comma-separated addresses or CIDR networks (host bits clear).
+Networks = Annotated[tuple[Network, ...], NoDecode, BeforeValidator(_networks)]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
@@ -106,6 +122,8 @@ class Settings(BaseSettings):
     producer_keys: Keys = ()
     # Keys of the resource servers that may call POST /v1/introspect; never a producer key.
     introspection_keys: Keys = ()
+    # Peers whose GET /v1/auth calls are trusted without a key (the gateways' addresses).
+    forward_auth_peers: Networks = ()
     notice_webhook_url: str | None = None
     notice_signing_secret: str | None = None
     api_host: str = "127.0.0.1"

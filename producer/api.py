@@ -1,9 +1,10 @@
 """The producer API: events in, stored in the inbox, their ids onto the queue.
 
-``uvicorn --factory producer.api:create_app`` serves it with the environment's settings.
+``uvicorn --factory tokenwarden.producer.api:create_app`` serves it with the environment's settings.
 :func:`create_app` builds the app from the routers of producer/routes/ (events, leaks, health)
-over the state they share (producer/app_state.py), and answers refusals, clients that left and
-failures the same way on every route. Must not import ``tasks``.
+and the doors for services (introspection, forward-auth) over the state they share
+(producer/app_state.py), and answers refusals, clients that left and failures the same way on
+every route. Must not import ``tasks``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from tokenwarden.config.settings import Settings, get_settings, keep_files_private
-from tokenwarden.producer import introspection
+from tokenwarden.producer import forward_auth, introspection
 from tokenwarden.producer.app_state import AppState, log
 from tokenwarden.producer.auth import producer_bearer
 from tokenwarden.producer.github import GitHubKeys
@@ -72,6 +73,9 @@ def create_app(
     app.include_router(health.router(metrics_key=settings.metrics_key))
     app.include_router(
         introspection.router(settings, engine=shared.engine, registry=shared.metrics.registry)
+    )
+    app.include_router(
+        forward_auth.router(settings, engine=shared.engine, registry=shared.metrics.registry)
     )
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app

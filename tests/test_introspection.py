@@ -56,17 +56,21 @@ def _own_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 class Door:
     """The API on the test store, and what a test does to the store around it."""
 
-    def __init__(self, store: Store, home: Path) -> None:
+    def __init__(
+        self, store: Store, home: Path, *, peer: str = "testclient", **settings: Any
+    ) -> None:
         self.store = store
         self.url = store.url
-        settings = Settings(
+        configured = Settings(
             home=home,
             database_url=store.url,
             producer_keys=(PRODUCER,),
-            introspection_keys=(KEY,),
+            **{"introspection_keys": (KEY,), **settings},
         )
-        self.celery_app = make_celery(settings)
-        self.client = TestClient(create_app(settings, celery_app=self.celery_app))
+        self.celery_app = make_celery(configured)
+        self.client = TestClient(
+            create_app(configured, celery_app=self.celery_app), client=(peer, 50000)
+        )
         self.client.__enter__()
         self.open = True
 

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import event, func, select, text, update
 from starlette.exceptions import StarletteDeprecationWarning
 
-import tokenwarden.producer.api
+import tokenwarden.producer.app_state
 from tests.clocks import SteppedTime
 from tests.conftest import Store
 from tokenwarden.config.settings import Settings, load_settings
@@ -286,7 +286,7 @@ def test_readiness_probes_open_at_most_one_broker_connection_a_second(
 ) -> None:
     broker = _CountingBroker()
     api = serve(wrap=broker.wrap)
-    monkeypatch.setattr(tokenwarden.producer.api, "time", stepped := SteppedTime())
+    monkeypatch.setattr(tokenwarden.producer.app_state, "time", stepped := SteppedTime())
 
     def flood() -> None:
         with ThreadPoolExecutor(SCRAPERS) as pool:

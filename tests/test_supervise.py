@@ -176,7 +176,7 @@ def test_a_worker_that_cannot_stop_after_an_unrecoverable_error_exits(tmp_path: 
     script = tmp_path / "stuck.py"
     script.write_text(
         "import sys, time, types\n"
-        "from worker.runtime import signals\n"
+        "from tokenwarden.worker.runtime import signals\n"
         "signals.UNRECOVERABLE_EXIT_AFTER_S = 0.5\n"
         "consumer = signals.DeadLetteringConsumer.__new__(signals.DeadLetteringConsumer)\n"
         "consumer.controller = types.SimpleNamespace(exitcode=1)\n"

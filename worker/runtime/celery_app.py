@@ -1,4 +1,4 @@
-"""The Celery app: ``celery -A worker.runtime.celery_app worker``."""
+"""The Celery app: ``celery -A tokenwarden.worker.runtime.celery_app worker``."""
 
 from __future__ import annotations
 
