@@ -22,6 +22,7 @@ from tokenwarden.config.settings import Settings, get_settings, keep_files_priva
 from tokenwarden.producer import forward_auth, introspection
 from tokenwarden.producer.app_state import AppState, log
 from tokenwarden.producer.auth import producer_bearer
+from tokenwarden.producer.doors import token_check_for
 from tokenwarden.producer.github import GitHubKeys
 from tokenwarden.producer.intake import Refused
 from tokenwarden.producer.metrics import RequestMetrics
@@ -51,9 +52,14 @@ def create_app(
         celery_app = make_celery(settings)
     shared = AppState(settings, celery_app, github_keys)
 
+    check, run_check = token_check_for(
+        settings, engine=shared.engine, registry=shared.metrics.registry
+    )
+
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with run_check(app):
+            yield
         if owns_celery:
             shared.celery_app.close()
 
@@ -71,12 +77,8 @@ def create_app(
     app.include_router(events.router)
     app.include_router(leaks.router)
     app.include_router(health.router(metrics_key=settings.metrics_key))
-    app.include_router(
-        introspection.router(settings, engine=shared.engine, registry=shared.metrics.registry)
-    )
-    app.include_router(
-        forward_auth.router(settings, engine=shared.engine, registry=shared.metrics.registry)
-    )
+    app.include_router(introspection.router(settings, check))
+    app.include_router(forward_auth.router(settings, check, registry=shared.metrics.registry))
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
 

@@ -34,12 +34,10 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter
-from sqlalchemy import Engine
 from starlette.datastructures import Headers
 
 from tokenwarden.config.redaction import first_line, mask_tokens
 from tokenwarden.config.settings import Network, Settings
-from tokenwarden.producer.introspection import token_check_for
 from tokenwarden.producer.token_check import RefusalLimiter, TokenCheck
 from tokenwarden.worker.domain.introspection import Introspection
 from tokenwarden.worker.domain.models import TokenKind
@@ -110,13 +108,8 @@ class Trust:
         return any(address in network for network in self._peers)
 
 
-def router(
-    settings: Settings, *, engine: Callable[[], Engine], registry: CollectorRegistry
-) -> APIRouter:
-    """The forward-auth door, with the lifespan of its token check."""
-    # The introspection door keeps its check to itself, so this door runs one of its own
-    # (its own cache and feed); its counts are this door's (tokenwarden_forward_auth_total).
-    check, lifespan = token_check_for(settings, engine=engine, registry=CollectorRegistry())
+def router(settings: Settings, check: TokenCheck, *, registry: CollectorRegistry) -> APIRouter:
+    """The forward-auth door over the app's one token check (producer/doors.py)."""
     trust = Trust(settings.introspection_keys, settings.forward_auth_peers)
     answers = Counter(
         "tokenwarden_forward_auth",
@@ -124,7 +117,7 @@ def router(
         ["result"],
         registry=registry,
     )
-    door = APIRouter(lifespan=lifespan)
+    door = APIRouter()
     authorize = _endpoint(check, trust, answers)
     # One operation in the schema; the other methods and Envoy's paths answer the same.
     door.add_api_route(

@@ -13,26 +13,19 @@ Must not import the tasks.
 
 from __future__ import annotations
 
-import gc
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any, Final
 from urllib.parse import parse_qs
 
 import structlog
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter
-from sqlalchemy import Engine
-from starlette.concurrency import run_in_threadpool
 
 from tokenwarden.config.redaction import first_line, mask_tokens
 from tokenwarden.config.settings import Settings
-from tokenwarden.producer.revocation_feed import feed_for
-from tokenwarden.producer.token_check import AnswerCache, TokenCheck
-from tokenwarden.producer.usage_recorder import UsageRecorder
+from tokenwarden.producer.token_check import TokenCheck
 from tokenwarden.worker.domain.introspection import INACTIVE
 
 log = structlog.get_logger(__name__)
@@ -101,13 +94,10 @@ class _Refusal(Exception):
         self.response = JSONResponse(body, status_code=status, headers=headers)
 
 
-def router(
-    settings: Settings, *, engine: Callable[[], Engine], registry: CollectorRegistry
-) -> APIRouter:
-    """The introspection door, with the lifespan of its cache's feed and its recorder."""
-    check, lifespan = token_check_for(settings, engine=engine, registry=registry)
+def router(settings: Settings, check: TokenCheck) -> APIRouter:
+    """The introspection door over the app's one token check (producer/doors.py)."""
     keys = tuple(key.encode() for key in settings.introspection_keys)
-    doors = APIRouter(lifespan=lifespan)
+    doors = APIRouter()
 
     async def introspect(request: Request) -> Response:
         """RFC 7662: the token's claims if it is active, else exactly {"active": false}."""
@@ -141,46 +131,6 @@ def router(
         tags=["introspection"],
     )
     return doors
-
-
-def token_check_for(
-    settings: Settings, *, engine: Callable[[], Engine], registry: CollectorRegistry
-) -> tuple[TokenCheck, Callable[[FastAPI], Any]]:
-    """The shared token check of an app, and the lifespan that runs its feed and recorder."""
-    cache = AnswerCache()
-    recorder = UsageRecorder(engine)
-    feed = feed_for(settings.resolved_database_url, cache)
-    checks = Counter(
-        "tokenwarden_token_checks",
-        "Token checks by result (active or the refusal's reason) and cache outcome.",
-        ["result", "cache"],
-        registry=registry,
-    )
-    children: dict[tuple[str, str], Any] = {}
-
-    def counted(result: str, cache_outcome: str) -> None:
-        child = children.get((result, cache_outcome))
-        if child is None:
-            child = children[(result, cache_outcome)] = checks.labels(result, cache_outcome)
-        child.inc()
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        recorder.start()
-        feed.start()
-        # What start-up built lives as long as the process: kept out of the collector's
-        # sight, a full collection scans only what requests left behind (a few ms, not the
-        # 50 to 200 ms that stalled every answer in flight).
-        gc.collect()
-        gc.freeze()
-        try:
-            yield
-        finally:
-            gc.unfreeze()
-            feed.stop()
-            await run_in_threadpool(recorder.stop)
-
-    return TokenCheck(engine, cache, recorder, counted=counted), lifespan
 
 
 def _authenticate(authorization: str | None, keys: Sequence[bytes]) -> None:
