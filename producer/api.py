@@ -84,13 +84,15 @@ def create_app(
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, with the producer key's scheme that no dependency declares."""
+    """FastAPI's schema, with the schemes of the keys that no dependency declares."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
         schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
         schemes[producer_bearer.scheme_name] = producer_bearer.model.model_dump(
             mode="json", by_alias=True, exclude_none=True
         )
+        schemes[introspection.SCHEME] = introspection.SECURITY_SCHEME
+        schemes[forward_auth.SCHEME] = forward_auth.SECURITY_SCHEME
     return app.openapi_schema or {}
 
 

@@ -47,6 +47,13 @@ log = structlog.get_logger(__name__)
 
 PATH: Final = "/v1/auth"
 KEY_HEADER: Final = "x-tokenwarden-key"
+SCHEME: Final = "gatewayKey"
+SECURITY_SCHEME: Final = {
+    "type": "apiKey",
+    "in": "header",
+    "name": "X-Tokenwarden-Key",
+    "description": "An introspection key from TOKENWARDEN_INTROSPECTION_KEYS, set by the gateway.",
+}
 # nginx's (as configured in the README), then Traefik's and Caddy's.
 URI_HEADERS: Final = ("x-original-uri", "x-forwarded-uri")
 # Longer original URIs carry no token a service would accept: refused unread.
@@ -128,6 +135,8 @@ def router(settings: Settings, check: TokenCheck, *, registry: CollectorRegistry
         summary="Forward authentication for gateways",
         tags=["forward-auth"],
         operation_id="forward_auth",
+        # Or a peer in TOKENWARDEN_FORWARD_AUTH_PEERS, which a schema cannot say.
+        openapi_extra={"security": [{SCHEME: []}]},
     )
     door.add_api_route(PATH, authorize, methods=METHODS[1:], include_in_schema=False)
     door.add_api_route(

@@ -31,6 +31,12 @@ from tokenwarden.worker.domain.introspection import INACTIVE
 log = structlog.get_logger(__name__)
 
 PATH: Final = "/v1/introspect"
+SCHEME: Final = "introspectionKey"
+SECURITY_SCHEME: Final = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "An introspection key from TOKENWARDEN_INTROSPECTION_KEYS.",
+}
 MAX_BODY_BYTES: Final = 16 * 1024
 RETRY_AFTER_S: Final = 5
 FORM: Final = "application/x-www-form-urlencoded"
@@ -126,7 +132,7 @@ def router(settings: Settings, check: TokenCheck) -> APIRouter:
         introspect,
         methods=["POST"],
         responses=_RESPONSES,
-        openapi_extra={"requestBody": _REQUEST_BODY, "security": [{"introspectionKey": []}]},
+        openapi_extra={"requestBody": _REQUEST_BODY, "security": [{SCHEME: []}]},
         summary="Token introspection (RFC 7662)",
         tags=["introspection"],
     )

@@ -150,6 +150,8 @@ def _forgeries(signer: GitHubSigner, body: bytes) -> dict[str, dict[str, str]]:
             "Authorization": "Basic " + base64.b64encode(f"x:{PRODUCER_KEY}x".encode()).decode()
         },
         "key in another header": {"X-Api-Key": PRODUCER_KEY + "x"},
+        "producer key as a gateway key": {"X-Tokenwarden-Key": PRODUCER_KEY},
+        "wrong gateway key": {"X-Tokenwarden-Key": wrong},
         "unknown key id": {IDENTIFIER_HEADER: "nope", SIGNATURE_HEADER: signer.sign(body)},
         "signed by another key": {
             IDENTIFIER_HEADER: signer.identifier,
