@@ -42,6 +42,8 @@ from tests.reliability.figures import Figures
 from tests.reliability.harness import ChaosStack, chaos_stack
 from tests.reliability.workload import cloud_event
 from tokenwarden.worker.domain.models import InboxEvent, TokenKind
+from tokenwarden.worker.domain.removals import remove_member
+from tokenwarden.worker.domain.revocation import revoke_token
 from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, generate
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -356,3 +358,72 @@ def test_leak_endpoints_answer_alike_whether_the_token_exists_or_not(
         figures.publish(evidence.root)
         assert "events" in endpoints
         assert not tells, tells
+
+
+def test_introspection_refuses_alike_whatever_the_reason(
+    tmp_path: Path, evidence: Evidence
+) -> None:
+    """RFC 7662 §2.2: a revoked token, a leaver's and an unknown one answer the same body in
+    about the same time, so a caller cannot tell which it holds."""
+    key = "twi_" + "k" * 40
+    figures = Figures("introspection_refusal_timings")
+    with (
+        chaos_stack(
+            tmp_path / "home",
+            evidence=evidence,
+            label="introspect-timing",
+            roles=("api",),
+            env={"TOKENWARDEN_INTROSPECTION_KEYS": key},
+        ) as stack,
+        httpx.Client(base_url=stack.api_url, timeout=30) as client,
+    ):
+        stack.member("o-intro", "u-stays")
+        stack.member("o-intro", "u-leaves")
+        revoked = [stack.token(TokenKind.PERSONAL, "o-intro", "u-stays") for _ in range(8)]
+        leavers = [stack.token(TokenKind.PERSONAL, "o-intro", "u-leaves") for _ in range(8)]
+        now = datetime.now(UTC)
+        with stack.session() as session:
+            for issued in revoked:
+                revoke_token(session, token_id=issued.id, reason="test", source="test", now=now)
+            remove_member(
+                session,
+                org_id="o-intro",
+                user_id="u-leaves",
+                at=now,
+                now=now,
+                source="test",
+                event_id=None,
+            )
+        groups = {
+            "revoked": [issued.token for issued in revoked],
+            "not_member": [issued.token for issued in leavers],
+            "unknown": [generate(TokenKind.PERSONAL) for _ in range(8)],
+        }
+        evidence.add_tokens([text for texts in groups.values() for text in texts])
+
+        def ask(token: str) -> httpx.Response:
+            return client.post(
+                "/v1/introspect", data={"token": token}, headers={"Authorization": f"Bearer {key}"}
+            )
+
+        for texts in groups.values():  # warm-up: connections, the refusal limiter's first rows
+            for text in texts:
+                ask(text)
+        times: dict[str, list[float]] = {name: [] for name in groups}
+        bodies: dict[str, set[bytes]] = {name: set() for name in groups}
+        for number in range(LEAK_ROUNDS):
+            for name, texts in groups.items():
+                seconds, response = _timed(ask, texts[number % len(texts)])
+                times[name].append(seconds)
+                bodies[name].add(response.content)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        figures.set(
+            rounds_per_group=LEAK_ROUNDS,
+            **{f"{name}_ms": round(m * 1000, 2) for name, m in medians.items()},
+            bodies=sorted({body.decode() for found in bodies.values() for body in found}),
+        )
+        figures.publish(evidence.root)
+    assert all(found == {b'{"active":false}'} for found in bodies.values()), bodies
+    fastest = min(medians.values())
+    slack = max(TIMING_SLACK_S, TIMING_SLACK_RATIO * fastest)
+    assert max(medians.values()) - fastest <= slack, medians
