@@ -598,7 +598,9 @@ def removal_outcome(session: Session, prefix: str) -> dict[str, Any]:
     session.expire_all()
     events = {
         e.id: (e.status, e.reason, sorted(tokens[t] for t in (e.result or {}).get("revoked", [])))
-        for e in session.scalars(select(InboxEvent).where(InboxEvent.id.like(f"{prefix}-%")))
+        for e in session.scalars(
+            select(InboxEvent).where(InboxEvent.id.like(f"{prefix}-%")).order_by(InboxEvent.id)
+        )
     }
     revoked = sorted(
         (label, t.revoke_reason)
