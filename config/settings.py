@@ -108,6 +108,38 @@ def _networks(value: Any) -> Any:
         raise ValueError(f"expected addresses or networks such as 10.0.0.0/8: {error}") from None
 
 
+def _scim_groups(value: Any) -> Any:
+    """``Group=org:role`` pairs, comma-separated, or ``@PATH``: a file of them, one a line."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read {text[1:]}: {error}") from None
+        parts = [line.strip() for line in text.splitlines()]
+    else:
+        parts = [part.strip() for part in text.split(",")]
+    grants: dict[str, tuple[str, str]] = {}
+    for part in parts:
+        if not part or part.startswith("#"):
+            continue
+        group, _, grant = part.rpartition("=")
+        org, _, role = grant.strip().rpartition(":")
+        if not group.strip() or not org.strip() or role.strip() not in ("admin", "user"):
+            raise ValueError(f"expected 'Group name=org:admin' or '=org:user', not {part!r}")
+        key = group.strip().casefold()
+        if key in grants:
+            raise ValueError(f"the group {group.strip()!r} is mapped twice")
+        grants[key] = (org.strip(), role.strip())
+    return grants
+
+
+# SCIM group display name (case-folded) -> (organization, role) it grants.
+ScimGroups = Annotated[dict[str, tuple[str, str]], NoDecode, BeforeValidator(_scim_groups)]
+
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Comma-separated addresses or CIDR networks (host bits clear).
 Networks = Annotated[tuple[Network, ...], NoDecode, BeforeValidator(_networks)]
@@ -147,6 +179,9 @@ class Settings(BaseSettings):
     # How far ahead of the receiver's clock an event's time may be; further ahead is refused.
     max_clock_skew_s: float = 300.0
     queue: str = "tokenwarden"
+    # Bearer tokens of the identity providers that call /scim/v2 (producer/scim/).
+    scim_tokens: Keys = ()
+    scim_groups: ScimGroups = {}
     # A worker touches this file every few seconds while it consumes (a liveness check).
     worker_heartbeat_file: Path | None = None
 
@@ -270,6 +305,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}INTROSPECTION_KEYS: must not repeat a key of "
                 f"{ENV_PREFIX}PRODUCER_KEYS: give each door keys of its own"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scim_keys_apart(self) -> Self:
+        if set(self.scim_tokens) & (set(self.producer_keys) | set(self.introspection_keys)):
+            raise ValueError(
+                f"{ENV_PREFIX}SCIM_TOKENS: must not repeat a producer or introspection key: "
+                "give each door keys of its own"
             )
         return self
 

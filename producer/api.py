@@ -27,6 +27,7 @@ from tokenwarden.producer.github import GitHubKeys
 from tokenwarden.producer.intake import Refused
 from tokenwarden.producer.metrics import RequestMetrics
 from tokenwarden.producer.routes import events, health, leaks
+from tokenwarden.producer.scim import routes as scim
 from tokenwarden.producer.serving import BODY_TIMED_OUT
 
 # The status a request is counted under when its client left before it was read (nginx's).
@@ -79,6 +80,7 @@ def create_app(
     app.include_router(health.router(metrics_key=settings.metrics_key))
     app.include_router(introspection.router(settings, check))
     app.include_router(forward_auth.router(settings, check, registry=shared.metrics.registry))
+    app.include_router(scim.router(settings))
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
 

@@ -326,3 +326,48 @@ Index(
     postgresql_where=text("action = 'expire'"),
     sqlite_where=text("action = 'expire'"),
 )
+
+
+class ScimUser(Base):
+    """A user as an identity provider provisioned it over SCIM (producer/scim/).
+
+    ``user_id`` is tokenwarden's user id, the ``userName`` at creation; it never changes, so a
+    rename in the identity provider keeps the user's memberships and tokens.
+    """
+
+    __tablename__ = "scim_users"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(200))
+    # userName is unique case-insensitively (RFC 7643 §4.1.1): its lower-case form is the key.
+    user_name_key: Mapped[str] = mapped_column(String(200), unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(300), index=True)
+    user_id: Mapped[str] = mapped_column(String(200), index=True)
+    active: Mapped[bool] = mapped_column(Boolean)
+    resource: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ScimGroup(Base):
+    __tablename__ = "scim_groups"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(300))
+    display_name_key: Mapped[str] = mapped_column(String(300), unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(300), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ScimMember(Base):
+    __tablename__ = "scim_members"
+
+    group_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("scim_groups.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_scim_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("scim_users.id", ondelete="CASCADE"), primary_key=True
+    )
+
+    __table_args__ = (Index(None, "user_scim_id"),)

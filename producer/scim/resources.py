@@ -1,0 +1,303 @@
+"""SCIM resources in and out: bodies checked, filters read and PATCH applied by scim2-models.
+
+What real identity providers send is taken as they send it: Entra's ``"Replace"``/``"Add"``
+operations and ``"False"``/``"True"`` strings (scim2-models reads both), Entra's removal of
+group members with ``path: "members"`` and the members as ``value`` (turned into one filtered
+removal per member, which is what the RFC spells), Okta's operations without a ``path`` whose
+value is an object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Final
+
+from pydantic import ValidationError
+from scim2_models import (
+    AuthenticationScheme,
+    Bulk,
+    ChangePassword,
+    Context,
+    EnterpriseUser,
+    ETag,
+    Filter,
+    Group,
+    Patch,
+    PatchOp,
+    ResourceType,
+    SCIMException,
+    ScimFilter,
+    ServiceProviderConfig,
+    Sort,
+    User,
+)
+from scim2_models.path import AttrPath, CompareOperator, Comparison, LogicalExpr, LogicalOperator
+
+from tokenwarden.producer.scim.errors import ScimError, invalid
+from tokenwarden.worker.domain.models import ScimGroup, ScimUser
+
+UserModel: Final = User[EnterpriseUser]
+MAX_RESULTS: Final = 1000
+# Kept out of the store and of every answer: a password is never returned (RFC 7643 §4.1.1)
+# and tokenwarden has no use for one; groups are computed from the memberships.
+_NOT_STORED: Final = ("password", "groups", "id", "meta")
+_DUMP: Final[dict[str, Any]] = {"mode": "json", "by_alias": True, "exclude_none": True}
+# Filterable attributes (case-insensitive) and the column each compares with.
+USER_FILTERS: Final = {"username": "user_name_key", "externalid": "external_id", "id": "id"}
+GROUP_FILTERS: Final = {"displayname": "display_name_key", "externalid": "external_id", "id": "id"}
+
+
+def _validated(model: Any, body: Any, context: Context, what: str) -> Any:
+    if not isinstance(body, dict):
+        raise ScimError(400, f"invalid {what}: the body must be a JSON object", "invalidSyntax")
+    try:
+        return model.model_validate(body, scim_ctx=context)
+    except (ValidationError, SCIMException, ValueError, TypeError) as error:
+        raise invalid(error, what=what) from None
+
+
+def user_resource(body: Any, context: Context) -> dict[str, Any]:
+    """The user as stored: what the client sent that SCIM defines, checked."""
+    user = _validated(UserModel, body, context, "user")
+    resource: dict[str, Any] = user.model_dump(**_DUMP)
+    for name in _NOT_STORED:
+        resource.pop(name, None)
+    return resource
+
+
+def group_parts(body: Any, context: Context) -> tuple[str, str | None, list[str]]:
+    """(displayName, externalId, member ids) of a group body."""
+    group = _validated(Group, body, context, "group")
+    return _group_fields(group)
+
+
+def _group_fields(group: Group) -> tuple[str, str | None, list[str]]:
+    name = group.display_name
+    if not isinstance(name, str) or not name.strip() or len(name) > 300:
+        raise ScimError(400, "displayName: required, at most 300 characters", "invalidValue")
+    members: list[str] = []
+    for member in group.members or []:
+        if not member.value:
+            raise ScimError(400, "members: each member needs a value", "invalidValue")
+        if member.type is not None and str(member.type).lower() != "user":
+            raise ScimError(400, "members: only users can be members", "invalidValue")
+        members.append(member.value)
+    return name, group.external_id, list(dict.fromkeys(members))
+
+
+def _meta(kind: str, location: str, created: datetime, modified: datetime) -> dict[str, Any]:
+    return {
+        "resourceType": kind,
+        "created": created.isoformat(),
+        "lastModified": modified.isoformat(),
+        "location": location,
+    }
+
+
+def user_body(user: ScimUser, base: str, groups: list[tuple[str, str]]) -> dict[str, Any]:
+    body = {**user.resource, "id": user.id, "userName": user.user_name, "active": user.active}
+    if groups:
+        body["groups"] = [
+            {"value": gid, "display": name, "$ref": f"{base}/Groups/{gid}"} for gid, name in groups
+        ]
+    body["meta"] = _meta("User", f"{base}/Users/{user.id}", user.created_at, user.updated_at)
+    return body
+
+
+def group_body(group: ScimGroup, base: str, members: list[tuple[str, str]]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+        "id": group.id,
+        "displayName": group.display_name,
+        "members": [
+            {"value": uid, "display": name, "$ref": f"{base}/Users/{uid}", "type": "User"}
+            for uid, name in members
+        ],
+    }
+    if group.external_id is not None:
+        body["externalId"] = group.external_id
+    location = f"{base}/Groups/{group.id}"
+    body["meta"] = _meta("Group", location, group.created_at, group.updated_at)
+    return body
+
+
+# --- PATCH ------------------------------------------------------------------------------
+
+
+def _operations(body: Any) -> Any:
+    """Entra's removal of members by value, as the RFC spells it: one filtered path each."""
+    if not isinstance(body, dict) or not isinstance(body.get("Operations"), list):
+        return body
+    operations: list[Any] = []
+    for operation in body["Operations"]:
+        if (
+            isinstance(operation, dict)
+            and str(operation.get("op", "")).lower() == "remove"
+            and str(operation.get("path", "")).lower() == "members"
+            and isinstance(operation.get("value"), list)
+        ):
+            for member in operation["value"]:
+                value = member.get("value") if isinstance(member, dict) else None
+                if not isinstance(value, str):
+                    raise ScimError(400, "members: each member needs a value", "invalidValue")
+                path = f"members[value eq {ScimFilter.quote(value)}]"
+                operations.append({"op": "remove", "path": path})
+        else:
+            operations.append(operation)
+    return {**body, "Operations": operations}
+
+
+def _patched(model: Any, current: Any, body: Any) -> Any:
+    patch = _validated(PatchOp[model], _operations(body), Context.RESOURCE_PATCH_REQUEST, "patch")
+    try:
+        patch.patch(current)
+    except (ValidationError, SCIMException, ValueError, TypeError, KeyError) as error:
+        raise invalid(error, what="patch") from None
+    return current
+
+
+def patch_user(user: ScimUser, body: Any) -> dict[str, Any]:
+    current = UserModel.model_validate(
+        {**user.resource, "id": user.id, "userName": user.user_name, "active": user.active}
+    )
+    patched = _patched(UserModel, current, body)
+    # Checked again as a whole, as a replacement would be.
+    return user_resource(patched.model_dump(**_DUMP), Context.RESOURCE_REPLACEMENT_REQUEST)
+
+
+def patch_group(
+    group: ScimGroup, members: list[tuple[str, str]], body: Any
+) -> tuple[str, str | None, list[str]]:
+    current = Group.model_validate(
+        {
+            "id": group.id,
+            "displayName": group.display_name,
+            "externalId": group.external_id,
+            "members": [{"value": uid} for uid, _ in members] or None,
+        }
+    )
+    return _group_fields(_patched(Group, current, body))
+
+
+# --- queries ----------------------------------------------------------------------------
+
+
+def filter_terms(text: str | None, model: Any, columns: dict[str, str]) -> dict[str, Any]:
+    """column -> value of a filter of ``eq`` comparisons joined by ``and``; else a 400."""
+    if not text:
+        return {}
+    try:
+        node = ScimFilter[model](text).ast
+    except (SCIMException, ValueError, ValidationError) as error:
+        raise ScimError(400, f"filter: {error}", "invalidFilter") from None
+    terms: dict[str, Any] = {}
+    pending = [node]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, LogicalExpr) and node.op == LogicalOperator.and_:
+            pending.extend(node.terms)
+            continue
+        if not (isinstance(node, Comparison) and node.op == CompareOperator.eq):
+            raise ScimError(400, "filter: only 'eq' comparisons joined by 'and'", "invalidFilter")
+        column = _column(node.attr_path, columns)
+        value = node.value
+        if not isinstance(value, str):
+            raise ScimError(400, "filter: compare with a string", "invalidFilter")
+        value = value.casefold() if column.endswith("_key") else value
+        if terms.get(column, value) != value:
+            terms[column] = None  # two different values: nothing matches
+        else:
+            terms[column] = value
+    return terms
+
+
+def _column(path: AttrPath, columns: dict[str, str]) -> str:
+    name = path.attr.rpartition(":")[2].lower()
+    if path.sub_attr is not None or name not in columns:
+        raise ScimError(400, f"filter: cannot filter on {str(path)[:80]!r}", "invalidFilter")
+    return columns[name]
+
+
+def paging(start_index: str | None, count: str | None) -> tuple[int, int]:
+    """(1-based start, count) from the query, as RFC 7644 §3.4.2.4 reads them."""
+    try:
+        start = int(start_index) if start_index else 1
+        size = int(count) if count else 100
+    except ValueError:
+        raise ScimError(400, "startIndex and count must be integers", "invalidValue") from None
+    return max(start, 1), min(max(size, 0), MAX_RESULTS)
+
+
+def projected(body: dict[str, Any], attributes: str | None, excluded: str | None) -> dict[str, Any]:
+    """``body`` with only ``attributes``, or without ``excludedAttributes`` (top level)."""
+    always = {"id", "schemas", "meta"}
+    if attributes:
+        keep = {_top(name) for name in attributes.split(",")} | always
+        return {k: v for k, v in body.items() if k.lower() in keep}
+    if excluded:
+        drop = {_top(name) for name in excluded.split(",")} - always
+        return {k: v for k, v in body.items() if k.lower() not in drop}
+    return body
+
+
+def _top(name: str) -> str:
+    return name.strip().rpartition(":")[2].split(".")[0].lower()
+
+
+def list_body(resources: list[dict[str, Any]], total: int, start: int) -> dict[str, Any]:
+    return {
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:ListResponse"],
+        "totalResults": total,
+        "itemsPerPage": len(resources),
+        "startIndex": start,
+        "Resources": resources,
+    }
+
+
+# --- discovery --------------------------------------------------------------------------
+
+_QUERY: Final[dict[str, Any]] = {**_DUMP, "scim_ctx": Context.RESOURCE_QUERY_RESPONSE}
+
+
+def _with_meta(body: dict[str, Any], kind: str, location: str) -> dict[str, Any]:
+    return {**body, "meta": {"resourceType": kind, "location": location}}
+
+
+def service_provider_config(base: str) -> dict[str, Any]:
+    config = ServiceProviderConfig(
+        documentation_uri=None,
+        patch=Patch(supported=True),
+        bulk=Bulk(supported=False, max_operations=0, max_payload_size=0),
+        filter=Filter(supported=True, max_results=MAX_RESULTS),
+        change_password=ChangePassword(supported=False),
+        sort=Sort(supported=False),
+        etag=ETag(supported=False),
+        authentication_schemes=[
+            AuthenticationScheme(
+                type="oauthbearertoken",
+                name="Bearer token",
+                description="A token of TOKENWARDEN_SCIM_TOKENS as 'Authorization: Bearer TOKEN'",
+                primary=True,
+            )
+        ],
+    )
+    body = config.model_dump(**_QUERY)
+    return _with_meta(body, "ServiceProviderConfig", f"{base}/ServiceProviderConfig")
+
+
+def schemas(base: str) -> list[dict[str, Any]]:
+    made: list[Callable[[], Any]] = [User.to_schema, EnterpriseUser.to_schema, Group.to_schema]
+    found = []
+    for make in made:
+        body = make().model_dump(**_QUERY)
+        found.append(_with_meta(body, "Schema", f"{base}/Schemas/{body['id']}"))
+    return found
+
+
+def resource_types(base: str) -> list[dict[str, Any]]:
+    found = []
+    for model in (UserModel, Group):
+        body = ResourceType.from_resource(model).model_dump(**_QUERY)
+        found.append(_with_meta(body, "ResourceType", f"{base}/ResourceTypes/{body['id']}"))
+    return found
