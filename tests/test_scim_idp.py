@@ -181,9 +181,7 @@ def test_okta_provisions_removes_from_a_group_deactivates_and_reactivates(
     assert "password" not in created
     acme, globex = idp.group("Acme Engineers"), idp.group("Globex Engineers")
     for group in (acme, globex):
-        idp.patch(
-            "Groups", group, {"op": "add", "path": "members", "value": [{"value": scim_id}]}
-        )
+        idp.patch("Groups", group, {"op": "add", "path": "members", "value": [{"value": scim_id}]})
     settled(live, user, {"acme": "user", "globex": "user"})
     held = tokens(live, user)
 
