@@ -96,7 +96,9 @@ def _meta(kind: str, location: str, created: datetime, modified: datetime) -> di
 
 
 def user_body(user: ScimUser, base: str, groups: list[tuple[str, str]]) -> dict[str, Any]:
-    body = {**user.resource, "id": user.id, "userName": user.user_name, "active": user.active}
+    body = {**user.resource, "id": user.id, "userName": user.user_name}
+    if "active" in user.resource or not user.active:  # absent means active (store.py)
+        body["active"] = user.active
     if groups:
         body["groups"] = [
             {"value": gid, "display": name, "$ref": f"{base}/Groups/{gid}"} for gid, name in groups
@@ -158,9 +160,7 @@ def _patched(model: Any, current: Any, body: Any) -> Any:
 
 
 def patch_user(user: ScimUser, body: Any) -> dict[str, Any]:
-    current = UserModel.model_validate(
-        {**user.resource, "id": user.id, "userName": user.user_name, "active": user.active}
-    )
+    current = UserModel.model_validate({**user.resource, "id": user.id})
     patched = _patched(UserModel, current, body)
     # Checked again as a whole, as a replacement would be.
     return user_resource(patched.model_dump(**_DUMP), Context.RESOURCE_REPLACEMENT_REQUEST)

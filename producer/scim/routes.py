@@ -32,6 +32,13 @@ PREFIX: Final = "/scim/v2"
 MAX_BODY: Final = 1024 * 1024  # Okta and Entra send a few KiB; a group of 10,000 fits
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
+_DISCOVERY: Final = (
+    "/ServiceProviderConfig",
+    "/Schemas",
+    "/Schemas/{id}",
+    "/ResourceTypes",
+    "/ResourceTypes/{id}",
+)
 
 
 def scim_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -61,9 +68,30 @@ async def _body(request: Request) -> Any:
         if len(data) > MAX_BODY:
             raise too_large
     try:
-        return json.loads(data)
+        body = json.loads(data)
     except (ValueError, RecursionError):
         raise ScimError(400, "the body is not valid JSON", "invalidSyntax") from None
+    _storable(body)
+    return body
+
+
+def _storable(value: Any) -> None:
+    """Refuse text the token store cannot keep: a NUL character, a lone surrogate."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str) and ("\x00" in item or not item.isprintable()):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ScimError(400, "strings must be valid Unicode", "invalidValue") from None
+            if "\x00" in item:
+                raise ScimError(400, "strings cannot contain NUL characters", "invalidValue")
 
 
 def _guarded(settings: Settings, handler: Handler) -> Handler:
@@ -327,6 +355,10 @@ async def unknown(request: Request) -> Response:
     raise ScimError(404, f"no such SCIM endpoint: {request.url.path[:120]}")
 
 
+async def read_only(request: Request) -> Response:
+    raise ScimError(405, f"{request.method} is not allowed here", None, {"Allow": "GET"})
+
+
 def router(settings: Settings) -> APIRouter:
     """The SCIM endpoints under ``/scim/v2``."""
     schemas, schema = _listing(resources.schemas, "schema")
@@ -349,6 +381,7 @@ def router(settings: Settings) -> APIRouter:
         ("/Schemas/{id}", schema, ["GET"]),
         ("/ResourceTypes", types, ["GET"]),
         ("/ResourceTypes/{id}", one_type, ["GET"]),
+        *[(path, read_only, ["POST", "PUT", "PATCH", "DELETE"]) for path in _DISCOVERY],
         ("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     scim = APIRouter()
