@@ -430,3 +430,33 @@ def test_scim2_tester_finds_no_deviation_beyond_the_listed_ones(live_server: str
         name = result.title if result.title in KNOWN_DEVIATIONS else f"{result.title}:{kind}"
         failed.add((name, result.reason if name not in KNOWN_DEVIATIONS else ""))
     assert {name for name, _ in failed} <= KNOWN_DEVIATIONS, sorted(failed)
+
+
+ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+
+
+def test_entras_attribute_updates_are_taken_as_sent_and_cause_no_event(
+    api: TestClient, store: Store
+) -> None:
+    user = new_user(api, "ada@example.com", emails=[{"value": "ada@example.com", "type": "work"}])
+    for operation in (
+        {"op": "Replace", "path": "displayName", "value": "Ada L"},
+        {"op": "Add", "path": 'emails[type eq "work"].value', "value": "ada@contoso.example"},
+        {"op": "Add", "path": 'phoneNumbers[type eq "mobile"].value', "value": "+1 555 0100"},
+        {"op": "Replace", "path": "name.givenName", "value": "Ada"},
+        {"op": "Add", "path": f"{ENTERPRISE}:department", "value": "R&D"},
+        {"op": "Add", "path": f"{ENTERPRISE}:manager", "value": "a-manager-id"},
+        {"op": "Replace", "path": "userName", "value": "ada.lovelace@example.com"},
+        {"op": "Replace", "value": {"externalId": "x-1", "active": "True"}},
+    ):
+        answer = api.patch(f"/scim/v2/Users/{user}", json=patch(operation))
+        assert answer.status_code == 200, (operation, answer.text)
+    body = api.get(f"/scim/v2/Users/{user}").json()
+    assert body["phoneNumbers"] == [{"type": "mobile", "value": "+1 555 0100"}]
+    assert body["emails"][0]["value"] == "ada@contoso.example"
+    assert body[ENTERPRISE]["manager"]["value"] == "a-manager-id"
+    assert body["userName"] == "ada.lovelace@example.com"
+    assert counts(store)[3] == 0
+    with db.transaction(store.engine) as session:
+        # Renamed in the identity provider, still the same tokenwarden user.
+        assert session.scalars(select(ScimUser.user_id)).one() == "ada@example.com"

@@ -9,6 +9,7 @@ value is an object.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
@@ -38,6 +39,7 @@ from tokenwarden.producer.scim.errors import ScimError, invalid
 from tokenwarden.worker.domain.models import ScimGroup, ScimUser
 
 UserModel: Final = User[EnterpriseUser]
+ENTERPRISE: Final = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 MAX_RESULTS: Final = 1000
 # Kept out of the store and of every answer: a password is never returned (RFC 7643 §4.1.1)
 # and tokenwarden has no use for one; groups are computed from the memberships.
@@ -57,9 +59,25 @@ def _validated(model: Any, body: Any, context: Context, what: str) -> Any:
         raise invalid(error, what=what) from None
 
 
+def _with_manager_ref(body: Any) -> Any:
+    """A manager as Entra sends it, ``{"value": id}``, with the ``$ref`` scim2-models requires."""
+    extension = body.get(ENTERPRISE) if isinstance(body, dict) else None
+    if not isinstance(extension, dict):
+        return body
+    manager = extension.get("manager")
+    if (
+        isinstance(manager, dict)
+        and isinstance(manager.get("value"), str)
+        and not manager.get("$ref")
+    ):
+        manager = {**manager, "$ref": f"../Users/{manager['value']}"}
+        return {**body, ENTERPRISE: {**extension, "manager": manager}}
+    return body
+
+
 def user_resource(body: Any, context: Context) -> dict[str, Any]:
     """The user as stored: what the client sent that SCIM defines, checked."""
-    user = _validated(UserModel, body, context, "user")
+    user = _validated(UserModel, _with_manager_ref(body), context, "user")
     resource: dict[str, Any] = user.model_dump(**_DUMP)
     for name in _NOT_STORED:
         resource.pop(name, None)
@@ -159,9 +177,43 @@ def _patched(model: Any, current: Any, body: Any) -> Any:
     return current
 
 
+# Entra's way to set one typed value of a multi-valued attribute, e.g.
+# phoneNumbers[type eq "mobile"].value, also when the user has no value of that type yet.
+_TYPED_VALUE: Final = re.compile(r'^(\w+)\[type eq "([^"\\]*)"\]\.(\w+)$', re.IGNORECASE)
+
+
+def _entra_user_operations(resource: dict[str, Any], body: Any) -> Any:
+    """Entra's user PATCHes as the RFC spells them: a typed value the user lacks is added
+    (Entra expects it created), a manager sent as a bare id is ``{"value": id}``."""
+    if not isinstance(body, dict) or not isinstance(body.get("Operations"), list):
+        return body
+    operations = [
+        _entra_operation(resource, operation)
+        if isinstance(operation, dict)
+        and str(operation.get("op", "")).lower() in ("add", "replace")
+        else operation
+        for operation in body["Operations"]
+    ]
+    return {**body, "Operations": operations}
+
+
+def _entra_operation(resource: dict[str, Any], operation: dict[str, Any]) -> dict[str, Any]:
+    path, value = str(operation.get("path") or ""), operation.get("value")
+    if path.lower().endswith(":manager") and isinstance(value, str):
+        return {**operation, "value": {"value": value, "$ref": f"../Users/{value}"}}
+    typed = _TYPED_VALUE.match(path)
+    if typed is None:
+        return operation
+    attribute, kind, sub = typed.groups()
+    present = next((v for k, v in resource.items() if k.lower() == attribute.lower()), None)
+    if any(isinstance(i, dict) and i.get("type") == kind for i in present or []):
+        return operation
+    return {"op": "add", "path": attribute, "value": [{"type": kind, sub: value}]}
+
+
 def patch_user(user: ScimUser, body: Any) -> dict[str, Any]:
     current = UserModel.model_validate({**user.resource, "id": user.id})
-    patched = _patched(UserModel, current, body)
+    patched = _patched(UserModel, current, _entra_user_operations(user.resource, body))
     # Checked again as a whole, as a replacement would be.
     return user_resource(patched.model_dump(**_DUMP), Context.RESOURCE_REPLACEMENT_REQUEST)
 
