@@ -8,6 +8,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -460,3 +461,38 @@ def test_entras_attribute_updates_are_taken_as_sent_and_cause_no_event(
     with db.transaction(store.engine) as session:
         # Renamed in the identity provider, still the same tokenwarden user.
         assert session.scalars(select(ScimUser.user_id)).one() == "ada@example.com"
+
+
+def test_concurrent_group_changes_for_one_user_end_with_admin(
+    live_server: str, store: Store
+) -> None:
+    """Two groups granting one organization, joined at the same moment: whichever commits
+    second sees the first, so the events applied in order leave the user an admin."""
+    with httpx.Client(base_url=live_server, headers=AUTH, timeout=30) as http:
+        groups = {}
+        for name in ("Acme Admins", "Acme Engineers"):
+            body = {"schemas": [GROUP], "displayName": name}
+            groups[name] = http.post("/Groups", json=body).json()["id"]
+        users = []
+        for n in range(12):
+            body = {"schemas": [USER], "userName": f"racer{n}@example.com"}
+            users.append(http.post("/Users", json=body).json()["id"])
+
+        def join(group: str, user: str) -> int:
+            member = patch({"op": "add", "path": "members", "value": [{"value": user}]})
+            return http.patch(f"/Groups/{group}", json=member).status_code
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            jobs = [
+                pool.submit(join, groups[name], user)
+                for user in users
+                for name in ("Acme Engineers", "Acme Admins")
+            ]
+            assert {job.result() for job in jobs} == {200}
+    with db.transaction(store.engine) as session:
+        events = session.scalars(select(InboxEvent).order_by(InboxEvent.time, InboxEvent.id))
+        role: dict[str, str] = {}
+        for event in events:
+            if event.type in ("membership.added", "membership.role_changed"):
+                role[event.data["user_id"]] = event.data["role"]
+    assert role == {f"racer{n}@example.com": "admin" for n in range(12)}

@@ -19,6 +19,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from tokenwarden.producer.scim.errors import ScimError
+from tokenwarden.worker.domain import clock
 from tokenwarden.worker.domain.events import CloudEvent
 from tokenwarden.worker.domain.inbox import Stored, store_events
 from tokenwarden.worker.domain.models import ScimGroup, ScimMember, ScimUser
@@ -141,7 +142,9 @@ class ScimStore:
                 "id": f"scim-{uuid.uuid4()}",
                 "source": SOURCE,
                 "type": kind,
-                "time": self.now,
+                # Taken now, with the users' rows locked: a write that waited for another
+                # one's lock orders its events after the other's.
+                "time": clock.now(),
                 "data": body,
             }
         )
