@@ -45,6 +45,10 @@ def scim_json(body: Any, status: int = 200, headers: dict[str, str] | None = Non
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
+def _created(body: dict[str, Any]) -> Response:
+    return scim_json(body, 201, {"Location": body["meta"]["location"]})
+
+
 def _authenticate(request: Request, tokens: tuple[str, ...]) -> None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     matched = False
@@ -168,8 +172,7 @@ async def create_user(request: Request) -> Response:
     def work(store: ScimStore) -> dict[str, Any]:
         return _user_answer(store, store.add_user(resource), base)
 
-    body = await _write(request, work)
-    return scim_json(body, 201, {"Location": body["meta"]["location"]})
+    return _created(await _write(request, work))
 
 
 async def get_user(request: Request) -> Response:
@@ -246,8 +249,7 @@ async def create_group(request: Request) -> Response:
     def work(store: ScimStore) -> dict[str, Any]:
         return _group_answer(store, store.add_group(*parts), base)
 
-    body = await _write(request, work)
-    return scim_json(body, 201, {"Location": body["meta"]["location"]})
+    return _created(await _write(request, work))
 
 
 async def get_group(request: Request) -> Response:
