@@ -461,6 +461,9 @@ def test_entras_attribute_updates_are_taken_as_sent_and_cause_no_event(
     with db.transaction(store.engine) as session:
         # Renamed in the identity provider, still the same tokenwarden user.
         assert session.scalars(select(ScimUser.user_id)).one() == "ada@example.com"
+    # So no one else can be created under the old name while it is.
+    reused = {"schemas": [USER], "userName": "ada@example.com"}
+    scim_error(api.post("/scim/v2/Users", json=reused), 409, "uniqueness")
 
 
 def test_concurrent_group_changes_for_one_user_end_with_admin(
@@ -496,3 +499,22 @@ def test_concurrent_group_changes_for_one_user_end_with_admin(
             if event.type in ("membership.added", "membership.role_changed"):
                 role[event.data["user_id"]] = event.data["role"]
     assert role == {f"racer{n}@example.com": "admin" for n in range(12)}
+
+
+def test_a_broker_that_is_down_leaves_the_events_stored_for_the_redrive(
+    store: Store, tmp_path: Path
+) -> None:
+    settings = _settings(store, tmp_path, broker_url="amqp://guest:guest@127.0.0.1:1//")
+    celery_app = make_celery(settings)
+    celery_app.conf.broker_transport_options = {"max_retries": 0}
+    try:
+        with TestClient(create_app(settings, celery_app=celery_app), headers=AUTH) as api:
+            user = new_user(api)
+            group = new_group(api, "Acme Engineers", [user])
+            assert api.get(f"/scim/v2/Groups/{group}").json()["members"][0]["value"] == user
+        with db.transaction(store.engine) as session:
+            [pending] = session.scalars(select(InboxEvent)).all()
+        assert (pending.type, pending.status) == ("membership.added", "pending")
+    finally:
+        celery_app.close()
+        store.truncate()

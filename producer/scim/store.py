@@ -154,6 +154,10 @@ class ScimStore:
     def add_user(self, resource: dict[str, Any]) -> ScimUser:
         user_name = _user_name(resource)
         self._unique_user_name(user_name, None)
+        if self.session.scalars(select(ScimUser.id).where(ScimUser.user_id == user_name)).first():
+            # Another user was created under this name and renamed since: it is still this
+            # tokenwarden user, and two SCIM users must not share one.
+            raise ScimError(409, f"userName {user_name!r} is still another user's id", "uniqueness")
         user = ScimUser(
             id=str(uuid.uuid4()),
             user_name=user_name,
