@@ -26,6 +26,7 @@ from tokenwarden.producer.api import create_app
 from tokenwarden.producer.scim import store as scim_store
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.models import InboxEvent, ScimGroup, ScimMember, ScimUser
+from tokenwarden.worker.domain.scim import Standing, effects, grants
 from tokenwarden.worker.ops.supervisor import free_port
 from tokenwarden.worker.runtime.celery_app import make_celery
 
@@ -518,3 +519,29 @@ def test_a_broker_that_is_down_leaves_the_events_stored_for_the_redrive(
     finally:
         celery_app.close()
         store.truncate()
+
+
+def test_the_rules_admin_wins_in_any_order_and_an_inactive_user_joins_nothing() -> None:
+    group_map = {"admins": ("acme", "admin"), "devs": ("acme", "user"), "ops": ("globex", "user")}
+    assert grants(["devs", "Admins", "book club"], group_map) == {"acme": "admin"}
+    assert grants(["ADMINS", "devs", "ops"], group_map) == {"acme": "admin", "globex": "user"}
+    member = Standing(active=True, grants={"acme": "admin", "globex": "user"}, email="a@x.io")
+    gone = Standing(active=False, grants=member.grants)
+    assert effects("ada", member, member) == []
+    assert effects("ada", member, gone) == [("user.deactivated", {"user_id": "ada"})]
+    assert effects("ada", gone, Standing(active=False)) == []
+    assert effects("ada", gone, member) == [
+        (
+            "membership.added",
+            {"org_id": "acme", "user_id": "ada", "role": "admin", "email": "a@x.io"},
+        ),
+        (
+            "membership.added",
+            {"org_id": "globex", "user_id": "ada", "role": "user", "email": "a@x.io"},
+        ),
+    ]
+    demoted = Standing(active=True, grants={"acme": "user"}, email="a@x.io")
+    assert effects("ada", member, demoted) == [
+        ("membership.removed", {"org_id": "globex", "user_id": "ada"}),
+        ("membership.role_changed", {"org_id": "acme", "user_id": "ada", "role": "user"}),
+    ]
