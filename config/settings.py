@@ -134,6 +134,8 @@ class Settings(BaseSettings):
     gitlab_revocation_token: Key = None
     # When set, GET /metrics answers only 'Authorization: Bearer <this key>'.
     metrics_key: Key = None
+    # Off: no /docs and no /openapi.json (the API's description stays off a public address).
+    api_docs: bool = True
     reminder_days: Annotated[tuple[int, ...], NoDecode] = (60, 30, 7)
     sweep_interval_s: int = 300
     sweep_batch: int = 1000

@@ -22,6 +22,7 @@ from tokenwarden.config.settings import Settings, get_settings, keep_files_priva
 from tokenwarden.producer import forward_auth, introspection
 from tokenwarden.producer.app_state import AppState, log
 from tokenwarden.producer.auth import producer_bearer
+from tokenwarden.producer.docs import make_app
 from tokenwarden.producer.doors import token_check_for
 from tokenwarden.producer.github import GitHubKeys
 from tokenwarden.producer.intake import Refused
@@ -63,7 +64,8 @@ def create_app(
         if owns_celery:
             shared.celery_app.close()
 
-    app = FastAPI(
+    app = make_app(  # /docs served from local files, or switched off (producer/docs.py)
+        settings,
         title="tokenwarden producer API",
         summary="Membership, leak and revocation events for the token lifecycle worker.",
         version="1.0",
