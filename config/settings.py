@@ -174,7 +174,9 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a positive number of days, or empty to keep {kept}")
         return value
 
-    @field_validator("database_url", "broker_url", "notice_webhook_url", mode="before")
+    @field_validator(
+        "database_url", "broker_url", "notice_webhook_url", "notice_signing_secret", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return _blank_is_none(value)
