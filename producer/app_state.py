@@ -73,11 +73,11 @@ class AppState:
     def store_github(
         self, events: Sequence[CloudEvent], token_hashes: Sequence[str]
     ) -> tuple[Stored, set[str]]:
-        """Store the events and tell which hashes name usable tokens, in one transaction."""
+        """Store the events and tell which hashes name tokens we issued, in one transaction."""
         now = clock.now()
         with transaction(self.engine()) as session:
-            usable = github.usable_hashes(session, token_hashes, now=now)
-            return store_events(session, events, now=now), usable
+            ours = github.issued_hashes(session, token_hashes)
+            return store_events(session, events, now=now), ours
 
     async def guarded(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on the thread pool, its database failures turned into refusals."""

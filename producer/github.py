@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cache
 from typing import Any, Final, TypeVar
 
@@ -355,21 +354,20 @@ def leak_event(
     )
 
 
-def usable_hashes(session: Session, token_hashes: Collection[str], *, now: datetime) -> set[str]:
-    """Which of ``token_hashes`` name a token neither revoked nor expired, in one query.
+def issued_hashes(session: Session, token_hashes: Collection[str]) -> set[str]:
+    """Which of ``token_hashes`` name a token we issued, whatever its state, in one query.
 
-    Membership is not consulted: the PAT of someone who left but not yet revoked is a live
-    secret all the same (it would work again on a re-join), so it counts as a true positive.
+    A leak of one of our tokens is a true positive whether or not it still works: GitHub
+    resends a report it got no answer to, and by then the first report has had the token
+    revoked; calling that resend a false positive would tell the token's owner that a real
+    leak was a false alarm. The query is the same whatever the tokens' states, so its time
+    says nothing more than its answer, which only GitHub's signed requests receive.
     """
     if not token_hashes:
         return set()
     return set(
         session.scalars(
-            select(Token.token_hash).where(
-                Token.token_hash.in_(sorted(set(token_hashes))),
-                Token.revoked_at.is_(None),
-                Token.expires_at > now,
-            )
+            select(Token.token_hash).where(Token.token_hash.in_(sorted(set(token_hashes))))
         )
     )
 
@@ -400,14 +398,14 @@ def check_reports(reports: Sequence[GitHubReport]) -> list[Checked]:
     return checked
 
 
-def feedback(checked: Sequence[Checked], usable: Collection[str]) -> list[dict[str, str]]:
+def feedback(checked: Sequence[Checked], ours: Collection[str]) -> list[dict[str, str]]:
     """GitHub's feedback format: one label per report, in the order GitHub sent them."""
     return [
         {
             "token_hash": item.token_hash,
             "token_type": item.token_type,
             "label": TRUE_POSITIVE
-            if item.event is not None and item.token_hash in usable
+            if item.event is not None and item.token_hash in ours
             else FALSE_POSITIVE,
         }
         for item in checked

@@ -82,7 +82,7 @@ class GitHubFeedback(BaseModel):
     token_type: str = Field(description="The type GitHub sent for this match.")
     label: Literal["true_positive", "false_positive"] = Field(
         description=(
-            "true_positive: one of our tokens, neither revoked nor expired when reported; "
+            "true_positive: a token we issued, whatever its state (revoked, expired or live); "
             "false_positive otherwise. Every well-formed token goes to the worker either way."
         )
     )

@@ -352,9 +352,8 @@ def test_labels_each_report_and_stores_each_well_formed_one(github: GitHub, stor
     response = github.report([report(t) for t in [*well_formed, *malformed]])
     assert response.status_code == 200
     assert response.json() == [
-        label(ours, label="true_positive"),
-        label(app_token, label="true_positive"),
-        *(label(t, label="false_positive") for t in [revoked, expired, stranger, *malformed]),
+        *(label(t, label="true_positive") for t in [ours, app_token, revoked, expired]),
+        *(label(t, label="false_positive") for t in [stranger, *malformed]),
     ]
     rows = stored(store)
     assert sorted(row.data["token_hash"] for row in rows.values()) == sorted(
@@ -385,6 +384,31 @@ def test_the_worker_revokes_what_github_reported(github: GitHub, store: Store) -
     assert (token.state, token.revoke_reason) == ("revoked", "leaked")
     assert (entry.source, entry.actor, entry.reason) == ("github", "github:content", "leaked")
     assert entry.detail == {"source_url": REPO_URL, "reporter": "github:content"}
+
+
+def test_a_report_resent_after_the_worker_revoked_the_token_is_still_a_true_positive(
+    github: GitHub, store: Store
+) -> None:
+    ours, stranger = add_token(store), generate(TokenKind.PERSONAL)
+    batch = [report(ours), report(stranger)]
+    first = github.report(batch)
+    with transaction(store.engine) as session:
+        apply_pending(session, list(stored(store)), now=clock.now(), retryable=lambda _: False)
+    with transaction(store.engine) as session:
+        token = session.scalars(select(Token).where(Token.token_hash == hash_token(ours))).one()
+        assert token.state == "revoked"
+
+    second = github.report(batch)  # GitHub retries a delivery it got no answer to
+
+    assert second.status_code == 200
+    assert (
+        second.json()
+        == first.json()
+        == [
+            label(ours, label="true_positive"),
+            label(stranger, label="false_positive"),
+        ]
+    )
 
 
 def test_malformed_reports_never_reach_the_database(github: GitHub, store: Store) -> None:

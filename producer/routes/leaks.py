@@ -109,12 +109,12 @@ async def github_reports(
             raise Refused(401, "the signature does not match the body")
     checked = github.check_reports(github.decode_reports(body, GitHubReport))
     events = [item.event for item in checked if item.event is not None]
-    usable: set[str] = set()
+    ours: set[str] = set()
     if events:
         hashes = [event.data["token_hash"] for event in events]
-        stored, usable = await shared.guarded(shared.store_github, events, hashes)
+        stored, ours = await shared.guarded(shared.store_github, events, hashes)
         await shared.publish(events, stored)
-    answer = github.feedback(checked, usable)
+    answer = github.feedback(checked, ours)
     log.info(
         "leaks.reported",
         reporter=github.EVENT_SOURCE,
