@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     producer_key: Key = None
     github_keys_url: str = GITHUB_KEYS_URL
     gitlab_revocation_token: Key = None
+    # Requests a minute (and at once) per caller address on GitLab's revocation API, and for
+    # callers failing GitHub's signature checks; past it, 429 with Retry-After.
+    leak_rate_per_minute: float = 120.0
+    leak_rate_burst: int = 30
     # When set, GET /metrics answers only 'Authorization: Bearer <this key>'.
     metrics_key: Key = None
     reminder_days: Annotated[tuple[int, ...], NoDecode] = (60, 30, 7)
@@ -241,6 +245,13 @@ class Settings(BaseSettings):
     def _positive(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("must be a positive number")
+        return value
+
+    @field_validator("leak_rate_per_minute", "leak_rate_burst")
+    @classmethod
+    def _rate(cls, value: float) -> float:
+        if not 1 <= value <= 1_000_000:  # also refuses nan
+            raise ValueError("must be a number from 1 to 1000000")
         return value
 
     @field_validator("max_clock_skew_s")

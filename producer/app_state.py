@@ -26,6 +26,7 @@ from tokenwarden.producer.github import GitHubKeys
 from tokenwarden.producer.inbox_writer import InboxWriter
 from tokenwarden.producer.intake import Prepared, Refused, mask
 from tokenwarden.producer.metrics import ApiMetrics
+from tokenwarden.producer.rate_limit import CallerLimit
 from tokenwarden.producer.schemas import Readiness
 from tokenwarden.worker.domain import clock
 from tokenwarden.worker.domain.db import engine_for, reader, transaction
@@ -58,6 +59,9 @@ class AppState:
         self.metrics = ApiMetrics(self.engine)
         self.github_keys = github_keys or GitHubKeys(settings.github_keys_url)
         self.unverified = github.UnverifiedBytes()
+        rate = (settings.leak_rate_per_minute, settings.leak_rate_burst)
+        self.gitlab_limit = CallerLimit(*rate, what="revocation requests")
+        self.github_failures = CallerLimit(*rate, what="reports failing the signature checks")
         self.writer = InboxWriter(self.database_url, partial(publish_event_ids, celery_app))
         self._readiness: tuple[float, Readiness] | None = None  # (fresh until, answer)
         self._probing: asyncio.Future[Readiness] | None = None

@@ -306,24 +306,25 @@ def _array_of(model: type[Model]) -> TypeAdapter[list[Model]]:
     return TypeAdapter(list[model])  # type: ignore[valid-type]
 
 
-def decode_reports(body: bytes, model: type[Model]) -> list[Model]:
-    """The body as a JSON array of ``model``, else a 422 that never quotes the input."""
+def decode_reports(body: bytes, model: type[Model], *, status: int = 422) -> list[Model]:
+    """The body as a JSON array of ``model``, else ``status`` with a reason that never quotes
+    the input."""
     try:
         document = json.loads(body, parse_constant=_no_constants)
     except RecursionError:
-        raise Refused(422, "the body is nested too deeply") from None
+        raise Refused(status, "the body is nested too deeply") from None
     except ValueError as error:  # JSONDecodeError, bad UTF-8
         message = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8 text"
-        raise Refused(422, f"the body is not JSON: {message}") from None
+        raise Refused(status, f"the body is not JSON: {message}") from None
     if not isinstance(document, list):
-        raise Refused(422, "the body must be a JSON array of reports")
+        raise Refused(status, "the body must be a JSON array of reports")
     try:
         return _array_of(model).validate_python(document)
     except ValidationError as error:
         first = error.errors(include_input=False, include_url=False)[0]
         index, *field = first["loc"]
         where = f"report {index}" + (f": {'.'.join(str(part) for part in field)}" if field else "")
-        raise Refused(422, mask_tokens(f"{where}: {first['msg']}")) from None
+        raise Refused(status, mask_tokens(f"{where}: {first['msg']}")) from None
 
 
 def storable(text: str, limit: int) -> str:

@@ -814,7 +814,7 @@ def test_no_token_text_is_stored_logged_queued_or_echoed(
 def test_openapi_describes_the_github_endpoint(github: GitHub) -> None:
     schema = github.api.get("/openapi.json").json()
     post = schema["paths"][PATH]["post"]
-    assert set(post["responses"]) == {"200", "400", "401", "413", "422", "503"}
+    assert set(post["responses"]) == {"200", "400", "401", "413", "422", "429", "503"}
     assert "Retry-After" in post["responses"]["503"]["headers"]
     body = post["requestBody"]["content"]["application/json"]["schema"]
     assert body["type"] == "array"
@@ -825,3 +825,27 @@ def test_openapi_describes_the_github_endpoint(github: GitHub) -> None:
     assert answer["type"] == "array"
     feedback = schema["components"]["schemas"]["GitHubFeedback"]
     assert feedback["properties"]["label"]["enum"] == ["true_positive", "false_positive"]
+
+
+def test_callers_failing_the_signature_checks_are_rate_limited_and_github_is_not(
+    start: Start, store: Store
+) -> None:
+    github = start(leak_rate_per_minute=1, leak_rate_burst=4)
+    body = json.dumps([report(generate(TokenKind.PERSONAL))]).encode()
+    forged = Signer(key_id=github.signer.key_id)  # GitHub's key id, another private key
+    missing = {"Content-Type": "application/json"}
+    attempts = [
+        github.api.post(PATH, content=body, headers=forged.headers(body)) for _ in range(3)
+    ] + [github.api.post(PATH, content=body, headers=missing) for _ in range(20)]
+    assert [r.status_code for r in attempts[:4]] == [401, 401, 401, 400]
+    assert {r.status_code for r in attempts[4:]} == {429}
+    assert 1 <= int(attempts[-1].headers["Retry-After"]) <= 60
+    assert stored(store) == {}
+
+
+def test_many_signed_reports_are_never_rate_limited(start: Start, store: Store) -> None:
+    github = start(leak_rate_per_minute=1, leak_rate_burst=1)
+    tokens = [add_token(store) for _ in range(10)]
+    answers = [github.report([report(token)]) for token in tokens]
+    assert [r.status_code for r in answers] == [200] * 10
+    assert len(stored(store)) == 10

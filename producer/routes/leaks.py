@@ -32,12 +32,19 @@ from tokenwarden.producer.schemas import (
     gitlab_request_body,
 )
 
+_TOO_MANY: Final[dict[str, Any]] = {
+    "model": Problem,
+    "description": "Past the rate limit of this address (TOKENWARDEN_LEAK_RATE_PER_MINUTE); "
+    "on GitHub's endpoint only requests failing the signature checks count.",
+    "headers": RETRY_AFTER,
+}
 _GITHUB_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     200: {"description": "One label per reported token, in the order sent."},
     400: {"model": Problem, "description": "A signature header is missing."},
     401: {"model": Problem, "description": "Unknown key identifier, or a bad signature."},
     413: TOO_LARGE,
     422: {"model": Problem, "description": "Not a JSON array of reports; nothing was stored."},
+    429: _TOO_MANY,
     503: {
         "model": Problem,
         "description": "GitHub's keys or the token store are unavailable; nothing was stored.",
@@ -57,7 +64,12 @@ _GITLAB_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
         "description": f"The body is larger than {MAX_BODY_BYTES} bytes, or holds more than "
         f"{gitlab.MAX_REPORTS} tokens; nothing was stored.",
     },
-    422: {"model": Problem, "description": "Not a JSON array of tokens; nothing was stored."},
+    400: {
+        "model": Problem,
+        "description": "Not a JSON array of the documented objects, or a token type that "
+        "GET /v1/revocable_token_types does not list; nothing was stored. Not to be retried.",
+    },
+    429: _TOO_MANY,
     503: {
         "model": Problem,
         "description": "The token store is unavailable; nothing was stored.",
@@ -94,10 +106,14 @@ async def _github_key(shared: AppState, identifier: str) -> ec.EllipticCurvePubl
         raise Refused(401, f"unknown {IDENTIFIER_HEADER}") from None
 
 
-async def github_reports(
+def _caller(request: Request) -> str:
+    return request.client.host if request.client is not None else "-"
+
+
+async def _signed_body(
     shared: AppState, request: Request, identifier: str | None, signature: str | None
-) -> list[dict[str, str]]:
-    """GitHub's feedback on the signed reports in ``request``, once they are stored."""
+) -> bytes:
+    """The body of ``request``, once GitHub's signature over it is checked."""
     if not identifier or not signature:
         raise Refused(400, f"send the {IDENTIFIER_HEADER} and {SIGNATURE_HEADER} headers of GitHub")
     intake.check_declared_length(request.headers.get("content-length"))
@@ -107,6 +123,22 @@ async def github_reports(
         body = await intake.read_capped(request.stream(), take=take)
         if not github.signature_valid(key, body, signature):
             raise Refused(401, "the signature does not match the body")
+    return body
+
+
+async def github_reports(
+    shared: AppState, request: Request, identifier: str | None, signature: str | None
+) -> list[dict[str, str]]:
+    """GitHub's feedback on the signed reports in ``request``, once they are stored."""
+    caller = _caller(request)
+    # A caller whose requests keep failing the checks is held back before any work is done.
+    shared.github_failures.check(caller)
+    try:
+        body = await _signed_body(shared, request, identifier, signature)
+    except Refused as refused:
+        if refused.status in (400, 401):
+            shared.github_failures.charge(caller)
+        raise
     checked = github.check_reports(github.decode_reports(body, GitHubReport))
     events = [item.event for item in checked if item.event is not None]
     ours: set[str] = set()
@@ -127,10 +159,11 @@ async def github_reports(
 
 async def gitlab_reports(shared: AppState, request: Request, authorization: str | None) -> None:
     """Store a leak event for each revocable token in ``request``."""
+    shared.gitlab_limit.take(_caller(request))
     gitlab.authenticate(authorization, shared.settings.gitlab_revocation_token)
     intake.check_declared_length(request.headers.get("content-length"))
     body = await intake.read_capped(request.stream())
-    reports = github.decode_reports(body, GitLabReport)
+    reports = github.decode_reports(body, GitLabReport, status=400)
     events = gitlab.leak_events(reports)
     if events:
         stored = await shared.guarded(shared.store, events)
@@ -175,14 +208,16 @@ async def github_secret_scanning(
 @router.get(
     "/v1/revocable_token_types",
     response_model=RevocableTokenTypes,
-    responses={401: _GITLAB_UNAUTHORIZED},
+    responses={401: _GITLAB_UNAUTHORIZED, 429: _TOO_MANY},
     summary="GitLab Token Revocation API: token types",
 )
 async def revocable_token_types(
+    request: Request,
     shared: Shared,
     authorization: Annotated[str | None, Security(gitlab_token)],
 ) -> RevocableTokenTypes:
     """The finding types GitLab should send to POST /v1/revoke_tokens."""
+    shared.gitlab_limit.take(_caller(request))
     gitlab.authenticate(authorization, shared.settings.gitlab_revocation_token)
     return RevocableTokenTypes(types=list(gitlab.REVOCABLE_TYPES))
 
