@@ -20,6 +20,7 @@ from tokenwarden.producer.app_state import AppState, Shared, log
 from tokenwarden.producer.auth import gitlab_token
 from tokenwarden.producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER
 from tokenwarden.producer.intake import Refused, mask
+from tokenwarden.producer.key_cache import KeysUnavailable, UnknownKey
 from tokenwarden.producer.routes.responses import BEARER_CHALLENGE, RETRY_AFTER, TOO_LARGE
 from tokenwarden.producer.schemas import (
     MAX_BODY_BYTES,
@@ -94,7 +95,7 @@ async def _github_key(shared: AppState, identifier: str) -> ec.EllipticCurvePubl
     """GitHub's public key named ``identifier``; a 503 or 401 when there is none to use."""
     try:
         return await shared.github_keys.key(identifier)
-    except github.KeysUnavailable as error:
+    except KeysUnavailable as error:
         raise Refused(
             503,
             "GitHub's public keys cannot be fetched now; nothing was stored",
@@ -102,7 +103,7 @@ async def _github_key(shared: AppState, identifier: str) -> ec.EllipticCurvePubl
             cause=mask(error.cause),
             level="warning",
         ) from None
-    except github.UnknownKey:
+    except UnknownKey:
         raise Refused(401, f"unknown {IDENTIFIER_HEADER}") from None
 
 
