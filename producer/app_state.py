@@ -28,6 +28,7 @@ from tokenwarden.producer.intake import Prepared, Refused, mask
 from tokenwarden.producer.metrics import ApiMetrics
 from tokenwarden.producer.rate_limit import CallerLimit
 from tokenwarden.producer.schemas import Readiness
+from tokenwarden.producer.ssf.receiver import SsfReceiver
 from tokenwarden.worker.domain import clock
 from tokenwarden.worker.domain.db import engine_for, reader, transaction
 from tokenwarden.worker.domain.events import CloudEvent
@@ -62,6 +63,7 @@ class AppState:
         rate = (settings.leak_rate_per_minute, settings.leak_rate_burst)
         self.gitlab_limit = CallerLimit(*rate, what="revocation requests")
         self.github_failures = CallerLimit(*rate, what="reports failing the signature checks")
+        self.ssf = SsfReceiver(settings, self.metrics.registry)
         self.writer = InboxWriter(self.database_url, partial(publish_event_ids, celery_app))
         self._readiness: tuple[float, Readiness] | None = None  # (fresh until, answer)
         self._probing: asyncio.Future[Readiness] | None = None

@@ -159,7 +159,12 @@ def binary_event(headers: Iterable[tuple[str, str]], body: bytes) -> dict[str, A
 
 def prepare_binary(headers: Iterable[tuple[str, str]], body: bytes) -> list[Prepared]:
     """The one event of a binary-mode request, ready to store; else :class:`Refused`."""
-    return [_from_event(event) for event in validate([binary_event(headers, body)])]
+    return prepare_one(binary_event(headers, body))
+
+
+def prepare_one(raw: dict[str, Any]) -> list[Prepared]:
+    """One structured event, checked as :func:`prepare` checks each, ready to store."""
+    return [_from_event(event) for event in validate([raw])]
 
 
 async def read_capped(
