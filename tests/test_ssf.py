@@ -486,3 +486,54 @@ def test_a_compromised_or_revoked_credential_is_revoked_end_to_end(
     with live.session() as session:
         entries = session.scalars(select(AuditEntry).where(AuditEntry.token_id == aat.id))
         assert [e.action for e in entries if e.action == "revoke"] == ["revoke"]
+
+
+def test_a_jti_shaped_like_one_of_our_tokens_is_refused_not_stored(
+    api: TestClient, store: Store, transmitter: Transmitter
+) -> None:
+    from tokenwarden.worker.domain.tokens import generate
+
+    member_with_pat(store, email="jti@example.test")
+    claims = transmitter.claims(
+        *account_disabled("jti@example.test"), jti=generate(TokenKind.PERSONAL)
+    )
+    response = push(api, transmitter.sign(claims))
+    assert response.status_code == 400
+    assert response.json()["err"] == "invalid_request"
+    assert claims["jti"] not in response.text
+    assert inbox(store) == {}
+
+
+def test_openapi_describes_the_ssf_endpoint(api: TestClient) -> None:
+    operation = api.get("/openapi.json").json()["paths"][PATH]["post"]
+    assert set(operation["responses"]) == {"202", "400", "409", "503"}
+    assert list(operation["requestBody"]["content"]) == [MEDIA_TYPE]
+
+
+@pytest_slow
+def test_a_flood_of_forged_sets_fetches_no_more_keys_and_stores_nothing(
+    live: LiveStack, transmitter: Transmitter
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    email = f"{uuid.uuid4().hex[:8]}@example.test"
+    _, pat, _ = live_member(live, email)
+    claims = transmitter.claims(*account_disabled(email))
+    forged = [
+        transmitter.sign(claims | {"jti": f"forged-{n}"}, kid=f"made-up-{n}") for n in range(100)
+    ] + [transmitter.hs256_with_public_key(claims | {"jti": f"hs-{n}"}) for n in range(100)]
+    # The keys once fetched (a subject nobody has): while the very first fetch runs, SETs
+    # naming other kids are answered 503, to be sent again.
+    warm_up = transmitter.claims(*account_disabled("nobody@example.test"))
+    assert push(live.api_url, transmitter.sign(warm_up)).status_code == 202
+    before = transmitter.server.fetches
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda token: push(live.api_url, token), forged))
+    assert {a.status_code for a in answers} == {400}
+    assert {a.json()["err"] for a in answers} == {"invalid_key", "authentication_failed"}
+    assert transmitter.server.fetches - before <= 1
+    assert live.events(*[f"forged-{n}" for n in range(100)], *[f"hs-{n}" for n in range(100)]) == []
+    assert live.verify(pat.token).usable
+    # The transmitter's own SET still goes through.
+    assert push(live.api_url, transmitter.sign(claims)).status_code == 202
+    live.wait_for(lambda: live.verify(pat.token).reason == "revoked", message="the PAT revoked")

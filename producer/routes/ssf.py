@@ -45,6 +45,7 @@ _RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
             }
         },
     },
+    409: {"model": Problem, "description": "The jti was already used for another event."},
     503: {
         "model": Problem,
         "description": "The transmitter's keys or the token store are unavailable.",
@@ -108,7 +109,17 @@ async def ssf_events(request: Request, shared: Shared) -> Response:
         ) from None
     outcome = await shared.guarded(receiver.settle, shared.engine(), verified)
     if outcome.event is not None:
-        prepared = intake.prepare_one(outcome.event)
+        try:
+            prepared = intake.prepare_one(outcome.event)
+        except Refused as refused:  # a jti the inbox cannot take (shaped like a token, say)
+            log.info("ssf.refused", err="invalid_request", reason=refused.detail)
+            return JSONResponse(
+                {
+                    "err": "invalid_request",
+                    "description": f"the SET cannot be stored: {refused.detail}",
+                },
+                400,
+            )
         try:
             stored = await shared.writer.store(prepared)
         except Conflict as conflict:
