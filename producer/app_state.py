@@ -23,7 +23,7 @@ from tokenwarden.config.redaction import first_line
 from tokenwarden.config.settings import Settings
 from tokenwarden.producer import github
 from tokenwarden.producer.github import GitHubKeys
-from tokenwarden.producer.inbox_writer import InboxWriter
+from tokenwarden.producer.inbox_writer import InboxWriter, StoreUnavailable
 from tokenwarden.producer.intake import Prepared, Refused, mask
 from tokenwarden.producer.metrics import ApiMetrics
 from tokenwarden.producer.rate_limit import CallerLimit
@@ -111,6 +111,26 @@ class AppState:
             problem=problem,
         )
         return stored.accepted
+
+    async def store_prepared(self, events: Sequence[Prepared]) -> list[str]:
+        """Store ``events`` through the inbox writer and count them; their ids, each once.
+
+        :class:`Refused` with ``409`` for an id used for other content, ``503`` when the
+        store cannot take them (nothing of them stored either way).
+        """
+        try:
+            outcome = await self.writer.store(events)
+        except Conflict as conflict:
+            raise conflicting(conflict) from None
+        except StoreUnavailable as error:
+            raise unavailable(error.kind, str(error)) from None
+        self.record_accepted(
+            events,
+            outcome.accepted,
+            published=outcome.published,
+            problem=mask(outcome.publish_error) if outcome.publish_error else None,
+        )
+        return outcome.accepted
 
     def record_accepted(
         self,

@@ -19,6 +19,8 @@ from typing import Final, Generic, TypeVar
 import httpx
 import structlog
 
+from tokenwarden.producer.intake import Refused, mask
+
 log = structlog.get_logger(__name__)
 
 # A fetch of the keys, from connecting to the last byte; key documents come in well under a second.
@@ -47,6 +49,17 @@ class UnknownKey(Exception):
 
 class FetchFailed(Exception):
     """Why a fetch of the keys gave nothing usable."""
+
+
+def keys_unavailable(error: KeysUnavailable, whose: str) -> Refused:
+    """The 503 for a request whose signature cannot be checked now: send it again later."""
+    return Refused(
+        503,
+        f"{whose} keys cannot be fetched now; nothing was stored",
+        headers={"Retry-After": str(error.retry_after)},
+        cause=mask(error.cause),
+        level="warning",
+    )
 
 
 class PacedKeys(Generic[K]):

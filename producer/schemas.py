@@ -193,7 +193,9 @@ def request_body() -> dict[str, Any]:
         "required": True,
         "description": (
             f"One CloudEvent (structured JSON) or a JSON array of 1 to {MAX_BATCH}; "
-            f"at most {MAX_BODY_BYTES} bytes."
+            f"at most {MAX_BODY_BYTES} bytes. In binary content mode (a ce-specversion "
+            "header and a Content-Type not application/cloudevents…), the attributes are "
+            "ce-* headers and the body is the event's data, one JSON object."
         ),
         "content": {
             "application/json": {"schema": {"oneOf": [one, batch]}, "example": example},

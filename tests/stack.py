@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -232,13 +233,18 @@ def check_broker(settings: Settings) -> None:
 
 
 # The stacks a door's end-to-end tests run on: the embedded default everywhere, and Postgres
-# with RabbitMQ when both are named (see conftest).
-LIVE_STACKS = ["embedded", "rabbitmq"]
+# with RabbitMQ when both are named (see conftest). For ``params`` of a module fixture that
+# calls :func:`run_live` with ``request.param``.
+LIVE_STACKS = [
+    "embedded",
+    pytest.param("rabbitmq", marks=[pytest.mark.postgres, pytest.mark.rabbitmq]),
+]
 
 
 def run_live(kind: str, home: Path, extra: Mapping[str, str] | None = None) -> Iterator[LiveStack]:
-    """A started API, worker and scheduler on ``kind`` (one of :data:`LIVE_STACKS`), with the
-    ``extra`` settings; stopped, and its queue deleted, afterwards."""
+    """A started API, worker and scheduler on ``kind`` ("embedded", or a broker service of
+    conftest on a fresh Postgres database), with the ``extra`` settings; stopped, and its
+    queue deleted, afterwards. A named service that is down fails the run."""
     from tests.conftest import fresh_postgres_database, service_url
 
     settings_extra = dict(extra or {})
@@ -249,7 +255,10 @@ def run_live(kind: str, home: Path, extra: Mapping[str, str] | None = None) -> I
     assert broker is not None
     with fresh_postgres_database() as url:
         settings_extra |= {"TOKENWARDEN_DATABASE_URL": url, "TOKENWARDEN_BROKER_URL": broker}
-        check_broker(Settings(home=home, database_url=url, broker_url=broker))
+        try:
+            check_broker(Settings(home=home, database_url=url, broker_url=broker))
+        except Exception as error:
+            pytest.fail(f"{kind} at {broker} is unreachable: {error}", pytrace=False)
         yield from _run_live(home, settings_extra)
 
 
@@ -271,5 +280,8 @@ def _run_live(home: Path, extra: dict[str, str]) -> Iterator[LiveStack]:
         if broker is not None:
             from kombu.connection import Connection
 
-            with Connection(broker) as connection:  # type: ignore[no-untyped-call]
+            from tokenwarden.config.celery import transport_options
+
+            options = transport_options(Settings(home=home, broker_url=broker))
+            with Connection(broker, transport_options=options) as connection:  # type: ignore[no-untyped-call]
                 connection.default_channel.queue_delete(stack.queue)

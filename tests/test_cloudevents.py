@@ -26,10 +26,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(
     scope="module",
-    params=[
-        LIVE_STACKS[0],
-        pytest.param(LIVE_STACKS[1], marks=[pytest.mark.postgres, pytest.mark.rabbitmq]),
-    ],
+    params=LIVE_STACKS,
 )
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory

@@ -411,10 +411,7 @@ def test_transmitters_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.fixture(
     scope="module",
-    params=[
-        LIVE_STACKS[0],
-        pytest.param(LIVE_STACKS[1], marks=[pytest.mark.postgres, pytest.mark.rabbitmq]),
-    ],
+    params=LIVE_STACKS,
 )
 def live(
     request: pytest.FixtureRequest,

@@ -23,14 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from tokenwarden.producer import intake
-from tokenwarden.producer.app_state import AppState, conflicting, state_of, unavailable
+from tokenwarden.producer.app_state import AppState, state_of
 from tokenwarden.producer.auth import authenticate_producer, producer_bearer
-from tokenwarden.producer.inbox_writer import StoreUnavailable
-from tokenwarden.producer.intake import mask
 from tokenwarden.producer.routes.responses import BEARER_CHALLENGE, TOO_LARGE
 from tokenwarden.producer.schemas import Accepted, Conflicting, InvalidEvents, Problem, request_body
 from tokenwarden.worker.domain import clock
-from tokenwarden.worker.domain.inbox import Conflict
 
 _EVENT_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     202: {"model": Accepted, "description": "Stored in the inbox; published or soon re-driven."},
@@ -82,19 +79,7 @@ async def accept(shared: AppState, request: Request) -> list[str]:
         events = intake.prepare(body)
     max_skew = timedelta(seconds=shared.settings.max_clock_skew_s)
     intake.refuse_future(events, now=clock.now(), max_skew=max_skew)
-    try:
-        outcome = await shared.writer.store(events)
-    except Conflict as conflict:
-        raise conflicting(conflict) from None
-    except StoreUnavailable as error:
-        raise unavailable(error.kind, str(error)) from None
-    shared.record_accepted(
-        events,
-        outcome.accepted,
-        published=outcome.published,
-        problem=mask(outcome.publish_error) if outcome.publish_error else None,
-    )
-    return outcome.accepted
+    return await shared.store_prepared(events)
 
 
 async def post_events(request: Request) -> JSONResponse:

@@ -19,8 +19,8 @@ from tokenwarden.producer import github, gitlab, intake
 from tokenwarden.producer.app_state import AppState, Shared, log
 from tokenwarden.producer.auth import gitlab_token
 from tokenwarden.producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER
-from tokenwarden.producer.intake import Refused, mask
-from tokenwarden.producer.key_cache import KeysUnavailable, UnknownKey
+from tokenwarden.producer.intake import Refused
+from tokenwarden.producer.key_cache import KeysUnavailable, UnknownKey, keys_unavailable
 from tokenwarden.producer.routes.responses import BEARER_CHALLENGE, RETRY_AFTER, TOO_LARGE
 from tokenwarden.producer.schemas import (
     MAX_BODY_BYTES,
@@ -96,13 +96,7 @@ async def _github_key(shared: AppState, identifier: str) -> ec.EllipticCurvePubl
     try:
         return await shared.github_keys.key(identifier)
     except KeysUnavailable as error:
-        raise Refused(
-            503,
-            "GitHub's public keys cannot be fetched now; nothing was stored",
-            headers={"Retry-After": str(error.retry_after)},
-            cause=mask(error.cause),
-            level="warning",
-        ) from None
+        raise keys_unavailable(error, "GitHub's public") from None
     except UnknownKey:
         raise Refused(401, f"unknown {IDENTIFIER_HEADER}") from None
 

@@ -17,15 +17,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenwarden.producer import intake
-from tokenwarden.producer.app_state import Shared, conflicting, log, unavailable
-from tokenwarden.producer.inbox_writer import StoreUnavailable
+from tokenwarden.producer.app_state import Shared, log
 from tokenwarden.producer.intake import Refused, mask
-from tokenwarden.producer.key_cache import KeysUnavailable
+from tokenwarden.producer.key_cache import KeysUnavailable, keys_unavailable
 from tokenwarden.producer.routes.responses import RETRY_AFTER
 from tokenwarden.producer.schemas import Problem
 from tokenwarden.producer.ssf.verify import SetRefused, verify_set
 from tokenwarden.worker.domain import clock
-from tokenwarden.worker.domain.inbox import Conflict
 
 MEDIA_TYPE: Final = "application/secevent+jwt"
 # A SET is a few kilobytes; a body this large is not one.
@@ -100,13 +98,7 @@ async def ssf_events(request: Request, shared: Shared) -> Response:
         log.info("ssf.refused", err=refused.err, reason=refused.description)
         return JSONResponse({"err": refused.err, "description": refused.description}, 400)
     except KeysUnavailable as error:
-        raise Refused(
-            503,
-            "the transmitter's keys cannot be fetched now; nothing was stored",
-            headers={"Retry-After": str(error.retry_after)},
-            cause=mask(error.cause),
-            level="warning",
-        ) from None
+        raise keys_unavailable(error, "the transmitter's") from None
     outcome = await shared.guarded(receiver.settle, shared.engine(), verified)
     if outcome.event is not None:
         try:
@@ -120,16 +112,7 @@ async def ssf_events(request: Request, shared: Shared) -> Response:
                 },
                 400,
             )
-        try:
-            stored = await shared.writer.store(prepared)
-        except Conflict as conflict:
-            raise conflicting(conflict) from None
-        except StoreUnavailable as error:
-            raise unavailable(error.kind, str(error)) from None
-        problem = mask(stored.publish_error) if stored.publish_error else None
-        shared.record_accepted(
-            prepared, stored.accepted, published=stored.published, problem=problem
-        )
+        await shared.store_prepared(prepared)
     receiver.outcomes.labels(outcome.outcome).inc()
     log.info(
         "ssf.received",

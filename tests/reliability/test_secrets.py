@@ -131,7 +131,12 @@ def _protected(stack: ChaosStack) -> list[tuple[str, str]]:
             headers = {
                 p["name"] for p in operation.get("parameters", []) if p.get("in") == "header"
             }
+            # A Shared Signals SET carries its credential, its signature, in the body.
+            signed_body = "application/secevent+jwt" in operation.get("requestBody", {}).get(
+                "content", {}
+            )
             guarded = bool(operation.get("security")) or IDENTIFIER_HEADER in headers
+            guarded |= signed_body
             if guarded:
                 operations.append((method.upper(), path))
             else:
