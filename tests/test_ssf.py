@@ -534,3 +534,27 @@ def test_a_flood_of_forged_sets_fetches_no_more_keys_and_stores_nothing(
     # The transmitter's own SET still goes through.
     assert push(live.api_url, transmitter.sign(claims)).status_code == 202
     live.wait_for(lambda: live.verify(pat.token).reason == "revoked", message="the PAT revoked")
+
+
+def test_a_rotated_key_is_picked_up_on_its_first_use_once_a_minute_has_passed(
+    transmitter: Transmitter,
+) -> None:
+    import asyncio
+
+    from tokenwarden.producer.key_cache import UnknownKey
+    from tokenwarden.producer.ssf.keys import TransmitterKeys
+
+    now = [1000.0]
+    keys = TransmitterKeys(SsfTransmitter(**transmitter.config()), clock=lambda: now[0])
+    rotated = RSAKey.generate_key(2048, parameters={"kid": "rsa-2"})
+    try:
+        assert asyncio.run(keys.key("rsa-1")).kid == "rsa-1"
+        transmitter.publish(transmitter.key, transmitter.ec_key, rotated)
+        now[0] += 30  # too soon to fetch again: the new kid is unknown for now
+        with pytest.raises(UnknownKey):
+            asyncio.run(keys.key("rsa-2"))
+        now[0] += 31
+        assert asyncio.run(keys.key("rsa-2")).kid == "rsa-2"
+        assert asyncio.run(keys.key("ec-1")).kid == "ec-1"  # cached, no fetch
+    finally:
+        transmitter.publish(transmitter.key, transmitter.ec_key)
