@@ -5,8 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Final
 
-from celery.schedules import crontab
-
 from tokenwarden.config.settings import Settings
 
 # Every task's name, the one place it is spelled: the tasks register under these, the
@@ -48,6 +46,9 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    # Imported here: the command line reads the task names above without loading Celery.
+    from celery.schedules import crontab
+
     return {
         "broker_url": settings.resolved_broker_url,
         "broker_transport_options": transport_options(settings),

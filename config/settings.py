@@ -17,7 +17,9 @@ from typing import Annotated, Any, Self
 
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
+    ConfigDict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -145,6 +147,46 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Networks = Annotated[tuple[Network, ...], NoDecode, BeforeValidator(_networks)]
 
 
+class SsfTransmitter(BaseModel):
+    """A Shared Signals transmitter whose Security Event Tokens POST /v1/ssf/events trusts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    issuer: str
+    audience: str
+    jwks_uri: str | None = None
+    # The transmitter's /.well-known/ssf-configuration, which names its jwks_uri.
+    configuration_url: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Self:
+        if not self.issuer.strip() or not self.audience.strip():
+            raise ValueError("each transmitter needs a non-empty issuer and audience")
+        urls = [u for u in (self.jwks_uri, self.configuration_url) if u is not None]
+        if len(urls) != 1:
+            raise ValueError(f"transmitter {self.issuer!r}: give jwks_uri or configuration_url")
+        if not urls[0].startswith(("https://", "http://")):
+            raise ValueError(f"transmitter {self.issuer!r}: its key URL must be http(s)")
+        return self
+
+
+def _transmitters(value: Any) -> Any:
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value) if value.strip() else []
+        except ValueError:
+            raise ValueError(
+                'must be a JSON list like [{"issuer": "...", "jwks_uri": "...", "audience": "..."}]'
+            ) from None
+    if isinstance(value, list):
+        issuers = [t.get("issuer") if isinstance(t, dict) else t.issuer for t in value]
+        if len(set(map(str, issuers))) != len(issuers):
+            raise ValueError("names an issuer twice")
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
@@ -164,8 +206,18 @@ class Settings(BaseSettings):
     producer_key: Key = None
     github_keys_url: str = GITHUB_KEYS_URL
     gitlab_revocation_token: Key = None
+    # Requests a minute (and at once) per caller address on GitLab's revocation API, and for
+    # callers failing GitHub's signature checks; past it, 429 with Retry-After.
+    leak_rate_per_minute: float = 120.0
+    leak_rate_burst: int = 30
+    # Shared Signals transmitters trusted by POST /v1/ssf/events (a JSON list).
+    ssf_transmitters: Annotated[
+        tuple[SsfTransmitter, ...], NoDecode, BeforeValidator(_transmitters)
+    ] = ()
     # When set, GET /metrics answers only 'Authorization: Bearer <this key>'.
     metrics_key: Key = None
+    # Off: no /docs and no /openapi.json (the API's description stays off a public address).
+    api_docs: bool = True
     reminder_days: Annotated[tuple[int, ...], NoDecode] = (60, 30, 7)
     sweep_interval_s: int = 300
     sweep_batch: int = 1000
@@ -207,7 +259,9 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a positive number of days, or empty to keep {kept}")
         return value
 
-    @field_validator("database_url", "broker_url", "notice_webhook_url", mode="before")
+    @field_validator(
+        "database_url", "broker_url", "notice_webhook_url", "notice_signing_secret", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return _blank_is_none(value)
@@ -276,6 +330,13 @@ class Settings(BaseSettings):
     def _positive(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("must be a positive number")
+        return value
+
+    @field_validator("leak_rate_per_minute", "leak_rate_burst")
+    @classmethod
+    def _rate(cls, value: float) -> float:
+        if not 1 <= value <= 1_000_000:  # also refuses nan
+            raise ValueError("must be a number from 1 to 1000000")
         return value
 
     @field_validator("max_clock_skew_s")
@@ -476,7 +537,10 @@ def _describe(error: ValidationError) -> str:
     if not first["loc"]:
         return message  # a rule across settings: its message names the variable to set
     field = str(first["loc"][0])
-    return f"{ENV_PREFIX}{field.upper()}: {message}{_shown(field, first.get('input'))}"
+    # Where inside a structured value (a JSON list of objects) the problem is.
+    inner = ".".join(str(part) for part in first["loc"][1:])
+    where = f"{inner}: " if inner else ""
+    return f"{ENV_PREFIX}{field.upper()}: {where}{message}{_shown(field, first.get('input'))}"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -22,11 +22,12 @@ from tokenwarden.config.settings import Settings, get_settings, keep_files_priva
 from tokenwarden.producer import forward_auth, introspection
 from tokenwarden.producer.app_state import AppState, log
 from tokenwarden.producer.auth import producer_bearer
+from tokenwarden.producer.docs import make_app
 from tokenwarden.producer.doors import token_check_for
 from tokenwarden.producer.github import GitHubKeys
 from tokenwarden.producer.intake import Refused
 from tokenwarden.producer.metrics import RequestMetrics
-from tokenwarden.producer.routes import events, health, leaks
+from tokenwarden.producer.routes import events, health, leaks, ssf
 from tokenwarden.producer.scim import routes as scim
 from tokenwarden.producer.serving import BODY_TIMED_OUT
 
@@ -64,7 +65,8 @@ def create_app(
         if owns_celery:
             shared.celery_app.close()
 
-    app = FastAPI(
+    app = make_app(  # /docs served from local files, or switched off (producer/docs.py)
+        settings,
         title="tokenwarden producer API",
         summary="Membership, leak and revocation events for the token lifecycle worker.",
         version="1.0",
@@ -77,6 +79,7 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(events.router)
     app.include_router(leaks.router)
+    app.include_router(ssf.router)
     app.include_router(health.router(metrics_key=settings.metrics_key))
     app.include_router(introspection.router(settings, check))
     app.include_router(forward_auth.router(settings, check, registry=shared.metrics.registry))

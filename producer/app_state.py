@@ -23,10 +23,12 @@ from tokenwarden.config.redaction import first_line
 from tokenwarden.config.settings import Settings
 from tokenwarden.producer import github
 from tokenwarden.producer.github import GitHubKeys
-from tokenwarden.producer.inbox_writer import InboxWriter
+from tokenwarden.producer.inbox_writer import InboxWriter, StoreUnavailable
 from tokenwarden.producer.intake import Prepared, Refused, mask
 from tokenwarden.producer.metrics import ApiMetrics
+from tokenwarden.producer.rate_limit import CallerLimit
 from tokenwarden.producer.schemas import Readiness
+from tokenwarden.producer.ssf.receiver import SsfReceiver
 from tokenwarden.worker.domain import clock
 from tokenwarden.worker.domain.db import engine_for, reader, transaction
 from tokenwarden.worker.domain.events import CloudEvent
@@ -58,6 +60,10 @@ class AppState:
         self.metrics = ApiMetrics(self.engine)
         self.github_keys = github_keys or GitHubKeys(settings.github_keys_url)
         self.unverified = github.UnverifiedBytes()
+        rate = (settings.leak_rate_per_minute, settings.leak_rate_burst)
+        self.gitlab_limit = CallerLimit(*rate, what="revocation requests")
+        self.github_failures = CallerLimit(*rate, what="reports failing the signature checks")
+        self.ssf = SsfReceiver(settings, self.metrics.registry)
         self.writer = InboxWriter(self.database_url, partial(publish_event_ids, celery_app))
         self._readiness: tuple[float, Readiness] | None = None  # (fresh until, answer)
         self._probing: asyncio.Future[Readiness] | None = None
@@ -73,11 +79,11 @@ class AppState:
     def store_github(
         self, events: Sequence[CloudEvent], token_hashes: Sequence[str]
     ) -> tuple[Stored, set[str]]:
-        """Store the events and tell which hashes name usable tokens, in one transaction."""
+        """Store the events and tell which hashes name tokens we issued, in one transaction."""
         now = clock.now()
         with transaction(self.engine()) as session:
-            usable = github.usable_hashes(session, token_hashes, now=now)
-            return store_events(session, events, now=now), usable
+            ours = github.issued_hashes(session, token_hashes)
+            return store_events(session, events, now=now), ours
 
     async def guarded(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on the thread pool, its database failures turned into refusals."""
@@ -105,6 +111,26 @@ class AppState:
             problem=problem,
         )
         return stored.accepted
+
+    async def store_prepared(self, events: Sequence[Prepared]) -> list[str]:
+        """Store ``events`` through the inbox writer and count them; their ids, each once.
+
+        :class:`Refused` with ``409`` for an id used for other content, ``503`` when the
+        store cannot take them (nothing of them stored either way).
+        """
+        try:
+            outcome = await self.writer.store(events)
+        except Conflict as conflict:
+            raise conflicting(conflict) from None
+        except StoreUnavailable as error:
+            raise unavailable(error.kind, str(error)) from None
+        self.record_accepted(
+            events,
+            outcome.accepted,
+            published=outcome.published,
+            problem=mask(outcome.publish_error) if outcome.publish_error else None,
+        )
+        return outcome.accepted
 
     def record_accepted(
         self,

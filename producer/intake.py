@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal, NotRequired, Union
+from urllib.parse import unquote
 
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
@@ -104,6 +105,66 @@ def check_media_type(content_type: str | None) -> None:
             415,
             f"unsupported content type{shown}: send one of {', '.join(EVENT_MEDIA_TYPES)}",
         )
+
+
+# CloudEvents HTTP binding, binary content mode: the attributes travel in ``ce-*`` headers,
+# ``data`` is the body and ``Content-Type`` its media type (ours is JSON).
+CE_PREFIX: Final = "ce-"
+
+
+def is_binary(content_type: str | None, header_names: Iterable[str]) -> bool:
+    """Whether a request is in binary content mode: the binding says a ``Content-Type`` of
+    ``application/cloudevents…`` is structured (or batch), anything else with a
+    ``ce-specversion`` header is binary. Plain JSON without ``ce-*`` headers stays structured."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type.startswith("application/cloudevents"):
+        return False
+    return any(name.lower() == "ce-specversion" for name in header_names)
+
+
+def check_data_media_type(content_type: str | None) -> None:
+    """A binary event's data must be JSON: no ``Content-Type`` (JSON is assumed), or a JSON one."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise Refused(
+            415,
+            f"unsupported data content type {_quoted(media_type)!r}: a binary-mode event's "
+            "data must be JSON (application/json)",
+        )
+
+
+def binary_event(headers: Iterable[tuple[str, str]], body: bytes) -> dict[str, Any]:
+    """The structured form of a binary-mode event: its ``ce-*`` attributes and its body."""
+    event: dict[str, Any] = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if not lowered.startswith(CE_PREFIX):
+            continue
+        attribute = lowered[len(CE_PREFIX) :]
+        if attribute in event:
+            raise _unusable(f"the header {_quoted(name)!r} is sent more than once")
+        if attribute in {"data", "data_base64", "datacontenttype"}:
+            raise _unusable(f"the header {_quoted(name)!r} is not an attribute of binary mode")
+        try:
+            event[attribute] = unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise _unusable(f"the header {_quoted(name)!r} is not percent-encoded UTF-8") from None
+    if body.strip():
+        data = decode(body)
+        if len(data) != 1 or not body.lstrip().startswith(b"{"):
+            raise _unusable("a binary-mode event's body (its data) must be one JSON object")
+        event["data"] = data[0]
+    return event
+
+
+def prepare_binary(headers: Iterable[tuple[str, str]], body: bytes) -> list[Prepared]:
+    """The one event of a binary-mode request, ready to store; else :class:`Refused`."""
+    return prepare_one(binary_event(headers, body))
+
+
+def prepare_one(raw: dict[str, Any]) -> list[Prepared]:
+    """One structured event, checked as :func:`prepare` checks each, ready to store."""
+    return [_from_event(event) for event in validate([raw])]
 
 
 async def read_capped(

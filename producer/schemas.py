@@ -82,7 +82,7 @@ class GitHubFeedback(BaseModel):
     token_type: str = Field(description="The type GitHub sent for this match.")
     label: Literal["true_positive", "false_positive"] = Field(
         description=(
-            "true_positive: one of our tokens, neither revoked nor expired when reported; "
+            "true_positive: a token we issued, whatever its state (revoked, expired or live); "
             "false_positive otherwise. Every well-formed token goes to the worker either way."
         )
     )
@@ -193,7 +193,9 @@ def request_body() -> dict[str, Any]:
         "required": True,
         "description": (
             f"One CloudEvent (structured JSON) or a JSON array of 1 to {MAX_BATCH}; "
-            f"at most {MAX_BODY_BYTES} bytes."
+            f"at most {MAX_BODY_BYTES} bytes. In binary content mode (a ce-specversion "
+            "header and a Content-Type not application/cloudevents…), the attributes are "
+            "ce-* headers and the body is the event's data, one JSON object."
         ),
         "content": {
             "application/json": {"schema": {"oneOf": [one, batch]}, "example": example},

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -177,6 +178,19 @@ class LiveStack:
                 created_by=created_by or "someone",
             )
 
+    def events(self, *event_ids: str) -> list[dict[str, Any]]:
+        """The inbox rows with these ids, as stored (type, source, data, status)."""
+        from sqlalchemy import select
+
+        from tokenwarden.worker.domain.models import InboxEvent
+
+        with self.session() as session:
+            rows = session.scalars(select(InboxEvent).where(InboxEvent.id.in_(event_ids)))
+            return [
+                {"id": r.id, "type": r.type, "source": r.source, "data": r.data, "status": r.status}
+                for r in rows
+            ]
+
     def verify(self, text: str) -> Verdict:
         with self.session() as session:
             return verify_token(session, text, now=datetime.now(UTC), source="test")
@@ -216,3 +230,58 @@ def check_broker(settings: Settings) -> None:
     app = make_celery(settings)
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=3)
+
+
+# The stacks a door's end-to-end tests run on: the embedded default everywhere, and Postgres
+# with RabbitMQ when both are named (see conftest). For ``params`` of a module fixture that
+# calls :func:`run_live` with ``request.param``.
+LIVE_STACKS = [
+    "embedded",
+    pytest.param("rabbitmq", marks=[pytest.mark.postgres, pytest.mark.rabbitmq]),
+]
+
+
+def run_live(kind: str, home: Path, extra: Mapping[str, str] | None = None) -> Iterator[LiveStack]:
+    """A started API, worker and scheduler on ``kind`` ("embedded", or a broker service of
+    conftest on a fresh Postgres database), with the ``extra`` settings; stopped, and its
+    queue deleted, afterwards. A named service that is down fails the run."""
+    from tests.conftest import fresh_postgres_database, service_url
+
+    settings_extra = dict(extra or {})
+    if kind == "embedded":
+        yield from _run_live(home, settings_extra)
+        return
+    broker = service_url(kind)
+    assert broker is not None
+    with fresh_postgres_database() as url:
+        settings_extra |= {"TOKENWARDEN_DATABASE_URL": url, "TOKENWARDEN_BROKER_URL": broker}
+        try:
+            check_broker(Settings(home=home, database_url=url, broker_url=broker))
+        except Exception as error:
+            pytest.fail(f"{kind} at {broker} is unreachable: {error}", pytrace=False)
+        yield from _run_live(home, settings_extra)
+
+
+def _run_live(home: Path, extra: dict[str, str]) -> Iterator[LiveStack]:
+    from tokenwarden.worker.ops.supervisor import free_port
+
+    env = stack_env(home, extra)
+    settings = Settings(home=home, database_url=extra.get("TOKENWARDEN_DATABASE_URL"))
+    stack = LiveStack(
+        home=home, env=env, database_url=settings.resolved_database_url, port=free_port()
+    )
+    db.upgrade(stack.database_url)
+    stack.start("api", "worker", "beat")
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        broker = extra.get("TOKENWARDEN_BROKER_URL")
+        if broker is not None:
+            from kombu.connection import Connection
+
+            from tokenwarden.config.celery import transport_options
+
+            options = transport_options(Settings(home=home, broker_url=broker))
+            with Connection(broker, transport_options=options) as connection:  # type: ignore[no-untyped-call]
+                connection.default_channel.queue_delete(stack.queue)

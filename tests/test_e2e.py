@@ -11,15 +11,13 @@ import signal
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 import pytest
 from kombu.connection import Connection
 from sqlalchemy import func, select, text
 
-from tests.conftest import fresh_postgres_database, service_url
-from tests.stack import KEY, LiveStack, check_broker, event, stack_env
+from tests.stack import KEY, LiveStack, event, run_live
 from tokenwarden.config.settings import Settings
 from tokenwarden.worker.domain.models import (
     AuditEntry,
@@ -28,7 +26,6 @@ from tokenwarden.worker.domain.models import (
     InboxEvent,
     TokenKind,
 )
-from tokenwarden.worker.ops.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -43,38 +40,7 @@ STACKS = [
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveStack]:
-    home = tmp_path_factory.mktemp(f"live-{request.param}")
-    if request.param == "embedded":
-        yield from _run(home, {})
-        return
-    broker = service_url(request.param)
-    assert broker is not None
-    with fresh_postgres_database() as url:
-        extra = {"TOKENWARDEN_DATABASE_URL": url, "TOKENWARDEN_BROKER_URL": broker}
-        try:
-            check_broker(Settings(home=home, database_url=url, broker_url=broker))
-        except Exception as error:  # a named service that is down fails the run
-            pytest.fail(f"{request.param} at {broker} is unreachable: {error}", pytrace=False)
-        yield from _run(home, extra)
-
-
-def _run(home: Path, extra: dict[str, str]) -> Iterator[LiveStack]:
-    env = stack_env(home, extra)
-    settings = Settings(home=home, database_url=extra.get("TOKENWARDEN_DATABASE_URL"))
-    stack = LiveStack(
-        home=home, env=env, database_url=settings.resolved_database_url, port=free_port()
-    )
-    from tokenwarden.worker.domain import db
-
-    db.upgrade(stack.database_url)
-    stack.start("api", "worker", "beat")
-    try:
-        yield stack
-    finally:
-        stack.stop()
-        if "TOKENWARDEN_BROKER_URL" in extra:
-            with _connection(stack) as connection:
-                connection.default_channel.queue_delete(stack.queue)
+    yield from run_live(request.param, tmp_path_factory.mktemp(f"live-{request.param}"))
 
 
 def ids() -> tuple[str, str]:

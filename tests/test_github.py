@@ -352,9 +352,8 @@ def test_labels_each_report_and_stores_each_well_formed_one(github: GitHub, stor
     response = github.report([report(t) for t in [*well_formed, *malformed]])
     assert response.status_code == 200
     assert response.json() == [
-        label(ours, label="true_positive"),
-        label(app_token, label="true_positive"),
-        *(label(t, label="false_positive") for t in [revoked, expired, stranger, *malformed]),
+        *(label(t, label="true_positive") for t in [ours, app_token, revoked, expired]),
+        *(label(t, label="false_positive") for t in [stranger, *malformed]),
     ]
     rows = stored(store)
     assert sorted(row.data["token_hash"] for row in rows.values()) == sorted(
@@ -385,6 +384,31 @@ def test_the_worker_revokes_what_github_reported(github: GitHub, store: Store) -
     assert (token.state, token.revoke_reason) == ("revoked", "leaked")
     assert (entry.source, entry.actor, entry.reason) == ("github", "github:content", "leaked")
     assert entry.detail == {"source_url": REPO_URL, "reporter": "github:content"}
+
+
+def test_a_report_resent_after_the_worker_revoked_the_token_is_still_a_true_positive(
+    github: GitHub, store: Store
+) -> None:
+    ours, stranger = add_token(store), generate(TokenKind.PERSONAL)
+    batch = [report(ours), report(stranger)]
+    first = github.report(batch)
+    with transaction(store.engine) as session:
+        apply_pending(session, list(stored(store)), now=clock.now(), retryable=lambda _: False)
+    with transaction(store.engine) as session:
+        token = session.scalars(select(Token).where(Token.token_hash == hash_token(ours))).one()
+        assert token.state == "revoked"
+
+    second = github.report(batch)  # GitHub retries a delivery it got no answer to
+
+    assert second.status_code == 200
+    assert (
+        second.json()
+        == first.json()
+        == [
+            label(ours, label="true_positive"),
+            label(stranger, label="false_positive"),
+        ]
+    )
 
 
 def test_malformed_reports_never_reach_the_database(github: GitHub, store: Store) -> None:
@@ -790,7 +814,7 @@ def test_no_token_text_is_stored_logged_queued_or_echoed(
 def test_openapi_describes_the_github_endpoint(github: GitHub) -> None:
     schema = github.api.get("/openapi.json").json()
     post = schema["paths"][PATH]["post"]
-    assert set(post["responses"]) == {"200", "400", "401", "413", "422", "503"}
+    assert set(post["responses"]) == {"200", "400", "401", "413", "422", "429", "503"}
     assert "Retry-After" in post["responses"]["503"]["headers"]
     body = post["requestBody"]["content"]["application/json"]["schema"]
     assert body["type"] == "array"
@@ -801,3 +825,27 @@ def test_openapi_describes_the_github_endpoint(github: GitHub) -> None:
     assert answer["type"] == "array"
     feedback = schema["components"]["schemas"]["GitHubFeedback"]
     assert feedback["properties"]["label"]["enum"] == ["true_positive", "false_positive"]
+
+
+def test_callers_failing_the_signature_checks_are_rate_limited_and_github_is_not(
+    start: Start, store: Store
+) -> None:
+    github = start(leak_rate_per_minute=1, leak_rate_burst=4)
+    body = json.dumps([report(generate(TokenKind.PERSONAL))]).encode()
+    forged = Signer(key_id=github.signer.key_id)  # GitHub's key id, another private key
+    missing = {"Content-Type": "application/json"}
+    attempts = [
+        github.api.post(PATH, content=body, headers=forged.headers(body)) for _ in range(3)
+    ] + [github.api.post(PATH, content=body, headers=missing) for _ in range(20)]
+    assert [r.status_code for r in attempts[:4]] == [401, 401, 401, 400]
+    assert {r.status_code for r in attempts[4:]} == {429}
+    assert 1 <= int(attempts[-1].headers["Retry-After"]) <= 60
+    assert stored(store) == {}
+
+
+def test_many_signed_reports_are_never_rate_limited(start: Start, store: Store) -> None:
+    github = start(leak_rate_per_minute=1, leak_rate_burst=1)
+    tokens = [add_token(store) for _ in range(10)]
+    answers = [github.report([report(token)]) for token in tokens]
+    assert [r.status_code for r in answers] == [200] * 10
+    assert len(stored(store)) == 10

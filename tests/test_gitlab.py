@@ -216,7 +216,6 @@ def test_every_well_formed_token_of_a_listed_type_is_stored(
             finding(app_token, AAT_TYPE),
             # Either type names either kind: the token's prefix says which it is.
             finding(stranger, PAT_TYPE, location=None),
-            finding(generate(TokenKind.PERSONAL), "gitleaks_rule_id_aws_access_token"),
             finding(typo),
             finding("glpat-" + "x" * 20),
         ],
@@ -258,8 +257,23 @@ def test_the_worker_revokes_what_gitlab_reported(api: TestClient, store: Store) 
 
 
 def test_a_request_with_nothing_revocable_is_still_204(api: TestClient, store: Store) -> None:
-    for body in ([], [finding("nope")], [finding(generate(TokenKind.PERSONAL), "other")]):
+    for body in ([], [finding("nope")], [finding("glpat-" + "x" * 20)]):
         assert revoke(api, body).status_code == 204
+    assert stored(store) == {}
+
+
+def test_a_token_type_we_do_not_list_is_400_and_nothing_of_the_request_is_stored(
+    api: TestClient, store: Store
+) -> None:
+    ours = add_token(store)
+    response = revoke(
+        api, [finding(ours), finding(generate(TokenKind.PERSONAL), "gitleaks_rule_id_aws")]
+    )
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "report 1: the token type 'gitleaks_rule_id_aws' is not supported; "
+        "GET /v1/revocable_token_types lists those that are"
+    )
     assert stored(store) == {}
 
 
@@ -295,11 +309,11 @@ def test_fields_gitlab_adds_are_ignored(api: TestClient, store: Store) -> None:
         b"[" * 100_000 + b"]" * 100_000,
     ],
 )
-def test_a_malformed_body_is_422_and_stores_nothing(
+def test_a_body_that_is_not_an_array_of_the_documented_objects_is_400_and_stores_nothing(
     api: TestClient, store: Store, body: bytes
 ) -> None:
     response = revoke(api, body)
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json()["detail"]
     assert stored(store) == {}
 
@@ -320,7 +334,7 @@ def test_no_token_text_is_stored_logged_queued_or_echoed(
             revoke(api, [finding(t, location=f"{LOCATION}?t={t}") for t in (ours, stranger)]),
             revoke(api, [{"type": PAT_TYPE, "token": ours}, {"token": stranger}]),
         ]
-    assert [r.status_code for r in responses] == [204, 422]
+    assert [r.status_code for r in responses] == [204, 400]
     with store.engine.connect() as connection:
         rows = "\n".join(
             repr(row)
@@ -339,11 +353,34 @@ def test_no_token_text_is_stored_logged_queued_or_echoed(
 def test_openapi_describes_the_gitlab_endpoints(api: TestClient) -> None:
     schema = api.get("/openapi.json").json()
     types = schema["paths"]["/v1/revocable_token_types"]["get"]
-    assert set(types["responses"]) == {"200", "401"}
+    assert set(types["responses"]) == {"200", "401", "429"}
     post = schema["paths"]["/v1/revoke_tokens"]["post"]
-    assert set(post["responses"]) == {"204", "401", "413", "422", "503"}
+    assert set(post["responses"]) == {"204", "400", "401", "413", "429", "503"}
     items = post["requestBody"]["content"]["application/json"]["schema"]["items"]
     assert set(items["required"]) == {"type", "token"}
     assert post["security"] == [{"gitlabRevocationToken": []}]
     scheme = schema["components"]["securitySchemes"]["gitlabRevocationToken"]
     assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "Authorization")
+
+
+def test_past_the_rate_limit_each_call_is_429_with_retry_after(start: Start, store: Store) -> None:
+    api = start(leak_rate_per_minute=6, leak_rate_burst=3)
+    statuses = [revoke(api, [finding(generate(TokenKind.PERSONAL))]) for _ in range(3)]
+    assert [r.status_code for r in statuses] == [204, 204, 204]
+
+    refused = revoke(api, [finding(generate(TokenKind.PERSONAL))])
+    types = api.get("/v1/revocable_token_types", headers=AUTH)
+
+    for response in (refused, types):
+        assert response.status_code == 429
+        # One request every ten seconds refills the budget.
+        assert 1 <= int(response.headers["Retry-After"]) <= 10
+    assert len(stored(store)) == 3
+
+
+def test_callers_without_the_secret_use_up_their_budget_too(start: Start, store: Store) -> None:
+    api = start(leak_rate_per_minute=1, leak_rate_burst=5)
+    flood = [revoke(api, [], headers={"Authorization": "guess"}) for _ in range(50)]
+    assert [r.status_code for r in flood[:5]] == [401] * 5
+    assert {r.status_code for r in flood[5:]} == {429}
+    assert stored(store) == {}

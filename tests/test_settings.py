@@ -145,6 +145,7 @@ def test_blank_database_url_means_the_embedded_default(monkeypatch: pytest.Monke
         ("TOKENWARDEN_SWEEP_INTERVAL_S", "0"),
         ("TOKENWARDEN_SWEEP_BATCH", "-1"),
         ("TOKENWARDEN_SWEEP_BATCH", "many"),
+        ("TOKENWARDEN_API_DOCS", "maybe"),
     ],
 )
 def test_bad_value_is_a_one_line_error_naming_the_variable(variable: str, value: str) -> None:

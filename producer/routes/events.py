@@ -1,5 +1,8 @@
 """``POST /v1/events``: one CloudEvent or a batch into the inbox, their ids onto the queue.
 
+Both content modes of the CloudEvents HTTP binding: structured (and batch) JSON, and binary
+(attributes in ``ce-*`` headers, ``data`` as the body); see :func:`intake.is_binary`.
+
 A ``202`` means the events are committed to the inbox. Publishing their ids comes after the
 commit and may fail (the broker is down): the events are then still stored, and the worker's
 periodic re-drive publishes them, so the producer is told ``202`` all the same and must not
@@ -20,14 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from tokenwarden.producer import intake
-from tokenwarden.producer.app_state import AppState, conflicting, state_of, unavailable
+from tokenwarden.producer.app_state import AppState, state_of
 from tokenwarden.producer.auth import authenticate_producer, producer_bearer
-from tokenwarden.producer.inbox_writer import StoreUnavailable
-from tokenwarden.producer.intake import mask
 from tokenwarden.producer.routes.responses import BEARER_CHALLENGE, TOO_LARGE
 from tokenwarden.producer.schemas import Accepted, Conflicting, InvalidEvents, Problem, request_body
 from tokenwarden.worker.domain import clock
-from tokenwarden.worker.domain.inbox import Conflict
 
 _EVENT_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     202: {"model": Accepted, "description": "Stored in the inbox; published or soon re-driven."},
@@ -66,24 +66,20 @@ async def accept(shared: AppState, request: Request) -> list[str]:
     # The key first: nobody without one learns anything about what we would accept.
     authenticate_producer(await producer_bearer(request), shared.settings.accepted_producer_keys())
     intake.check_declared_length(request.headers.get("content-length"))
-    intake.check_media_type(request.headers.get("content-type"))
+    content_type = request.headers.get("content-type")
+    binary = intake.is_binary(content_type, request.headers.keys())
+    if binary:
+        intake.check_data_media_type(content_type)
+    else:
+        intake.check_media_type(content_type)
     body = await intake.read_capped(request.stream())
-    events = intake.prepare(body)
+    if binary:
+        events = intake.prepare_binary(request.headers.items(), body)
+    else:
+        events = intake.prepare(body)
     max_skew = timedelta(seconds=shared.settings.max_clock_skew_s)
     intake.refuse_future(events, now=clock.now(), max_skew=max_skew)
-    try:
-        outcome = await shared.writer.store(events)
-    except Conflict as conflict:
-        raise conflicting(conflict) from None
-    except StoreUnavailable as error:
-        raise unavailable(error.kind, str(error)) from None
-    shared.record_accepted(
-        events,
-        outcome.accepted,
-        published=outcome.published,
-        problem=mask(outcome.publish_error) if outcome.publish_error else None,
-    )
-    return outcome.accepted
+    return await shared.store_prepared(events)
 
 
 async def post_events(request: Request) -> JSONResponse:

@@ -19,7 +19,8 @@ from tokenwarden.producer import github, gitlab, intake
 from tokenwarden.producer.app_state import AppState, Shared, log
 from tokenwarden.producer.auth import gitlab_token
 from tokenwarden.producer.github import IDENTIFIER_HEADER, SIGNATURE_HEADER
-from tokenwarden.producer.intake import Refused, mask
+from tokenwarden.producer.intake import Refused
+from tokenwarden.producer.key_cache import KeysUnavailable, UnknownKey, keys_unavailable
 from tokenwarden.producer.routes.responses import BEARER_CHALLENGE, RETRY_AFTER, TOO_LARGE
 from tokenwarden.producer.schemas import (
     MAX_BODY_BYTES,
@@ -32,12 +33,19 @@ from tokenwarden.producer.schemas import (
     gitlab_request_body,
 )
 
+_TOO_MANY: Final[dict[str, Any]] = {
+    "model": Problem,
+    "description": "Past the rate limit of this address (TOKENWARDEN_LEAK_RATE_PER_MINUTE); "
+    "on GitHub's endpoint only requests failing the signature checks count.",
+    "headers": RETRY_AFTER,
+}
 _GITHUB_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     200: {"description": "One label per reported token, in the order sent."},
     400: {"model": Problem, "description": "A signature header is missing."},
     401: {"model": Problem, "description": "Unknown key identifier, or a bad signature."},
     413: TOO_LARGE,
     422: {"model": Problem, "description": "Not a JSON array of reports; nothing was stored."},
+    429: _TOO_MANY,
     503: {
         "model": Problem,
         "description": "GitHub's keys or the token store are unavailable; nothing was stored.",
@@ -57,7 +65,12 @@ _GITLAB_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
         "description": f"The body is larger than {MAX_BODY_BYTES} bytes, or holds more than "
         f"{gitlab.MAX_REPORTS} tokens; nothing was stored.",
     },
-    422: {"model": Problem, "description": "Not a JSON array of tokens; nothing was stored."},
+    400: {
+        "model": Problem,
+        "description": "Not a JSON array of the documented objects, or a token type that "
+        "GET /v1/revocable_token_types does not list; nothing was stored. Not to be retried.",
+    },
+    429: _TOO_MANY,
     503: {
         "model": Problem,
         "description": "The token store is unavailable; nothing was stored.",
@@ -82,22 +95,20 @@ async def _github_key(shared: AppState, identifier: str) -> ec.EllipticCurvePubl
     """GitHub's public key named ``identifier``; a 503 or 401 when there is none to use."""
     try:
         return await shared.github_keys.key(identifier)
-    except github.KeysUnavailable as error:
-        raise Refused(
-            503,
-            "GitHub's public keys cannot be fetched now; nothing was stored",
-            headers={"Retry-After": str(error.retry_after)},
-            cause=mask(error.cause),
-            level="warning",
-        ) from None
-    except github.UnknownKey:
+    except KeysUnavailable as error:
+        raise keys_unavailable(error, "GitHub's public") from None
+    except UnknownKey:
         raise Refused(401, f"unknown {IDENTIFIER_HEADER}") from None
 
 
-async def github_reports(
+def _caller(request: Request) -> str:
+    return request.client.host if request.client is not None else "-"
+
+
+async def _signed_body(
     shared: AppState, request: Request, identifier: str | None, signature: str | None
-) -> list[dict[str, str]]:
-    """GitHub's feedback on the signed reports in ``request``, once they are stored."""
+) -> bytes:
+    """The body of ``request``, once GitHub's signature over it is checked."""
     if not identifier or not signature:
         raise Refused(400, f"send the {IDENTIFIER_HEADER} and {SIGNATURE_HEADER} headers of GitHub")
     intake.check_declared_length(request.headers.get("content-length"))
@@ -107,14 +118,30 @@ async def github_reports(
         body = await intake.read_capped(request.stream(), take=take)
         if not github.signature_valid(key, body, signature):
             raise Refused(401, "the signature does not match the body")
+    return body
+
+
+async def github_reports(
+    shared: AppState, request: Request, identifier: str | None, signature: str | None
+) -> list[dict[str, str]]:
+    """GitHub's feedback on the signed reports in ``request``, once they are stored."""
+    caller = _caller(request)
+    # A caller whose requests keep failing the checks is held back before any work is done.
+    shared.github_failures.check(caller)
+    try:
+        body = await _signed_body(shared, request, identifier, signature)
+    except Refused as refused:
+        if refused.status in (400, 401):
+            shared.github_failures.charge(caller)
+        raise
     checked = github.check_reports(github.decode_reports(body, GitHubReport))
     events = [item.event for item in checked if item.event is not None]
-    usable: set[str] = set()
+    ours: set[str] = set()
     if events:
         hashes = [event.data["token_hash"] for event in events]
-        stored, usable = await shared.guarded(shared.store_github, events, hashes)
+        stored, ours = await shared.guarded(shared.store_github, events, hashes)
         await shared.publish(events, stored)
-    answer = github.feedback(checked, usable)
+    answer = github.feedback(checked, ours)
     log.info(
         "leaks.reported",
         reporter=github.EVENT_SOURCE,
@@ -127,10 +154,11 @@ async def github_reports(
 
 async def gitlab_reports(shared: AppState, request: Request, authorization: str | None) -> None:
     """Store a leak event for each revocable token in ``request``."""
+    shared.gitlab_limit.take(_caller(request))
     gitlab.authenticate(authorization, shared.settings.gitlab_revocation_token)
     intake.check_declared_length(request.headers.get("content-length"))
     body = await intake.read_capped(request.stream())
-    reports = github.decode_reports(body, GitLabReport)
+    reports = github.decode_reports(body, GitLabReport, status=400)
     events = gitlab.leak_events(reports)
     if events:
         stored = await shared.guarded(shared.store, events)
@@ -175,14 +203,16 @@ async def github_secret_scanning(
 @router.get(
     "/v1/revocable_token_types",
     response_model=RevocableTokenTypes,
-    responses={401: _GITLAB_UNAUTHORIZED},
+    responses={401: _GITLAB_UNAUTHORIZED, 429: _TOO_MANY},
     summary="GitLab Token Revocation API: token types",
 )
 async def revocable_token_types(
+    request: Request,
     shared: Shared,
     authorization: Annotated[str | None, Security(gitlab_token)],
 ) -> RevocableTokenTypes:
     """The finding types GitLab should send to POST /v1/revoke_tokens."""
+    shared.gitlab_limit.take(_caller(request))
     gitlab.authenticate(authorization, shared.settings.gitlab_revocation_token)
     return RevocableTokenTypes(types=list(gitlab.REVOCABLE_TYPES))
 

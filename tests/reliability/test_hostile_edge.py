@@ -47,7 +47,7 @@ from tests.reliability.apikeys import GITHUB_PATH, GitHubSigner
 from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.harness import ChaosStack, chaos_stack
-from tokenwarden.producer.github import FETCH_DEADLINE_S
+from tokenwarden.producer.key_cache import FETCH_DEADLINE_S
 from tokenwarden.producer.serving import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]

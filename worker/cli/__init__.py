@@ -3,22 +3,49 @@
 from __future__ import annotations
 
 import sys
+from importlib import import_module
+from typing import Final
 
 import click
 
-from tokenwarden.worker.cli import admin, events, expiry, members, notices, runtime, tokens
+# The modules that register commands (each has ``register(group)``), loaded when needed: a
+# short command such as ``token verify`` then imports none of the others' dependencies.
+MODULES: Final = ("admin", "members", "tokens", "events", "notices", "expiry", "runtime")
+# Where the everyday commands live; any other name loads every module, so a command added
+# to a module works without an entry here (it only starts a little slower).
+HOME_OF: Final = {"token": "tokens", "emit": "events", "events": "events", "member": "members"}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A group whose commands' modules are imported on first use."""
+
+    def _load(self, modules: tuple[str, ...]) -> None:
+        loaded: set[str] = self.__dict__.setdefault("_loaded", set())
+        for name in modules:
+            if name not in loaded:
+                loaded.add(name)
+                import_module(f"tokenwarden.worker.cli.{name}").register(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        home = HOME_OF.get(cmd_name)
+        self._load((home,) if home else MODULES)
+        found = super().get_command(ctx, cmd_name)
+        if found is None and home:
+            self._load(MODULES)
+            found = super().get_command(ctx, cmd_name)
+        return found
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load(MODULES)
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """tokenwarden: keeps the token store and revokes what must stop working."""
     from tokenwarden.config.logging import configure_logging
 
     configure_logging(level="WARNING")
-
-
-for module in (admin, members, tokens, events, notices, expiry, runtime):
-    module.register(cli)
 
 
 def main() -> None:

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, cast
 
-import psycopg
 import structlog
-from psycopg.types.json import Json
 from sqlalchemy import Connection, Table, insert, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -166,6 +164,10 @@ def _copy(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     (a lost connection as an ``OperationalError`` with the connection invalidated), as from
     any other statement, so callers tell a transient failure from a bad row the same way.
     """
+    # Only a Postgres connection gets here; psycopg stays unloaded on the embedded default.
+    import psycopg
+    from psycopg.types.json import Json
+
     driver = connection.connection.driver_connection
     assert driver is not None
     try:

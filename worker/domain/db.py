@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
+from ast import literal_eval
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -126,7 +130,48 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
+# ``revision = "0008"`` / ``down_revision: str | None = "0007"`` in a migration file.
+_REVISION_LINE = re.compile(r"^(revision|down_revision)\b[^=\n]*=\s*(.+?)\s*$", re.MULTILINE)
+
+
+@cache
+def declared_head() -> str | None:
+    """The head revision as the migration files declare it, read without loading Alembic.
+
+    Every command checks the schema before it works, and Alembic takes longer to import than
+    the rest of a short command; this reading is trusted only to confirm what the store holds
+    (:func:`schema_is_current`). ``None`` when the files are not one plain chain.
+    """
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        found = dict(_REVISION_LINE.findall(path.read_text(encoding="utf-8")))
+        if "revision" not in found:
+            continue
+        revision, down = literal_eval(found["revision"]), literal_eval(found["down_revision"])
+        if not isinstance(revision, str) or not isinstance(down, str | None):
+            return None
+        revisions.add(revision)
+        if down is not None:
+            parents.add(down)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def stored_revision(engine: Engine) -> str | None:
+    """The revision recorded in the store's ``alembic_version`` table, read with plain SQL."""
+    with engine.connect().execution_options(**{READ_ONLY: True}) as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        rows = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    return rows[0][0] if len(rows) == 1 else None
+
+
 def schema_is_current(engine: Engine) -> bool:
+    head = declared_head()
+    if head is not None and stored_revision(engine) == head:
+        return True
+    # Anything else (an older store, a new one, branches) is for Alembic to judge.
     return current_revision(engine) == head_revision()
 
 
@@ -144,6 +189,11 @@ def describe_url(url: str) -> str:
 def insert_for(session: Session, entity: Any) -> postgresql.Insert | sqlite.Insert:
     """An ``INSERT`` into ``entity`` in the session's dialect, which has ``ON CONFLICT``
     clauses (Postgres in production, SQLite in development and tests)."""
+    # Imported here: a command on the embedded default never loads the Postgres dialect.
     if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         return postgresql.insert(entity)
+    from sqlalchemy.dialects import sqlite
+
     return sqlite.insert(entity)

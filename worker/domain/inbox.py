@@ -27,9 +27,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.events import CloudEvent, canonical, digest
 from tokenwarden.worker.domain.models import DeadLetter, EventStatus, InboxEvent
 
@@ -111,11 +111,10 @@ def _insert_new(session: Session) -> Executable:
     typical request that halves the client's CPU time of the whole transaction.
     """
     table = cast(Table, InboxEvent.__table__)
-    on_conflict = (
-        postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    )
     return (
-        on_conflict(table).on_conflict_do_nothing(index_elements=[table.c.id]).returning(table.c.id)
+        db.insert_for(session, table)
+        .on_conflict_do_nothing(index_elements=[table.c.id])
+        .returning(table.c.id)
     )
 
 

@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Final
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.models import Token, TokenUsage
 
 # Ids bound in one statement, well under SQLite's limit on parameters.
@@ -35,7 +35,7 @@ def record_uses(session: Session, used: Mapping[str, datetime]) -> int:
     if not rows:
         return 0
     if session.get_bind().dialect.name == "postgresql":
-        statement = postgresql.insert(TokenUsage).values(rows)
+        statement = db.insert_for(session, TokenUsage).values(rows)
         newest = func.greatest(TokenUsage.last_used_at, statement.excluded.last_used_at)
         session.execute(
             statement.on_conflict_do_update(
@@ -43,7 +43,7 @@ def record_uses(session: Session, used: Mapping[str, datetime]) -> int:
             )
         )
     else:
-        lite = sqlite.insert(TokenUsage).values(rows)
+        lite = db.insert_for(session, TokenUsage).values(rows)
         session.execute(
             lite.on_conflict_do_update(
                 index_elements=[TokenUsage.token_id],

@@ -23,8 +23,6 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-import httpx
-
 STOP_GRACE_S = 15.0
 HEARTBEAT_ENV = "TOKENWARDEN_WORKER_HEARTBEAT_FILE"
 # The worker touches its heartbeat file every 5 s while it consumes. Past this age it is
@@ -209,6 +207,8 @@ def _end(
 
 
 def wait_for_http(url: str, timeout_s: float = 30.0) -> bool:
+    import httpx  # here: every command imports this module, few of them wait for the API
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

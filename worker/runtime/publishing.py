@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
+from uuid import uuid4
 from weakref import WeakKeyDictionary
 
 import structlog
-from celery.utils import uuid
 from sqlalchemy.orm import Session
 
 from tokenwarden.config.celery import DELIVER_NOTICES, PROCESS_EVENTS
@@ -108,7 +108,7 @@ def _send(app: Any, producer: Any, task: str, part: list[str], *, what: str | No
         root_id = parent.request.root_id or parent.request.id
         parent_id = parent.request.id
     message = amqp.create_task_message(
-        uuid(),
+        str(uuid4()),
         task,
         [part],
         None,
