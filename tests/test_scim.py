@@ -131,6 +131,7 @@ def test_with_no_token_configured_every_request_is_refused(store: Store, tmp_pat
         ({"schemas": [USER]}, "invalidValue"),
         ({"schemas": [USER], "userName": ""}, "invalidValue"),
         ({"schemas": [USER], "userName": "x" * 201}, "invalidValue"),
+        ({"schemas": [USER], "userName": "a", "externalId": "x" * 301}, "invalidValue"),
         ({"schemas": [USER], "userName": "a", "active": "perhaps"}, "invalidValue"),
         ({"schemas": [USER], "userName": "a", "emails": "a@example.com"}, "invalidValue"),
         ([{"schemas": [USER], "userName": "a"}], "invalidSyntax"),
@@ -198,6 +199,10 @@ def test_filters_paging_and_excluded_members(api: TestClient) -> None:
     assert (page["totalResults"], page["startIndex"], page["itemsPerPage"]) == (5, 2, 2)
     assert [r["id"] for r in page["Resources"]] == ids[1:3]
     scim_error(api.get("/scim/v2/Users", params={"count": "many"}), 400, "invalidValue")
+    for start, count in (("99999999999999999999999", "5"), ("-3", "-1"), ("1", "10" * 30)):
+        page = api.get("/scim/v2/Users", params={"startIndex": start, "count": count})
+        assert page.status_code == 200, page.text
+        assert page.json()["totalResults"] == 5
 
     group = new_group(api, "Acme Engineers", ids)
     bare = api.get(f"/scim/v2/Groups/{group}", params={"excludedAttributes": "members"})
@@ -321,6 +326,8 @@ def test_a_flood_of_hostile_requests_gets_only_scim_errors(api: TestClient, stor
         {"schemas": [USER], "userName": "a", "name": "Barbara " * 10_000},
         {"schemas": [USER], "userName": "a", "emails": [{"value": "x"}] * 5000, "active": []},
         {"schemas": [GROUP], "displayName": "g", "members": [{"value": None}]},
+        {"schemas": [GROUP], "displayName": "g" * 301},
+        {"schemas": [GROUP], "displayName": "g", "externalId": "x" * 301},
     ]
     started = time.monotonic()
     for _ in range(20):
@@ -545,3 +552,19 @@ def test_the_rules_admin_wins_in_any_order_and_an_inactive_user_joins_nothing() 
         ("membership.removed", {"org_id": "globex", "user_id": "ada"}),
         ("membership.role_changed", {"org_id": "acme", "user_id": "ada", "role": "user"}),
     ]
+
+
+def test_ids_and_filters_the_store_cannot_hold_find_nothing(api: TestClient) -> None:
+    new_user(api)
+    for path in (
+        "/scim/v2/Users/a%00b",
+        "/scim/v2/Groups/%ED%A0%80",
+        "/scim/v2/Users/" + "x" * 5000,
+    ):
+        assert api.get(path).status_code == 404
+        assert api.delete(path).status_code == 404
+    for query in ('userName eq "a\x00b"', 'id eq "a\x00b"', 'externalId eq "\x00"'):
+        answer = api.get("/scim/v2/Users", params={"filter": query})
+        assert answer.status_code in (200, 400), answer.text
+        assert answer.json().get("totalResults", 0) == 0
+        assert answer.headers["content-type"].startswith("application/scim+json")

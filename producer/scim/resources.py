@@ -41,6 +41,7 @@ from tokenwarden.worker.domain.models import ScimGroup, ScimUser
 UserModel: Final = User[EnterpriseUser]
 ENTERPRISE: Final = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 MAX_RESULTS: Final = 1000
+MAX_EXTERNAL_ID: Final = 300  # the column's width
 # Kept out of the store and of every answer: a password is never returned (RFC 7643 §4.1.1)
 # and tokenwarden has no use for one; groups are computed from the memberships.
 _NOT_STORED: Final = ("password", "groups", "id", "meta")
@@ -81,7 +82,15 @@ def user_resource(body: Any, context: Context) -> dict[str, Any]:
     resource: dict[str, Any] = user.model_dump(**_DUMP)
     for name in _NOT_STORED:
         resource.pop(name, None)
+    _external_id(resource.get("externalId"))
     return resource
+
+
+def _external_id(value: str | None) -> str | None:
+    if value is not None and len(value) > MAX_EXTERNAL_ID:
+        detail = f"externalId: at most {MAX_EXTERNAL_ID} characters"
+        raise ScimError(400, detail, "invalidValue")
+    return value
 
 
 def group_parts(body: Any, context: Context) -> tuple[str, str | None, list[str]]:
@@ -101,7 +110,7 @@ def _group_fields(group: Group) -> tuple[str, str | None, list[str]]:
         if member.type is not None and str(member.type).lower() != "user":
             raise ScimError(400, "members: only users can be members", "invalidValue")
         members.append(member.value)
-    return name, group.external_id, list(dict.fromkeys(members))
+    return name, _external_id(group.external_id), list(dict.fromkeys(members))
 
 
 def _meta(kind: str, location: str, created: datetime, modified: datetime) -> dict[str, Any]:
@@ -235,8 +244,9 @@ def patch_group(
 # --- queries ----------------------------------------------------------------------------
 
 
-def filter_terms(text: str | None, model: Any, columns: dict[str, str]) -> dict[str, Any]:
-    """column -> value of a filter of ``eq`` comparisons joined by ``and``; else a 400."""
+def filter_terms(text: str | None, model: Any, columns: dict[str, str]) -> dict[str, Any] | None:
+    """column -> value of a filter of ``eq`` comparisons joined by ``and``, None when nothing
+    can match; else a 400."""
     if not text:
         return {}
     try:
@@ -257,11 +267,26 @@ def filter_terms(text: str | None, model: Any, columns: dict[str, str]) -> dict[
         if not isinstance(value, str):
             raise ScimError(400, "filter: compare with a string", "invalidFilter")
         value = value.casefold() if column.endswith("_key") else value
-        if terms.get(column, value) != value:
-            terms[column] = None  # two different values: nothing matches
-        else:
-            terms[column] = value
+        if terms.get(column, value) != value or not _storable_text(value):
+            return None  # two different values, or one no row can hold: nothing matches
+        terms[column] = value
     return terms
+
+
+def _storable_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
+
+
+def stored_id(value: str) -> bool:
+    """Whether ``value`` can be an id this service gave (a UUID)."""
+    return _UUID.fullmatch(value) is not None
+
+
+_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
 
 
 def _column(path: AttrPath, columns: dict[str, str]) -> str:
@@ -278,7 +303,8 @@ def paging(start_index: str | None, count: str | None) -> tuple[int, int]:
         size = int(count) if count else 100
     except ValueError:
         raise ScimError(400, "startIndex and count must be integers", "invalidValue") from None
-    return max(start, 1), min(max(size, 0), MAX_RESULTS)
+    # Past 2**31 there is nothing to find; a bigger number would overflow the database's.
+    return min(max(start, 1), 2**31), min(max(size, 0), MAX_RESULTS)
 
 
 def projected(body: dict[str, Any], attributes: str | None, excluded: str | None) -> dict[str, Any]:

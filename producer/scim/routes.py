@@ -15,7 +15,7 @@ from typing import Any, Final, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from scim2_models import Context, Group
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, false, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
@@ -159,7 +159,7 @@ def _user_answer(store: ScimStore, user: ScimUser, base: str) -> dict[str, Any]:
 
 
 def _found_user(store: ScimStore, scim_id: str, *, lock: bool = False) -> ScimUser:
-    user = store.user(scim_id, lock=lock)
+    user = store.user(scim_id, lock=lock) if resources.stored_id(scim_id) else None
     if user is None:
         raise not_found("user", scim_id)
     return user
@@ -236,7 +236,7 @@ def _group_answer(store: ScimStore, group: ScimGroup, base: str) -> dict[str, An
 
 
 def _found_group(store: ScimStore, group_id: str, *, lock: bool = False) -> ScimGroup:
-    group = store.group(group_id, lock=lock)
+    group = store.group(group_id, lock=lock) if resources.stored_id(group_id) else None
     if group is None:
         raise not_found("group", group_id)
     return group
@@ -318,7 +318,9 @@ def _paging(request: Request) -> tuple[int, int]:
     return resources.paging(params.get("startIndex"), params.get("count"))
 
 
-def _where(query: Select[Any], model: Any, terms: dict[str, Any]) -> Select[Any]:
+def _where(query: Select[Any], model: Any, terms: dict[str, Any] | None) -> Select[Any]:
+    if terms is None:
+        return query.where(false())
     for column, value in terms.items():
         query = query.where(getattr(model, column) == value)
     return query
