@@ -129,6 +129,8 @@ def _scim_groups(value: Any) -> Any:
             continue
         group, _, grant = part.rpartition("=")
         org, _, role = grant.strip().rpartition(":")
+        if len(org.strip()) > 200:
+            raise ValueError(f"an organization id is at most 200 characters: {part[:80]!r}…")
         if not group.strip() or not org.strip() or role.strip() not in ("admin", "user"):
             raise ValueError(f"expected 'Group name=org:admin' or '=org:user', not {part!r}")
         key = group.strip().casefold()

@@ -4,6 +4,7 @@ that change nothing, queries, and scim2-tester's conformance checks against a li
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 import warnings
@@ -344,7 +345,14 @@ def test_a_flood_of_hostile_requests_gets_only_scim_errors(api: TestClient, stor
 def test_a_group_map_that_cannot_be_read_names_its_variable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for value in ("Admins=acme:owner", "Admins", "=acme:user", "A=x:user,a=y:user", "@/nope"):
+    for value in (
+        "Admins=acme:owner",
+        "Admins",
+        "=acme:user",
+        "A=x:user,a=y:user",
+        "@/nope",
+        f"A={'o' * 201}:user",
+    ):
         monkeypatch.setenv("TOKENWARDEN_SCIM_GROUPS", value)
         get_settings.cache_clear()
         with pytest.raises(ConfigError, match="TOKENWARDEN_SCIM_GROUPS"):
@@ -568,3 +576,35 @@ def test_ids_and_filters_the_store_cannot_hold_find_nothing(api: TestClient) -> 
         assert answer.status_code in (200, 400), answer.text
         assert answer.json().get("totalResults", 0) == 0
         assert answer.headers["content-type"].startswith("application/scim+json")
+
+
+PATHS = [
+    None, "active", "userName", "emails", 'emails[value eq "f@x.io"].primary', "name.givenName",
+    "members", 'members[value eq "x"]', "meta", "id", "schemas", "groups", "x[", "externalId",
+    f"{ENTERPRISE}:manager", 'emails[type eq "work"].value', "members[value pr]", "displayName",
+]  # fmt: skip
+VALUES = [
+    None, True, "False", "x", 1, [], {}, {"active": False}, {"givenName": "a"}, [None],
+    [{"value": "z", "primary": True}], {"value": None}, 1e308, -1, "\x00",
+]  # fmt: skip
+
+
+def test_random_patches_never_fail_the_server(store: Store, tmp_path: Path) -> None:
+    """A few hundred PATCHes drawn from paths and values real and absurd: each is answered
+    200 or a SCIM error, never a 500."""
+    settings = _settings(store, tmp_path)
+    app = create_app(settings, celery_app=make_celery(settings))
+    pick = random.Random(7)
+    with TestClient(app, headers=AUTH, raise_server_exceptions=False) as api:
+        user = new_user(api, "f@x.io", emails=[{"value": "f@x.io"}])
+        targets = [f"/scim/v2/Users/{user}", f"/scim/v2/Groups/{new_group(api, 'G', [user])}"]
+        for _ in range(400):
+            operation: dict[str, Any] = {"op": pick.choice(["add", "Replace", "remove", "move"])}
+            path = pick.choice(PATHS)
+            if path is not None:
+                operation["path"] = path
+            if pick.random() < 0.8:
+                operation["value"] = pick.choice(VALUES)
+            answer = api.patch(pick.choice(targets), json=patch(operation))
+            assert answer.status_code in (200, 400, 409), (operation, answer.text)
+    store.truncate()
