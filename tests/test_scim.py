@@ -608,3 +608,21 @@ def test_random_patches_never_fail_the_server(store: Store, tmp_path: Path) -> N
             answer = api.patch(pick.choice(targets), json=patch(operation))
             assert answer.status_code in (200, 400, 409), (operation, answer.text)
     store.truncate()
+
+
+def test_oktas_put_deactivates_once_and_a_deactivated_user_reads_back(
+    api: TestClient, store: Store
+) -> None:
+    user = new_user(api, "isaac@example.com")
+    new_group(api, "Acme Engineers", [user])
+    body = {"schemas": [USER], "id": user, "userName": "isaac@example.com", "active": False}
+    for _ in range(2):
+        answer = api.put(f"/scim/v2/Users/{user}", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["active"] is False
+    assert api.get(f"/scim/v2/Users/{user}").json()["active"] is False
+    found = api.get("/scim/v2/Users", params={"filter": 'userName eq "isaac@example.com"'})
+    assert found.json()["Resources"][0]["active"] is False
+    with db.transaction(store.engine) as session:
+        kinds = list(session.scalars(select(InboxEvent.type).order_by(InboxEvent.time)))
+    assert kinds == ["membership.added", "user.deactivated"]
