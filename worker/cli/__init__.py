@@ -6,7 +6,16 @@ import sys
 
 import click
 
-from tokenwarden.worker.cli import admin, events, expiry, members, notices, runtime, tokens
+from tokenwarden.worker.cli import (
+    admin,
+    bulk,
+    events,
+    expiry,
+    members,
+    notices,
+    runtime,
+    tokens,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,7 +26,7 @@ def cli() -> None:
     configure_logging(level="WARNING")
 
 
-for module in (admin, members, tokens, events, notices, expiry, runtime):
+for module in (admin, members, tokens, bulk, events, notices, expiry, runtime):
     module.register(cli)
 
 
