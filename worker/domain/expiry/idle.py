@@ -7,9 +7,9 @@ organization's admins for an application token), unless it expires before it cou
 revoked as idle. ``token_idle_warnings`` keeps the activity each warning was about, so a
 token used after its warning and idle again is warned again, never twice for one idle period.
 
-A pass walks the whole token table by id in windows of ``batch`` rows, one short transaction
-each (a window costs the same however many of its tokens are revoked or live), resuming from
-the cursor ``idle`` when a run's budget ends it; a window whose warnings would reach more than
+A pass walks the whole token table in windows of about ``batch`` tokens
+(:mod:`.idle_windows`), one short transaction each, resuming from the cursor ``idle`` when a
+run's budget ends it; a window whose warnings would reach more than
 :data:`~.grouped_notices.GROUPS_PER_TRANSACTION` recipients is cut there. A new pass starts at
 most every :data:`PASS_EVERY`: idleness is counted in days.
 
@@ -22,27 +22,54 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import JSON, bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from tokenwarden.config.settings import IDLE_WARNING_DAYS
 from tokenwarden.worker.domain import notices
-from tokenwarden.worker.domain.expiry.audit_rows import audit_row, insert_audit_rows
+from tokenwarden.worker.domain.expiry.audit_rows import SOURCE, audit_row, insert_audit_rows
 from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Next
 from tokenwarden.worker.domain.expiry.cursors import move_cursor, read_cursor
 from tokenwarden.worker.domain.expiry.grouped_notices import (
     GROUPS_PER_TRANSACTION,
-    TOKEN_COLUMNS,
     AnyRow,
     GroupKey,
     group_of,
     new_notice_ids,
     queue_grouped,
 )
+from tokenwarden.worker.domain.expiry.idle_windows import read_window
 from tokenwarden.worker.domain.expiry.results import SweepResult
-from tokenwarden.worker.domain.models import Token, TokenIdleWarning, TokenUsage
+from tokenwarden.worker.domain.models import Token, TokenIdleWarning, TokenUsage, UTCDateTime
 
 IDLE: Final = "idle"
+# Tokens revoked in one transaction at most: a window is cut there. Each costs an UPDATE of
+# its row and of every index on it, and an audit row.
+REVOKED_PER_TRANSACTION: Final = 500
+
+# On Postgres one statement revokes, audits and forgets the warnings of a window's idle
+# tokens, so that their rows never travel back to Python (as the expire phase does). The
+# UPDATE checks again that the token is live and still idle: a use recorded since the window
+# was read keeps it.
+_REVOKE_IDLE = text(
+    "WITH swept AS ("
+    " UPDATE tokens SET revoked_at = :now, revoke_reason = :reason"
+    " WHERE id = ANY(:ids) AND revoked_at IS NULL"
+    " AND NOT EXISTS (SELECT 1 FROM token_usage u"
+    "  WHERE u.token_id = tokens.id AND u.last_used_at > :idle_before)"
+    " RETURNING id, org_id, user_id"
+    "), logged AS ("
+    " INSERT INTO audit (at, action, reason, source, token_id, org_id, user_id, detail)"
+    " SELECT :now, 'revoke', :reason, :source, id, org_id, user_id, :detail FROM swept"
+    "), forgotten AS ("
+    " DELETE FROM token_idle_warnings WHERE token_id IN (SELECT id FROM swept)"
+    ")"
+    " SELECT count(*) FROM swept"
+).bindparams(
+    bindparam("now", type_=UTCDateTime()),
+    bindparam("idle_before", type_=UTCDateTime()),
+    bindparam("detail", type_=JSON()),
+)
 IDLE_CURSOR: Final = "idle"
 PASS_EVERY: Final = timedelta(hours=1)
 
@@ -71,49 +98,61 @@ class _Cuts:
         return self.now - timedelta(days=self.days - IDLE_WARNING_DAYS)
 
 
-def _window(session: Session, *, after: str | None, limit: int) -> list[AnyRow]:
-    """The next ``limit`` tokens by id, live or not, with their activity and warning."""
-    query = (
-        select(
-            *TOKEN_COLUMNS,
-            Token.revoked_at,
-            func.coalesce(TokenUsage.last_used_at, Token.created_at).label("active_at"),
-            TokenIdleWarning.idle_since,
+def _live(row: AnyRow, cuts: _Cuts) -> bool:
+    return bool(row.revoked_at is None and row.expires_at > cuts.now)
+
+
+def _worth_warning(row: AnyRow, cuts: _Cuts) -> bool:
+    """Idle long enough to be warned of, and live long enough to be revoked as idle."""
+    revoked_as_idle = row.active_at + timedelta(days=cuts.days)
+    return bool(cuts.revoke < row.active_at <= cuts.warn and row.expires_at > revoked_as_idle)
+
+
+def _warned(session: Session, rows: list[AnyRow], cuts: _Cuts) -> dict[str, datetime]:
+    """The idle period each candidate for a warning was last warned of, by token id.
+
+    Read for those few candidates only, by primary key, rather than for every row of the
+    window: a per-row look-up may be planned as a scan of the table (its statistics can say
+    it is empty while a pass fills it).
+    """
+    wanted = [row.id for row in rows if _live(row, cuts) and _worth_warning(row, cuts)]
+    if not wanted:
+        return {}
+    found = session.execute(
+        select(TokenIdleWarning.token_id, TokenIdleWarning.idle_since).where(
+            TokenIdleWarning.token_id.in_(wanted)
         )
-        .select_from(Token)
-        .outerjoin(TokenUsage, TokenUsage.token_id == Token.id)
-        .outerjoin(TokenIdleWarning, TokenIdleWarning.token_id == Token.id)
-        .order_by(Token.id)
-        .limit(limit)
     )
-    if after is not None:
-        query = query.where(Token.id > after)
-    return list(session.execute(query).all())
+    return {str(token_id): idle_since for token_id, idle_since in found}
+
+
+def _warned_of(row: AnyRow, warned: dict[str, datetime]) -> bool:
+    """Whether the idle period that started at the row's last activity was warned of."""
+    return bool(row.id in warned and warned[row.id] >= row.active_at)
 
 
 def _sorted_out(
-    rows: list[AnyRow], cuts: _Cuts
-) -> tuple[list[AnyRow], list[AnyRow], str | None, bool]:
-    """(to revoke, to warn, last id handled, cut short) for a window's rows."""
+    rows: list[AnyRow], cuts: _Cuts, warned: dict[str, datetime]
+) -> tuple[list[AnyRow], list[AnyRow], int]:
+    """(to revoke, to warn, rows handled) for a window's rows: all of them, unless they hold
+    more than :data:`REVOKED_PER_TRANSACTION` idle tokens or their warnings would reach more
+    than :data:`GROUPS_PER_TRANSACTION` recipients."""
     revoke: list[AnyRow] = []
     warn: list[AnyRow] = []
     groups: set[GroupKey] = set()
-    last: str | None = None
-    for row in rows:
-        if row.revoked_at is None and row.expires_at > cuts.now:
-            if row.active_at <= cuts.revoke:
-                revoke.append(row)
-            elif (
-                row.active_at <= cuts.warn
-                and (row.idle_since is None or row.idle_since < row.active_at)
-                and row.expires_at > row.active_at + timedelta(days=cuts.days)
-            ):
-                if group_of(row) not in groups and len(groups) == GROUPS_PER_TRANSACTION:
-                    return revoke, warn, last, True
-                groups.add(group_of(row))
-                warn.append(row)
-        last = row.id
-    return revoke, warn, last, False
+    for index, row in enumerate(rows):
+        if not _live(row, cuts):
+            continue
+        if row.active_at <= cuts.revoke:
+            if len(revoke) == REVOKED_PER_TRANSACTION:
+                return revoke, warn, index
+            revoke.append(row)
+        elif _worth_warning(row, cuts) and not _warned_of(row, warned):
+            if group_of(row) not in groups and len(groups) == GROUPS_PER_TRANSACTION:
+                return revoke, warn, index
+            groups.add(group_of(row))
+            warn.append(row)
+    return revoke, warn, len(rows)
 
 
 def idle_batch(session: Session, *, now: datetime, days: int, limit: int) -> IdleBatch:
@@ -121,10 +160,13 @@ def idle_batch(session: Session, *, now: datetime, days: int, limit: int) -> Idl
     position, started = read_cursor(session, IDLE_CURSOR, now=now)
     if position is None and started is not None and now - started < PASS_EVERY:
         return IdleBatch()  # the last pass is recent enough
-    rows = _window(session, after=position, limit=limit)
+    window = read_window(session, position, limit=limit)
     cuts = _Cuts(now, days)
-    to_revoke, to_warn, last, cut = _sorted_out(rows, cuts)
-    outcome = IdleBatch(more=cut or len(rows) >= limit)
+    to_revoke, to_warn, handled = _sorted_out(
+        window.rows, cuts, _warned(session, window.rows, cuts)
+    )
+    following = window.resume(handled) if handled < len(window.rows) else window.following
+    outcome = IdleBatch(more=following is not None)
     outcome.revoked = _revoke(session, to_revoke, cuts)
     if to_warn:
         outcome.warned = len(to_warn)
@@ -132,7 +174,7 @@ def idle_batch(session: Session, *, now: datetime, days: int, limit: int) -> Idl
     move_cursor(
         session,
         IDLE_CURSOR,
-        position=last if outcome.more else None,
+        position=following,
         now=now,
         pass_started_at=now if position is None else None,
     )
@@ -140,8 +182,24 @@ def idle_batch(session: Session, *, now: datetime, days: int, limit: int) -> Idl
 
 
 def _revoke(session: Session, rows: list[AnyRow], cuts: _Cuts) -> int:
+    """Revoke and audit the tokens of ``rows`` still idle; forget their warnings."""
     if not rows:
         return 0
+    ids = [row.id for row in rows]
+    if session.get_bind().dialect.name == "postgresql":
+        return int(
+            session.execute(
+                _REVOKE_IDLE,
+                {
+                    "ids": ids,
+                    "now": cuts.now,
+                    "idle_before": cuts.revoke,
+                    "reason": IDLE,
+                    "source": SOURCE,
+                    "detail": {"idle_days": cuts.days},
+                },
+            ).scalar_one()
+        )
     # Checked again in the UPDATE: a use recorded since the window was read keeps the token.
     used_since = (
         select(TokenUsage.token_id)
@@ -150,16 +208,20 @@ def _revoke(session: Session, rows: list[AnyRow], cuts: _Cuts) -> int:
     )
     revoked = session.execute(
         update(Token)
-        .where(Token.id.in_([row.id for row in rows]), Token.revoked_at.is_(None), ~used_since)
+        .where(Token.id.in_(ids), Token.revoked_at.is_(None), ~used_since)
         .values(revoked_at=cuts.now, revoke_reason=IDLE)
         .returning(Token.id, Token.org_id, Token.user_id)
         .execution_options(synchronize_session=False)
     ).all()
+    session.execute(delete(TokenIdleWarning).where(TokenIdleWarning.token_id.in_(ids)))
     detail = {"idle_days": cuts.days}
-    rows_audited = [
-        audit_row(row, at=cuts.now, action="revoke", reason=IDLE, detail=detail) for row in revoked
-    ]
-    insert_audit_rows(session, rows_audited)
+    insert_audit_rows(
+        session,
+        [
+            audit_row(row, at=cuts.now, action="revoke", reason=IDLE, detail=detail)
+            for row in revoked
+        ],
+    )
     return len(revoked)
 
 
