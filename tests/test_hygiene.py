@@ -6,21 +6,23 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tests import test_sweep
 from tests.conftest import Cli, Store, within_lifetime
 from tests.test_handlers import aat, apply, join, pat
 from tokenwarden.config.settings import get_settings
-from tokenwarden.worker.domain import clock, db, notices
+from tokenwarden.worker.domain import db, notices
 from tokenwarden.worker.domain.errors import Refused
 from tokenwarden.worker.domain.expiry.sweep import run_sweep
 from tokenwarden.worker.domain.handlers import apply_pending
 from tokenwarden.worker.domain.issuing import IssuedToken, create_token
-from tokenwarden.worker.domain.models import AuditEntry, Notice, Token, TokenKind
+from tokenwarden.worker.domain.models import AuditEntry, InboxEvent, Notice, Token, TokenKind
 from tokenwarden.worker.domain.orphans import reassign
 from tokenwarden.worker.domain.usage import record_uses
 from tokenwarden.worker.domain.verification import verify_token
@@ -315,17 +317,70 @@ def test_a_bulk_revocation_event_revokes_what_it_names_as_of_its_time(
     assert notice.recipients == [{"user_id": "bob", "email": None}]
 
 
+def test_the_producer_api_takes_a_bulk_revocation_and_refuses_a_malformed_one(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import warnings
+
+    from starlette.exceptions import StarletteDeprecationWarning
+
+    from tokenwarden.config.settings import Settings
+    from tokenwarden.producer.api import create_app
+    from tokenwarden.worker.runtime.celery_app import make_celery
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StarletteDeprecationWarning)
+        from fastapi.testclient import TestClient
+
+    store.truncate()
+    key = "twp_hygiene_test_key_1"
+    settings = Settings(home=tmp_path, producer_keys=(key,), database_url=store.url)
+    celery_app = make_celery(settings)
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def sent(event_id: str, data: dict[str, Any]) -> Any:
+        return {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": "soar://playbook",
+            "type": "tokens.bulk_revoke_requested",
+            "time": "2026-11-27T19:00:00Z",
+            "data": data,
+        }
+
+    try:
+        with TestClient(create_app(settings, celery_app=celery_app)) as api:
+            accepted = api.post(
+                "/v1/events",
+                json=sent("evt-bulk", {"org_id": "acme", "kind": "personal", "reason": "breach"}),
+                headers=auth,
+            )
+            malformed: list[dict[str, Any]] = [
+                {"kind": "personal"},  # no organization: never "every token"
+                {"org_id": "acme", "kind": "root"},
+                {"org_id": "acme", "created_before": "2026-11-27T19:00:00"},
+                {"org_id": "acme", "reason": "x" * 501},
+                {"org_id": "acme", "dry_run": True},
+            ]
+            refused = [
+                api.post("/v1/events", json=sent(f"evt-bad-{i}", data), headers=auth)
+                for i, data in enumerate(malformed)
+            ]
+        assert accepted.status_code == 202, accepted.text
+        assert [r.status_code for r in refused] == [422] * 5
+        with db.transaction(store.engine) as session:
+            ids = session.scalars(select(InboxEvent.id)).all()
+        assert ids == ["evt-bulk"]
+    finally:
+        celery_app.close()
+        store.truncate()
+
+
 # --- idle tokens ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def committed(store: Store) -> Iterator[Store]:
-    store.truncate()
-    try:
-        yield store
-    finally:
-        clock.set_clock(None)
-        store.truncate()
+# The store, emptied before and after: the sweep commits a transaction per batch.
+committed = test_sweep.committed
 
 
 def issue(store: Store, *, at: datetime) -> IssuedToken:
