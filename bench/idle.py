@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import json
+import statistics
 import time
 import zlib
 from collections.abc import Sequence
@@ -93,10 +94,21 @@ def _uses_python(engine: Engine, *, now: datetime) -> int:
     return len(rows)
 
 
-def idle_pass(url: str, *, now: datetime, batch: int, days: int) -> SweepResult:
+def idle_pass(url: str, *, now: datetime, batch: int, days: int) -> tuple[SweepResult, list[float]]:
+    """One whole idle pass; its result and each transaction's duration in ms (the time
+    between two progress reports: the transaction, its commit and the bookkeeping after)."""
     engine = db.make_engine(url)
+    durations: list[float] = []
+    last = time.perf_counter()
+
+    def note(_: SweepResult) -> None:
+        nonlocal last
+        current = time.perf_counter()
+        durations.append((current - last) * 1000)
+        last = current
+
     try:
-        return run_exclusive(
+        result = run_exclusive(
             engine,
             partial(idle_all, now=now, batch=batch, days=days),
             lock="sweep",
@@ -104,9 +116,16 @@ def idle_pass(url: str, *, now: datetime, batch: int, days: int) -> SweepResult:
             stats=SweepResult,
             batch=batch,
             budget_s=None,
+            on_progress=note,
         )
     finally:
         engine.dispose()
+    return result, durations
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -143,13 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        result = idle_pass(seed, now=now, batch=args.batch, days=args.idle_days)
+        result, durations = idle_pass(seed, now=now, batch=args.batch, days=args.idle_days)
+    over = sum(1 for ms in durations if ms > MAX_TRANSACTION_MS)
     backend = make_url(_normalise(args.database_url)).get_backend_name()
     print(
         f"{backend}, {args.rows:,} tokens, idle after {args.idle_days} days, batch {args.batch}:"
         f" revoked {result.idle_revoked:,}, warned of {result.idle_warned:,}"
         f" ({result.notices:,} notices) in {result.transactions:,} transactions,"
-        f" {result.duration_s:.1f} s; longest transaction {result.longest_transaction_ms:.1f} ms"
+        f" {result.duration_s:.1f} s; transactions: median {statistics.median(durations):.1f} ms,"
+        f" p99 {_p99(durations):.1f} ms, {over} over {MAX_TRANSACTION_MS:.0f} ms,"
+        f" longest {result.longest_transaction_ms:.1f} ms"
         f"; peak RSS {peak_rss_mb():.0f} MB"
     )
     ok = result.finished and result.longest_transaction_ms <= MAX_TRANSACTION_MS
@@ -166,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "warned": result.idle_warned,
                 "notices": result.notices,
                 "transactions": result.transactions,
+                "median_tx_ms": round(statistics.median(durations), 1),
+                "p99_tx_ms": round(_p99(durations), 1),
+                "over_target": over,
                 "duration_s": round(result.duration_s, 1),
                 "short": args.short,
             }

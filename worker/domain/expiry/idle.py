@@ -32,11 +32,11 @@ from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Next
 from tokenwarden.worker.domain.expiry.cursors import move_cursor, read_cursor
 from tokenwarden.worker.domain.expiry.grouped_notices import (
     GROUPS_PER_TRANSACTION,
+    TOKENS_PER_NOTICE,
     AnyRow,
     GroupKey,
     group_of,
-    new_notice_ids,
-    queue_grouped,
+    recipients_for,
 )
 from tokenwarden.worker.domain.expiry.idle_windows import read_window
 from tokenwarden.worker.domain.expiry.results import SweepResult
@@ -45,7 +45,7 @@ from tokenwarden.worker.domain.models import Token, TokenIdleWarning, TokenUsage
 IDLE: Final = "idle"
 # Tokens revoked in one transaction at most: a window is cut there. Each costs an UPDATE of
 # its row and of every index on it, and an audit row.
-REVOKED_PER_TRANSACTION: Final = 500
+REVOKED_PER_TRANSACTION: Final = 250
 
 # On Postgres one statement revokes, audits and forgets the warnings of a window's idle
 # tokens, so that their rows never travel back to Python (as the expire phase does). The
@@ -88,14 +88,13 @@ class _Cuts:
 
     now: datetime
     days: int
+    revoke: datetime = field(init=False)
+    warn: datetime = field(init=False)
 
-    @property
-    def revoke(self) -> datetime:
-        return self.now - timedelta(days=self.days)
-
-    @property
-    def warn(self) -> datetime:
-        return self.now - timedelta(days=self.days - IDLE_WARNING_DAYS)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "revoke", self.now - timedelta(days=self.days))
+        warn = self.now - timedelta(days=self.days - IDLE_WARNING_DAYS)
+        object.__setattr__(self, "warn", warn)
 
 
 def _live(row: AnyRow, cuts: _Cuts) -> bool:
@@ -226,19 +225,42 @@ def _revoke(session: Session, rows: list[AnyRow], cuts: _Cuts) -> int:
 
 
 def _warn(session: Session, rows: list[AnyRow], cuts: _Cuts) -> list[str]:
-    queued = queue_grouped(
+    """One warning per recipient (up to :data:`TOKENS_PER_NOTICE` tokens each), written in
+    one statement; the ``token_idle_warnings`` rows written with them are what keeps a token
+    from being warned twice of one idle period, so the notices need no dedupe key (and none
+    of the savepoint per notice that checking one costs)."""
+    grouped: dict[GroupKey, list[AnyRow]] = {}
+    for row in rows:
+        grouped.setdefault(group_of(row), []).append(row)
+    recipients = recipients_for(session, grouped)
+    data = {
+        "idle_days": cuts.days,
+        "unused_since": cuts.warn.isoformat(),
+        "revoked_from": (cuts.now + timedelta(days=IDLE_WARNING_DAYS)).isoformat(),
+    }
+    chunks = [
+        (key, members[start : start + TOKENS_PER_NOTICE])
+        for key, members in sorted(grouped.items(), key=lambda item: str(item[0]))
+        for start in range(0, len(members), TOKENS_PER_NOTICE)
+    ]
+    notice_ids = notices.queue_many(
         session,
-        rows,
-        kind=notices.IDLE_WARNING,
-        data={
-            "idle_days": cuts.days,
-            "unused_since": cuts.warn.isoformat(),
-            "revoked_from": (cuts.now + timedelta(days=IDLE_WARNING_DAYS)).isoformat(),
-        },
+        [
+            notices.Queued(
+                kind=notices.IDLE_WARNING,
+                org_id=key[0],
+                recipients=recipients[key],
+                data={**data, "tokens": [notices.describe(row) for row in chunk]},
+            )
+            for key, chunk in chunks
+        ],
         now=cuts.now,
-        dedupe_prefix=f"idle:{cuts.now.date().isoformat()}",
     )
-    notice_of = {token_id: q.notice_id for q in queued for token_id in q.token_ids}
+    notice_of = {
+        row.id: notice_id
+        for notice_id, (_, chunk) in zip(notice_ids, chunks, strict=True)
+        for row in chunk
+    }
     ids = [row.id for row in rows]
     session.execute(delete(TokenIdleWarning).where(TokenIdleWarning.token_id.in_(ids)))
     session.execute(
@@ -248,12 +270,14 @@ def _warn(session: Session, rows: list[AnyRow], cuts: _Cuts) -> list[str]:
                 "token_id": row.id,
                 "idle_since": row.active_at,
                 "warned_at": cuts.now,
-                "notice_id": notice_of.get(row.id),
+                "notice_id": notice_of[row.id],
             }
             for row in rows
         ],
     )
-    return new_notice_ids(session, queued)
+    # Published by the run once this transaction commits, not by the caller's session.
+    notices.take_new_notices(session)
+    return notice_ids
 
 
 def idle_all(run: BudgetedRun[SweepResult], *, now: datetime, batch: int, days: int) -> bool:
