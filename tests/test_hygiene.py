@@ -131,14 +131,19 @@ def test_an_application_token_needs_an_organization_and_an_active_member_creatin
     assert aat(session, "acme", created_by="alice", created=now).kind is TokenKind.APPLICATION
 
 
-def test_a_creator_leaving_tells_the_admins_once_and_the_token_keeps_working(
-    session: Session, now: datetime
-) -> None:
+def bobs_application_token(session: Session, *, now: datetime) -> IssuedToken:
+    """acme, with alice its admin and bob a member who created an application token."""
     t0 = now - timedelta(days=10)
     join(session, "acme", "alice", at=t0, role="admin")
     join(session, "acme", "bob", at=t0)
-    deploys = aat(session, "acme", created_by="bob", created=t0)
-    aat(session, "acme", created_by="alice", created=t0)  # not bob's: not listed
+    return aat(session, "acme", created_by="bob", created=t0)
+
+
+def test_a_creator_leaving_tells_the_admins_once_and_the_token_keeps_working(
+    session: Session, now: datetime
+) -> None:
+    deploys = bobs_application_token(session, now=now)
+    aat(session, "acme", created_by="alice", created=now - timedelta(days=1))  # not listed
 
     leave = {"org_id": "acme", "user_id": "bob"}
     apply(session, "membership.removed", leave, time=now - timedelta(hours=2), now=now)
@@ -198,10 +203,7 @@ def test_a_redelivered_removal_event_tells_nobody_again(session: Session, now: d
 def test_reassign_hands_over_to_a_member_only_and_is_audited(
     session: Session, now: datetime
 ) -> None:
-    t0 = now - timedelta(days=10)
-    join(session, "acme", "alice", at=t0, role="admin")
-    join(session, "acme", "bob", at=t0)
-    deploys = aat(session, "acme", created_by="bob", created=t0)
+    deploys = bobs_application_token(session, now=now)
     apply(session, "membership.removed", {"org_id": "acme", "user_id": "bob"}, time=now, now=now)
 
     for outsider in ("bob", "mallory"):
