@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from bench import common
@@ -81,8 +82,9 @@ def seed(env: dict[str, str]) -> str:
     tokenwarden = executable()
     timed([*tokenwarden, "member", "add", "--org", "acme", "--user", "bob", "--role", "user"], env)
     pat = ("--kind", "personal", "--org", "acme", "--user", "bob", "--name", "laptop")
+    expiry = (datetime.now(UTC) + timedelta(days=90)).date().isoformat()
     created = subprocess.run(
-        [*tokenwarden, "token", "create", *pat, "--expires-at", "2099-01-01", "--json"],
+        [*tokenwarden, "token", "create", *pat, "--expires-at", expiry, "--json"],
         env=env,
         capture_output=True,
         check=True,

@@ -39,6 +39,13 @@ MAX_CLOCK_SKEW_LIMIT_S = 86400
 # A shared secret shorter than this can be guessed or was typed by hand; the generated ones
 # are 32 random bytes (43 characters).
 MIN_KEY_LENGTH = 16
+# Like GitHub's policy for fine-grained personal access tokens.
+DEFAULT_MAX_LIFETIME_DAYS = 366
+# A century: the cap itself must leave expiries within the calendar.
+MAX_LIFETIME_LIMIT_DAYS = 36500
+# Owners hear of an idle token this many days before the sweep revokes it.
+IDLE_WARNING_DAYS = 7
+TOKEN_KINDS = ("personal", "application")
 MAKE_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 # Owner only: the home holds keys, the store emails, the audit trail and token hashes.
 PRIVATE_UMASK = 0o077
@@ -189,6 +196,27 @@ def _transmitters(value: Any) -> Any:
     return value
 
 
+def _lifetimes(value: str | int) -> dict[str, int]:
+    """``366`` (every kind) or ``personal=90,application=366`` (a kind left out keeps the
+    default) as days by kind."""
+    example = "366 or personal=90,application=366"
+    parts = _split_csv(str(value))
+    if len(parts) == 1 and "=" not in parts[0]:
+        parts = tuple(f"{kind}={parts[0]}" for kind in TOKEN_KINDS)
+    days = dict.fromkeys(TOKEN_KINDS, DEFAULT_MAX_LIFETIME_DAYS)
+    for part in parts:
+        kind, _, number = (piece.strip() for piece in part.partition("="))
+        if kind not in TOKEN_KINDS:
+            raise ValueError(f"unknown token kind {kind!r}; write {example}")
+        if not number.isdigit() or not 0 < int(number) <= MAX_LIFETIME_LIMIT_DAYS:
+            raise ValueError(
+                f"must be a whole number of days from 1 to {MAX_LIFETIME_LIMIT_DAYS}; "
+                f"write {example}"
+            )
+        days[kind] = int(number)
+    return days
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
@@ -236,6 +264,13 @@ class Settings(BaseSettings):
     # Bearer tokens of the identity providers that call /scim/v2 (producer/scim/).
     scim_tokens: Keys = ()
     scim_groups: ScimGroups = {}
+    # The longest a new token may live, in days, per kind (existing tokens are never changed).
+    max_lifetime_days: Annotated[dict[str, int], NoDecode] = {
+        "personal": DEFAULT_MAX_LIFETIME_DAYS,
+        "application": DEFAULT_MAX_LIFETIME_DAYS,
+    }
+    # A live token unused for this many days is revoked by the sweep; None (the default) never.
+    idle_revoke_days: int | None = None
     # A worker touches this file every few seconds while it consumes (a liveness check).
     worker_heartbeat_file: Path | None = None
 
@@ -259,6 +294,26 @@ class Settings(BaseSettings):
             )
         if value is not None and int(value) <= 0:
             raise ValueError(f"must be a positive number of days, or empty to keep {kept}")
+        return value
+
+    @field_validator("max_lifetime_days", mode="before")
+    @classmethod
+    def _lifetimes(cls, value: Any) -> Any:
+        return _lifetimes(value) if isinstance(value, str | int) else value
+
+    @field_validator("idle_revoke_days", mode="before")
+    @classmethod
+    def _idle(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        limit = MAX_LIFETIME_LIMIT_DAYS
+        if value is not None and not (
+            str(value).strip().isdigit() and IDLE_WARNING_DAYS < int(value) <= limit
+        ):
+            raise ValueError(
+                f"must be a whole number of days above {IDLE_WARNING_DAYS} (owners are warned "
+                f"{IDLE_WARNING_DAYS} days before), e.g. 90, or empty to never revoke idle tokens"
+            )
         return value
 
     @field_validator(

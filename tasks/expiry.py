@@ -65,6 +65,7 @@ def sweep_expired(self: CountedTask) -> dict[str, Any]:
         budget_s=sweep_budget_s(),
         retention_days=settings.retention_days,
         inbox_retention_days=settings.inbox_retention_days,
+        idle_days=settings.idle_revoke_days,
         publish=_publish,
     )
     if not result.ran:

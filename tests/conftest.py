@@ -187,6 +187,11 @@ class Cli:
         return result
 
 
+def within_lifetime(days: int = 300) -> str:
+    """An expiry date ``days`` from today, inside the default maximum lifetime (366 days)."""
+    return (datetime.now(UTC) + timedelta(days=days)).date().isoformat()
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWARDEN_")}
     env.update(extra)

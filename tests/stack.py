@@ -17,14 +17,14 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tokenwarden.config.settings import Settings
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.issuing import IssuedToken, create_token
 from tokenwarden.worker.domain.members import add_member
-from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.models import Membership, TokenKind
 from tokenwarden.worker.domain.verification import Verdict, verify_token
 from tokenwarden.worker.ops.supervisor import STOP_GRACE_S, command, wait_for_http
 
@@ -175,7 +175,14 @@ class LiveStack:
                 expires_at=now + timedelta(days=30),
                 now=now,
                 app_id=owner,
-                created_by=created_by or "someone",
+                # An application token needs an active member of the org as its creator.
+                created_by=created_by
+                or session.scalar(
+                    select(Membership.user_id)
+                    .where(Membership.org_id == org_id, Membership.active.is_(True))
+                    .order_by(Membership.user_id)
+                    .limit(1)
+                ),
             )
 
     def events(self, *event_ids: str) -> list[dict[str, Any]]:

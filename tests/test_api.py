@@ -642,6 +642,7 @@ def odd_events(draw: st.DrawFn) -> dict[str, Any]:
         "user.deactivated": ["user_id"],
         "token.leak_suspected": ["token", "token_id", "token_hash", "source_url", "reporter"],
         "token.revoke_requested": ["token_id", "actor"],
+        "tokens.bulk_revoke_requested": ["org_id", "user_id", "kind", "created_before", "reason"],
     }[kind]
     data = {name: draw(ODD_TEXT) for name in draw(st.lists(st.sampled_from(names), unique=True))}
     body = event(type=kind, id=draw(ODD_TEXT), source=draw(ODD_TEXT), data=data)
@@ -711,6 +712,7 @@ def valid_events(draw: st.DrawFn) -> dict[str, Any]:
         "user.deactivated": {"user_id": draw(text)},
         "token.leak_suspected": {"token_id": draw(text), "reporter": draw(st.none() | text)},
         "token.revoke_requested": {"token_id": draw(text)},
+        "tokens.bulk_revoke_requested": {"org_id": draw(text), "reason": draw(st.none() | text)},
     }
     data = by_kind[kind]
     if kind == "membership.added" and draw(st.booleans()):

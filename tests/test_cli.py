@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from tests.conftest import Cli, Result
+from tests.conftest import Cli, Result, within_lifetime
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.models import TokenKind
 from tokenwarden.worker.domain.tokens import checksum, kind_of
 
-FAR = "2099-01-01T00:00:00Z"
+FAR = within_lifetime() + "T00:00:00Z"
+LATER = within_lifetime(200)
 
 
 def refused(result: Result) -> str:
@@ -59,7 +60,7 @@ def test_new_user_story(cli: Cli) -> None:
         app="ci",
         created_by="alice",
         name="deploy",
-        expires_at="2099-06-30",
+        expires_at=LATER,
     )
     assert set(pat) == set(aat) == {"id", "token", "kind", "expires_at"}
     assert (pat["kind"], aat["kind"]) == ("personal", "application")
@@ -68,8 +69,8 @@ def test_new_user_story(cli: Cli) -> None:
     assert kind_of(pat["token"]) is TokenKind.PERSONAL
     assert kind_of(aat["token"]) is TokenKind.APPLICATION
     assert pat["id"] != aat["id"]
-    assert datetime.fromisoformat(pat["expires_at"]) == datetime(2099, 1, 1, tzinfo=UTC)
-    assert datetime.fromisoformat(aat["expires_at"]) == datetime(2099, 6, 30, tzinfo=UTC)
+    assert datetime.fromisoformat(pat["expires_at"]) == datetime.fromisoformat(FAR)
+    assert datetime.fromisoformat(aat["expires_at"]) == datetime.fromisoformat(LATER + "T00:00:00Z")
 
     p, a = pat["token"], aat["token"]
     forms = [

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import Cli
+from tests.conftest import Cli, within_lifetime
 from tokenwarden.worker.domain import db
 
 # Printed at exit: which of these the command had imported.
@@ -48,7 +48,7 @@ def token(cli: Cli) -> str:
         "token",
         "create",
         *("--kind", "personal", "--org", "acme", "--user", "bob", "--name", "laptop"),
-        *("--expires-at", "2099-01-01", "--json"),
+        *("--expires-at", within_lifetime(), "--json"),
         check=True,
     )
     text: str = created.json()["token"]

@@ -623,6 +623,7 @@ def removal_outcome(session: Session, prefix: str) -> dict[str, Any]:
     told = sorted(
         (
             n.event_id,
+            n.kind,
             n.org_id,
             n.recipients,
             {k: v for k, v in data.items() if k not in ("notice_id", "tokens")},
@@ -693,12 +694,14 @@ def test_a_message_of_removals_is_applied_together_as_each_would_be_alone(
         ["P-e5", "member"],
     ]
     boss, admin2 = {"user_id": "P-boss", "email": None}, {"user_id": "P-admin2", "email": None}
-    # admin2 leaves after e2 and e1, so hears about those and not about e5.
-    assert [[event_id, recipients] for event_id, _, recipients, *_ in seen["notices"]] == [
-        ["P-e1", [admin2, boss]],
-        ["P-e2", [admin2, boss]],
-        ["P-e3", [boss]],
-        ["P-e5", [boss]],
+    # admin2 leaves after e2 and e1, so hears about those and not about e5; P-a leaves an
+    # application token behind, which the admins hear of once, apart.
+    assert [[e, kind, recipients] for e, kind, _, recipients, *_ in seen["notices"]] == [
+        ["P-e1", "application_tokens.orphaned", [admin2, boss]],
+        ["P-e1", "member.offboarded", [admin2, boss]],
+        ["P-e2", "member.offboarded", [admin2, boss]],
+        ["P-e3", "member.offboarded", [boss]],
+        ["P-e5", "member.offboarded", [boss]],
     ]
     active = {f"{org}/{user}": is_active for org, user, is_active, _ in seen["members"]}
     assert active == {

@@ -300,7 +300,7 @@ def test_a_late_join_replayed_after_retention_does_not_readmit_the_leaver(
             org_id="acme",
             user_id="eve",
             name="laptop",
-            expires_at=now + timedelta(days=365),
+            expires_at=now + timedelta(days=200),
             now=joined + timedelta(days=1),
         )
     deliver(engine, [leave], now=left)
@@ -359,7 +359,7 @@ def test_a_leak_replayed_after_retention_revokes_and_tells_nothing_more(
             org_id="acme",
             user_id="bob",
             name="ci",
-            expires_at=now + timedelta(days=365),
+            expires_at=now + timedelta(days=200),
             now=reported - timedelta(days=4),
         )
     leak = cloud(
@@ -406,7 +406,7 @@ def test_an_old_deactivation_replayed_after_retention_spares_a_later_rejoin(
             org_id="acme",
             user_id="dan",
             name="new laptop",
-            expires_at=now + timedelta(days=365),
+            expires_at=now + timedelta(days=200),
             now=back + timedelta(days=1),
         )
     assert run_sweep(engine, now=now, batch=10, inbox_retention_days=DAYS).inbox_deleted == 3

@@ -17,7 +17,7 @@ import pytest
 import structlog
 from sqlalchemy import event, select, text
 
-from tests.conftest import Cli, Store
+from tests.conftest import Cli, Store, within_lifetime
 from tests.stack import LiveStack, stack_env
 from tests.test_client import running_server
 from tokenwarden.config.settings import ConfigError, Settings, load_settings
@@ -44,6 +44,8 @@ PRODUCER = "twp_introspection_test_producer"
 KEY = "twi_introspection_test_key_1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 INACTIVE = b'{"active":false}'
+
+FAR_DATE = within_lifetime()
 
 
 @pytest.fixture(autouse=True)
@@ -385,11 +387,11 @@ def test_token_list_shows_the_last_use(cli: Cli, store: Store) -> None:
     cli("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
     made = cli(
         "token", "create", "--kind", "personal", "--org", "acme", "--user", "bob",
-        "--name", "svc", "--expires-at", "2099-01-01", "--json", check=True,
+        "--name", "svc", "--expires-at", FAR_DATE, "--json", check=True,
     ).json()  # fmt: skip
     unused = cli(
         "token", "create", "--kind", "personal", "--org", "acme", "--user", "bob",
-        "--name", "idle", "--expires-at", "2099-01-01", "--json", check=True,
+        "--name", "idle", "--expires-at", FAR_DATE, "--json", check=True,
     ).json()  # fmt: skip
     url = store.url if store.backend == "postgres" else None
     settings = Settings(home=cli.home, database_url=url, introspection_keys=(KEY,))

@@ -250,7 +250,10 @@ def test_a_leaver_is_reported_to_the_admins_in_one_notice_listing_every_revoked_
 
     assert len(updates) == 1  # the notice needs no second statement on the tokens
     assert revoked == sorted([laptop.id, ci.id])
-    (notice,) = all_notices(session)
+    # The application token bob created keeps working; the admins hear of it apart.
+    (notice,) = [n for n in all_notices(session) if n.kind != notices.ORPHANED]
+    (orphaned,) = [n for n in all_notices(session) if n.kind == notices.ORPHANED]
+    assert [token["id"] for token in body(orphaned)["data"]["tokens"]] == [kept_app.id]
     assert (notice.kind, notice.org_id, notice.event_id) == (
         notices.OFFBOARDED,
         "acme",

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TOKENWARDEN, Cli, clean_env
+from tests.conftest import TOKENWARDEN, Cli, clean_env, within_lifetime
 from tokenwarden.worker.domain.models import TokenKind
 from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, generate
 from tokenwarden.worker.ops.supervisor import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
+
+FAR_DATE = within_lifetime()
 
 
 def _modes(home: Path) -> dict[str, int]:
@@ -48,7 +50,7 @@ def test_a_new_home_and_its_token_store_are_readable_by_their_owner_alone(
 
     cli("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
     cli("token", "create", "--kind", "personal", "--org", "acme", "--user", "bob",
-        "--name", "laptop", "--expires-at", "2099-01-01", check=True)  # fmt: skip
+        "--name", "laptop", "--expires-at", FAR_DATE, check=True)  # fmt: skip
 
     assert (home / "tokenwarden.db").exists()
     assert _loose(home) == {}
@@ -191,7 +193,7 @@ def test_revoke_never_echoes_a_token_given_in_place_of_an_id(cli_home: Cli) -> N
     "arguments",
     [
         ("token", "create", "--kind", "{token}", "--org", "o", "--user", "u", "--name", "n",
-         "--expires-at", "2099-01-01"),
+         "--expires-at", FAR_DATE),
         ("token", "create", "--kind", "personal", "--org", "o", "--user", "u", "--name", "n",
          "--expires-at", "{token}"),
         ("events", "--status", "{token}"),
@@ -218,9 +220,9 @@ def test_no_refusal_of_the_command_line_echoes_a_token(
         ("member", "add", "--org", "acme", "--user", "carol", "--role", "user",
          "--email", "{token}@acme.example"),
         ("token", "create", "--kind", "personal", "--org", "acme", "--user", "bob",
-         "--name", "ci {token}", "--expires-at", "2099-01-01"),
+         "--name", "ci {token}", "--expires-at", FAR_DATE),
         ("token", "create", "--kind", "application", "--org", "acme", "--app", "{token}",
-         "--created-by", "bob", "--name", "deploys", "--expires-at", "2099-01-01"),
+         "--created-by", "bob", "--name", "deploys", "--expires-at", FAR_DATE),
         ("token", "revoke", "{token_id}", "--confirm", "DELETE", "--actor", "{token}"),
     ],
     ids=["member-user", "member-email", "token-name", "token-app", "revoke-actor"],
@@ -230,7 +232,7 @@ def test_a_token_typed_as_an_id_or_a_name_is_refused_never_stored_nor_echoed(
 ) -> None:
     cli_home("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
     created = cli_home("token", "create", "--kind", "personal", "--org", "acme", "--user",
-                       "bob", "--name", "laptop", "--expires-at", "2099-01-01", "--json",
+                       "bob", "--name", "laptop", "--expires-at", FAR_DATE, "--json",
                        check=True)  # fmt: skip
     token_id = json.loads(created.stdout)["id"]
     typed = generate(TokenKind.PERSONAL)

@@ -15,7 +15,7 @@ from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from tests.conftest import Cli, Result, Store
+from tests.conftest import Cli, Result, Store, within_lifetime
 from tokenwarden.config.logging import configure_logging
 from tokenwarden.worker.domain.issuing import create_token
 from tokenwarden.worker.domain.members import add_member
@@ -24,7 +24,7 @@ from tokenwarden.worker.domain.revocation import revoke_token
 from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, from_header, from_url, hash_token
 from tokenwarden.worker.domain.verification import verify_token
 
-FAR = "2099-01-01T00:00:00Z"
+FAR = within_lifetime() + "T00:00:00Z"
 
 
 def secrets_of(token: str) -> list[str]:

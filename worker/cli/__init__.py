@@ -10,7 +10,7 @@ import click
 
 # The modules that register commands (each has ``register(group)``), loaded when needed: a
 # short command such as ``token verify`` then imports none of the others' dependencies.
-MODULES: Final = ("admin", "members", "tokens", "events", "notices", "expiry", "runtime")
+MODULES: Final = ("admin", "members", "tokens", "events", "notices", "expiry", "runtime", "bulk")
 # Where the everyday commands live; any other name loads every module, so a command added
 # to a module works without an entry here (it only starts a little slower).
 HOME_OF: Final = {"token": "tokens", "emit": "events", "events": "events", "member": "members"}

@@ -92,6 +92,7 @@ def sweep(budget: float | None, batch: int | None, as_json: bool) -> None:
         budget_s=budget,
         retention_days=current.retention_days,
         inbox_retention_days=current.inbox_retention_days,
+        idle_days=current.idle_revoke_days,
         publish=_publish,
         on_progress=progress,
     )
@@ -118,6 +119,11 @@ def _report_sweep(result: SweepResult, current: Settings) -> None:
             f"deleted {_plural(result.inbox_deleted, 'finished event')}"
             f" and {_plural(result.dead_letters_deleted, 'dead letter')} past the"
             f" {current.inbox_retention_days}-day inbox retention"
+        )
+    if current.idle_revoke_days is not None:
+        click.echo(
+            f"revoked {_plural(result.idle_revoked, 'token')} unused for"
+            f" {current.idle_revoke_days} days, warned of {_plural(result.idle_warned, 'token')}"
         )
     if not result.finished:
         click.echo("stopped at the --budget; run again (or let the schedule) to continue")

@@ -218,5 +218,30 @@ def revoke(token_id: str, confirm: str | None, actor: str | None, as_json: bool)
         click.echo(f"{token_id} revoked; it no longer works")
 
 
+@token.command()
+@click.argument("token_id")
+@click.option(
+    "--created-by", required=True, type=NO_TOKEN, help="Active member who answers for it now."
+)
+@click.option("--actor", default=None, type=NO_TOKEN, help="Who asks (default: the login name).")
+@json_option
+def reassign(token_id: str, created_by: str, actor: str | None, as_json: bool) -> None:
+    """Hand an application token to another active member of its organization."""
+    from tokenwarden.worker.domain.orphans import reassign as hand_over
+
+    with transaction() as session:
+        _, previous = hand_over(
+            session,
+            token_id=token_id,
+            created_by=created_by,
+            now=clock.now(),
+            actor=actor or getpass.getuser(),
+        )
+    if as_json:
+        echo_json({"id": token_id, "created_by": created_by, "previous": previous})
+    else:
+        click.echo(f"{token_id} now answered for by {created_by} (was {previous})")
+
+
 def register(group: click.Group) -> None:
     group.add_command(token)

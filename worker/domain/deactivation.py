@@ -19,7 +19,7 @@ import structlog
 from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
-from tokenwarden.worker.domain import audit, db, members
+from tokenwarden.worker.domain import audit, db, members, orphans
 from tokenwarden.worker.domain.models import Membership, Token, UserDeactivation
 from tokenwarden.worker.domain.revocation import revoke_leaver_tokens
 
@@ -63,6 +63,7 @@ def deactivate_user(
         stamp=stamp,
     )
     _audit(session, user_id=user_id, ended=ended, stale=stale, stamp=stamp)
+    orphans.tell_admins(session, [(org_id, user_id) for org_id in ended], stamp=stamp)
     log.info(
         "user.deactivated",
         user_id=user_id,

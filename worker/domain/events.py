@@ -122,6 +122,22 @@ class TokenRevokeRequested(_Data):
     actor: Id | None = None
 
 
+class TokensBulkRevokeRequested(_Data):
+    """Break-glass: revoke every live token of ``org_id`` matching the other fields."""
+
+    org_id: Id
+    user_id: Id | None = None
+    kind: Literal["personal", "application"] | None = None
+    created_before: Timestamp | None = None
+    reason: Annotated[str, StringConstraints(max_length=500, strip_whitespace=True)] | None = None
+    actor: Id | None = None
+
+    @field_validator("created_before")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+
 DATA_MODELS: dict[str, type[_Data]] = {
     "membership.added": MembershipAdded,
     "membership.role_changed": MembershipRoleChanged,
@@ -129,6 +145,7 @@ DATA_MODELS: dict[str, type[_Data]] = {
     "user.deactivated": UserDeactivated,
     "token.leak_suspected": TokenLeakSuspected,
     "token.revoke_requested": TokenRevokeRequested,
+    "tokens.bulk_revoke_requested": TokensBulkRevokeRequested,
 }
 
 

@@ -34,7 +34,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tokenwarden.config.settings import get_settings
-from tokenwarden.worker.domain import deactivation, inbox, leaks, members, removals, revocation
+from tokenwarden.worker.domain import (
+    audit,
+    bulk_revocation,
+    deactivation,
+    inbox,
+    leaks,
+    members,
+    removals,
+    revocation,
+)
 from tokenwarden.worker.domain.events import (
     CloudEvent,
     InvalidEvent,
@@ -43,12 +52,13 @@ from tokenwarden.worker.domain.events import (
     MembershipRoleChanged,
     TokenLeakSuspected,
     TokenRevokeRequested,
+    TokensBulkRevokeRequested,
     UserDeactivated,
     ordering_time,
     parse_event,
     too_far_ahead,
 )
-from tokenwarden.worker.domain.models import EventStatus, InboxEvent
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent, TokenKind
 from tokenwarden.worker.domain.notices import NEW_NOTICES
 from tokenwarden.worker.domain.tokens import mask_tokens
 
@@ -173,7 +183,24 @@ def _apply_payload(
                 **stamp,
             )
             return _token_result(outcome)
+        case TokensBulkRevokeRequested() as data:
+            return {"revoked": _bulk_revoke(session, data, stamp)}
     raise InvalidEvent(f"no handler for event type {cloud.type!r}", cloud.id)
+
+
+def _bulk_revoke(session: Session, data: TokensBulkRevokeRequested, stamp: _Stamp) -> list[str]:
+    selection = bulk_revocation.Selection(
+        org_id=data.org_id,
+        user_id=data.user_id,
+        kind=TokenKind(data.kind) if data.kind else None,
+        created_before=data.created_before,
+    )
+    return bulk_revocation.revoke_all(
+        session,
+        selection,
+        stamp=audit.Stamp(**stamp, actor=data.actor),
+        reason=data.reason,
+    )
 
 
 def apply_pending(

@@ -7,13 +7,14 @@ It must not import Celery, kombu, httpx, FastAPI, Starlette or standardwebhooks,
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tokenwarden.config.settings import get_settings
 from tokenwarden.worker.domain import audit
 from tokenwarden.worker.domain.errors import Refused
 from tokenwarden.worker.domain.models import Membership, Token, TokenKind
@@ -57,9 +58,21 @@ def create_token(
     created_by: str | None = None,
     source: str = "cli",
 ) -> IssuedToken:
-    """Issue a token; refuse a PAT for a non-member, a past expiry or a missing owner."""
-    refusal = _refused_name_or_expiry(name, expires_at=expires_at, now=now) or _refused_owner(
-        session, kind=kind, org_id=org_id, user_id=user_id, app_id=app_id, created_by=created_by
+    """Issue a token; refuse a past expiry, one past the maximum lifetime of its kind
+    (``TOKENWARDEN_MAX_LIFETIME_DAYS``), a missing owner, a PAT for a non-member, and an AAT
+    whose creator is not an active member."""
+    limits = get_settings().max_lifetime_days
+    refusal = (
+        _refused_name_or_expiry(name, expires_at=expires_at, now=now)
+        or refused_lifetime(kind, expires_at=expires_at, now=now, limits=limits)
+        or _refused_owner(
+            session,
+            kind=kind,
+            org_id=org_id,
+            user_id=user_id,
+            app_id=app_id,
+            created_by=created_by,
+        )
     )
     if refusal is not None:
         raise refusal
@@ -102,6 +115,33 @@ def _refused_name_or_expiry(name: str, *, expires_at: datetime, now: datetime) -
     return None
 
 
+def refused_lifetime(
+    kind: TokenKind, *, expires_at: datetime, now: datetime, limits: Mapping[str, int]
+) -> Refused | None:
+    """A refusal naming the limit when ``expires_at`` lies past the longest lifetime allowed
+    for ``kind``; tokens issued earlier keep their expiry whatever the limit is now."""
+    days = limits.get(kind.value)
+    if days is None or expires_at <= now + timedelta(days=days):
+        return None
+    return Refused(
+        "lifetime_too_long",
+        f"expiry {expires_at.isoformat()} is more than {days} days away: the maximum lifetime "
+        f"of {'a personal' if kind is TokenKind.PERSONAL else 'an application'} token is "
+        f"{days} days (TOKENWARDEN_MAX_LIFETIME_DAYS)",
+    )
+
+
+def active_member(session: Session, *, org_id: str, user_id: str) -> bool:
+    """Whether ``user_id`` is an active member of ``org_id``, its row held FOR SHARE.
+
+    FOR SHARE: a removal being applied holds this row FOR UPDATE, so what is issued or handed
+    over now is either committed before the removal reads the tokens (and seen by it) or
+    refused because the membership is no longer active.
+    """
+    member = session.get(Membership, (org_id, user_id), with_for_update={"read": True})
+    return member is not None and member.active
+
+
 def _refused_owner(
     session: Session,
     *,
@@ -114,18 +154,29 @@ def _refused_owner(
     if kind is TokenKind.PERSONAL:
         if not user_id:
             return Refused("no_owner", "a personal access token needs --user")
-        # FOR SHARE: a removal being applied holds this row FOR UPDATE, so the new PAT is
-        # either committed before the removal's bulk UPDATE reads the tokens (and revoked
-        # by it) or refused because the membership is no longer active.
-        member = session.get(Membership, (org_id, user_id), with_for_update={"read": True})
-        if member is None or not member.active:
+        if not active_member(session, org_id=org_id, user_id=user_id):
             return Refused("not_member", f"user {user_id!r} is not an active member of {org_id!r}")
         return None
     if not app_id:
         return Refused("no_owner", "an application access token needs --app")
     if not created_by:
         return Refused("no_creator", "an application access token needs --created-by")
+    if not _has_members(session, org_id):
+        return Refused("no_org", f"organization {org_id!r} has no active member")
+    if not active_member(session, org_id=org_id, user_id=created_by):
+        return Refused(
+            "not_member", f"creator {created_by!r} is not an active member of {org_id!r}"
+        )
     return None
+
+
+def _has_members(session: Session, org_id: str) -> bool:
+    found = session.scalar(
+        select(Membership.user_id)
+        .where(Membership.org_id == org_id, Membership.active.is_(True))
+        .limit(1)
+    )
+    return found is not None
 
 
 def list_tokens(

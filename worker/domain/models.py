@@ -162,6 +162,20 @@ class TokenUsage(Base):
     last_used_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class TokenIdleWarning(Base):
+    """The idle warning sent for a token, and the last use (or creation) it was about: a use
+    after that starts a new idle period, which is warned of again."""
+
+    __tablename__ = "token_idle_warnings"
+
+    token_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("tokens.id", ondelete="CASCADE"), primary_key=True
+    )
+    idle_since: Mapped[datetime] = mapped_column(UTCDateTime())
+    warned_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    notice_id: Mapped[str | None] = mapped_column(String(40))
+
+
 def _serial_key() -> Mapped[int]:
     """A 64-bit key numbered by the database; on SQLite an INTEGER, the only type it
     numbers itself."""

@@ -48,6 +48,9 @@ LEAKED = "token.leaked"
 OFFBOARDED = "member.offboarded"
 EXPIRING = "token.expiring"
 EXPIRED = "token.expired"
+ORPHANED = "application_tokens.orphaned"
+IDLE_WARNING = "token.idle_warning"
+BULK_REVOKED = "tokens.bulk_revoked"
 
 NEXT_STEPS = {
     LEAKED: (
@@ -67,6 +70,22 @@ NEXT_STEPS = {
     EXPIRED: (
         "These tokens have expired and no longer work. Create replacements for any that "
         "are still needed."
+    ),
+    ORPHANED: (
+        "These application access tokens keep working, but the user who created them left the "
+        "organization or was deactivated, so nobody answers for them. Hand each one to an "
+        "active member (tokenwarden token reassign ID --created-by USER), or revoke the ones "
+        "no longer needed."
+    ),
+    IDLE_WARNING: (
+        "These tokens have not been used for a long time and will be revoked as idle on the "
+        "date given unless they are used before then. Use a token to keep it, or revoke the "
+        "ones no longer needed."
+    ),
+    BULK_REVOKED: (
+        "These tokens were revoked together by an emergency revocation of the organization's "
+        "tokens, for the reason given, and no longer work. Create new tokens once the "
+        "organization's administrators say it is safe."
     ),
 }
 

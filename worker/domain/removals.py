@@ -31,7 +31,7 @@ import structlog
 from sqlalchemy import ColumnElement, and_, or_, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
-from tokenwarden.worker.domain import audit, members, notices
+from tokenwarden.worker.domain import audit, members, notices, orphans
 from tokenwarden.worker.domain.models import Membership, Role, Token, UserDeactivation
 from tokenwarden.worker.domain.revocation import held_at, revoke_leaver_tokens, revoke_statement
 
@@ -82,6 +82,7 @@ def remove_member(
     if ended:
         detail = {"revoked": len(revoked)}
         stamp.record(session, "member", "removed", org_id=org_id, user_id=user_id, detail=detail)
+        orphans.tell_admins(session, [(org_id, user_id)], stamp=stamp)
     _log_removed(org_id, user_id, revoked, stale=stale, event_id=event_id)
     return revoked
 
@@ -173,10 +174,29 @@ def remove_members(
         )
     audit.record_many(session, audit_rows)
     notices.queue_many(session, queued, now=now)
+    _tell_orphans(session, leavers, now=now)
     return {
         leaver.removal.event_id: [token.id for token in revoked.get(leaver.key, [])]
         for leaver in leavers
     }
+
+
+def _tell_orphans(session: Session, leavers: list[_Leaver], *, now: datetime) -> None:
+    """The orphaned-AAT notices of the memberships this batch ended, in the batch's order,
+    to the admins :func:`_recipients` names (as one removal at a time would)."""
+    ended = [leaver.key for leaver in leavers if not leaver.stale and leaver.before.active]
+    orphaned = set(orphans.orphaned_tokens(session, ended))
+    if not orphaned:
+        return
+    told = _recipients(session, leavers, orphaned)
+    for leaver, recipients in zip(leavers, told, strict=True):
+        if leaver.key in orphaned:
+            orphans.tell_admins(
+                session,
+                [leaver.key],
+                stamp=leaver.removal.stamp(now),
+                recipients={leaver.key: recipients},
+            )
 
 
 def _lock(session: Session, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:

@@ -43,6 +43,9 @@ class SweepResult(RunStats):
     # Finished inbox events and dead letters deleted past the inbox retention.
     inbox_deleted: int = 0
     dead_letters_deleted: int = 0
+    # Tokens revoked as idle, and warned of before that (TOKENWARDEN_IDLE_REVOKE_DAYS).
+    idle_revoked: int = 0
+    idle_warned: int = 0
     # The phase running ("expire", "notify", "retain", "prune"), "done" once the run ended.
     phase: str = ""
 
@@ -52,6 +55,8 @@ class SweepResult(RunStats):
             "deleted": self.deleted,
             "inbox_deleted": self.inbox_deleted,
             "dead_letters_deleted": self.dead_letters_deleted,
+            "idle_revoked": self.idle_revoked,
+            "idle_warned": self.idle_warned,
             **super().as_dict(),
         }
 

@@ -1,15 +1,17 @@
 """A sweep run: tokens past their expiry are marked expired, audited, and their owners told.
 
-A run has up to four phases, each in short transactions of at most ``batch`` rows
+A run has up to five phases, each in short transactions of at most ``batch`` rows
 (:mod:`.budget`):
 
 1. **Expire** (:mod:`.expire`, :mod:`.table_walk` for a large backlog on Postgres): live
    tokens with ``expires_at <= now`` are marked ``revoked_at=now, revoke_reason='expired'``,
    with one ``expire`` audit row per token in the same transaction.
 2. **Notify** (:mod:`.notify`): "expired" notices written from those audit rows past a cursor.
-3. **Retain** (:mod:`.retention`, only with ``TOKENWARDEN_RETENTION_DAYS``): tokens dead for
+3. **Idle** (:mod:`.idle`, only with ``TOKENWARDEN_IDLE_REVOKE_DAYS``): tokens unused that
+   long are revoked (reason ``idle``), their owners warned 7 days before.
+4. **Retain** (:mod:`.retention`, only with ``TOKENWARDEN_RETENTION_DAYS``): tokens dead for
    longer than that are deleted, audited.
-4. **Prune the inbox** (:mod:`.inbox_pruning`, ``TOKENWARDEN_INBOX_RETENTION_DAYS``): done and
+5. **Prune the inbox** (:mod:`.inbox_pruning`, ``TOKENWARDEN_INBOX_RETENTION_DAYS``): done and
    dead events, then dead letters, older than that are deleted.
 
 Every phase gets at least one transaction per run (the table walk: one that marks tokens),
@@ -30,6 +32,7 @@ from sqlalchemy import Engine
 
 from tokenwarden.worker.domain.expiry.budget import BudgetedRun, Publish, run_exclusive
 from tokenwarden.worker.domain.expiry.expire import expire_all
+from tokenwarden.worker.domain.expiry.idle import idle_all
 from tokenwarden.worker.domain.expiry.inbox_pruning import prune_inbox_all
 from tokenwarden.worker.domain.expiry.notify import notify_all
 from tokenwarden.worker.domain.expiry.results import Progress, SweepResult
@@ -46,6 +49,7 @@ def run_sweep(
     budget_s: float | None = None,
     retention_days: int | None = None,
     inbox_retention_days: int | None = None,
+    idle_days: int | None = None,
     publish: Publish | None = None,
     on_progress: Progress | None = None,
 ) -> SweepResult:
@@ -60,6 +64,7 @@ def run_sweep(
         batch=batch,
         retention_days=retention_days,
         inbox_retention_days=inbox_retention_days,
+        idle_days=idle_days,
     )
     return run_exclusive(
         engine,
@@ -81,11 +86,14 @@ def _phases(
     batch: int,
     retention_days: int | None,
     inbox_retention_days: int | None,
+    idle_days: int | None,
 ) -> bool:
     # Every phase runs, whatever an earlier one left: each gets its first transaction.
     try:
         complete = expire_all(run, now=now, batch=batch)
         complete &= notify_all(run, now=now, batch=batch)
+        if idle_days is not None:
+            complete &= idle_all(run, now=now, batch=batch, days=idle_days)
         if retention_days is not None:
             complete &= purge_all(run, now=now, batch=batch, retention_days=retention_days)
         if inbox_retention_days is not None:
