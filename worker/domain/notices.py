@@ -25,6 +25,7 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from tokenwarden.worker.domain import mail_outbox
 from tokenwarden.worker.domain.models import Membership, Notice, NoticeStatus, Role, TokenKind
 
 log = structlog.get_logger(__name__)
@@ -162,6 +163,7 @@ def queue(
     except IntegrityError:
         log.info("notice.duplicate", kind=kind, dedupe_key=dedupe_key)
         return None
+    mail_outbox.add_emails(session, mail_outbox.email_rows(notice_id, recipients, now=now))
     remember_notice(session, notice_id)
     log.info(
         "notice.queued",
@@ -221,6 +223,14 @@ def queue_many(session: Session, wanted: Sequence[Queued], *, now: datetime) -> 
     if not rows:
         return []
     session.execute(insert(cast(Table, Notice.__table__)), rows)
+    mail_outbox.add_emails(
+        session,
+        [
+            email
+            for row in rows
+            for email in mail_outbox.email_rows(row["id"], row["recipients"], now=now)
+        ],
+    )
     for row in rows:
         remember_notice(session, row["id"])
         log.info(

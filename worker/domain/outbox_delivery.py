@@ -19,10 +19,12 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from tokenwarden.worker.domain.models import Notice, NoticeStatus
+from tokenwarden.worker.domain import audit
+from tokenwarden.worker.domain.clock import as_utc
+from tokenwarden.worker.domain.models import Notice, NoticeEmail, NoticeStatus
 
 log = structlog.get_logger(__name__)
 
@@ -49,9 +51,12 @@ class Target:
     """Where and how notices are posted, and how long one attempt may take."""
 
     url: str
+    # One Standard Webhooks secret, or several comma-separated, newest first.
     secret: str
     lease: timedelta = LEASE
     timeout_s: float = TIMEOUT_S
+    # After failing this long the endpoint is disabled (worker.domain.endpoints); None: never.
+    disable_after_s: float | None = None
 
     @property
     def receiver(self) -> str:
@@ -78,6 +83,8 @@ class Attempt:
 
 
 SKIPPED: Final = "skipped"
+# Not posted: the endpoint is disabled, the notice waits in the outbox until it is resumed.
+PAUSED: Final = "paused"
 # Not in the outbox at all: the message that named it is dead-lettered.
 MISSING: Final = "missing"
 
@@ -223,3 +230,83 @@ def mark_redriven(
     )
     taken = set(marked)
     return [notice_id for notice_id in notice_ids if notice_id in taken]
+
+
+REPLAYABLE: Final = (NoticeStatus.SENT.value, NoticeStatus.FAILED.value)
+
+
+def replay(
+    session: Session,
+    *,
+    since: datetime,
+    status: str | None,
+    now: datetime,
+    actor: str | None,
+    source: str = "cli",
+) -> list[str]:
+    """Send again the notices created since ``since`` (those ``status``, or sent and failed).
+
+    Each keeps its id, so a receiver recognises a notice it already has (``webhook-id``);
+    the attempts start afresh. One audit row says who replayed what.
+    """
+    statuses = [status] if status else list(REPLAYABLE)
+    if not set(statuses) <= set(REPLAYABLE):
+        raise ValueError(f"only {' or '.join(REPLAYABLE)} notices can be replayed")
+    notice_ids = sorted(
+        session.scalars(
+            update(Notice)
+            .where(Notice.created_at >= since, Notice.status.in_(statuses))
+            .values(
+                status=NoticeStatus.PENDING.value,
+                attempts=0,
+                last_error=None,
+                sent_at=None,
+                next_attempt_at=now,
+            )
+            .returning(Notice.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    audit.record(
+        session,
+        action="notice_replay",
+        reason=status or "sent_or_failed",
+        source=source,
+        at=now,
+        actor=actor,
+        detail={"since": since.isoformat(), "count": len(notice_ids), "notice_ids": notice_ids},
+    )
+    return notice_ids
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """One channel's outbox at a glance."""
+
+    pending: int
+    failed: int
+    oldest_pending_age_s: float
+
+
+def backlog(session: Session, *, now: datetime) -> dict[str, Backlog]:
+    """Pending and failed deliveries per channel, and how old the oldest pending one is."""
+    found: dict[str, Backlog] = {}
+    for channel, table in (("webhook", Notice), ("email", NoticeEmail)):
+        counts = dict(
+            session.execute(
+                select(table.status, func.count())
+                .where(table.status.in_([NoticeStatus.PENDING.value, NoticeStatus.FAILED.value]))
+                .group_by(table.status)
+            ).all()
+        )
+        oldest = session.scalar(
+            select(func.min(table.created_at)).where(table.status == NoticeStatus.PENDING.value)
+        )
+        found[channel] = Backlog(
+            pending=counts.get(NoticeStatus.PENDING.value, 0),
+            failed=counts.get(NoticeStatus.FAILED.value, 0),
+            oldest_pending_age_s=max(0.0, (now - as_utc(oldest)).total_seconds())
+            if oldest is not None
+            else 0.0,
+        )
+    return found

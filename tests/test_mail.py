@@ -1,0 +1,267 @@
+"""Emailing notices through a real SMTP server on loopback (aiosmtpd).
+
+The delivery task runs in this process against the real store, as in ``test_delivery``; the
+SMTP server is real, and answers from a script: refusals, a temporary failure, a connection
+dropped mid-DATA, STARTTLS with a certificate made here.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from tests.smtp import MailServer, self_signed
+from tests.test_delivery import Harness, harness, settings_for, use_settings
+from tokenwarden.config.settings import ConfigError, load_settings
+from tokenwarden.worker.domain import clock, db, notices
+from tokenwarden.worker.domain.models import NoticeEmail, NoticeStatus
+from tokenwarden.worker.runtime import mail
+
+__all__ = ["harness"]  # the fixture, used by name
+
+SENDER = "tokenwarden@example.com"
+TOKEN = {
+    "id": "tok_1",
+    "name": "deploy <script>alert(1)</script>",
+    "kind": "personal",
+    "org_id": "acme",
+    "last4": "Ab12",
+    "expires_at": "2027-03-01T00:00:00+00:00",
+    "user_id": "bob",
+}
+
+
+@pytest.fixture
+def server() -> Iterator[MailServer]:
+    with MailServer() as running:
+        yield running
+
+
+def mail_only(monkeypatch: pytest.MonkeyPatch, harness: Harness, url: str) -> None:
+    use_settings(monkeypatch, harness, settings_for(None, smtp_url=url, mail_from=SENDER))
+
+
+def queue(recipients: list[dict[str, Any]], harness: Harness) -> str:
+    with db.transaction(harness.store.engine) as session:
+        notice_id = notices.queue(
+            session,
+            kind=notices.LEAKED,
+            org_id="acme",
+            recipients=recipients,
+            data={
+                "reason": "leaked",
+                "source": "github",
+                "source_url": "https://github.example/acme/site/blob/main/.env",
+                "tokens": [TOKEN],
+            },
+            now=clock.now(),
+        )
+    assert notice_id is not None
+    return notice_id
+
+
+def emails(harness: Harness, notice_id: str) -> dict[str, NoticeEmail]:
+    with db.transaction(harness.store.engine) as session:
+        rows = session.scalars(select(NoticeEmail).where(NoticeEmail.notice_id == notice_id))
+        found = {row.address: row for row in rows}
+        session.expunge_all()
+    return found
+
+
+BOB = {"user_id": "bob", "email": "bob@acme.example"}
+ANN = {"user_id": "ann", "email": "ann@acme.example"}
+
+
+def test_each_recipient_with_an_address_gets_one_email_saying_what_to_do(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mail_only(monkeypatch, harness, server.url())
+    notice_id = queue([BOB, ANN, {"user_id": "cy", "email": None}, dict(BOB)], harness)
+
+    harness.deliver(notice_id)
+    harness.deliver(notice_id)  # a second message for the same notice sends nothing
+
+    delivered = {d.envelope_to[0]: d for d in server.delivered}
+    assert sorted(delivered) == ["ann@acme.example", "bob@acme.example"]
+    got = delivered["bob@acme.example"].message
+    assert got["Message-ID"] == mail.message_id(notice_id, "bob@acme.example", SENDER)
+    assert got["Message-ID"] != delivered["ann@acme.example"].message["Message-ID"]
+    assert got["From"] == SENDER
+    assert got["To"] == "bob@acme.example"
+    assert got["Subject"] == "A leaked token was revoked (acme)"
+    text = got.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    html = got.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    for shown in ("…Ab12", "personal", "acme", "2027-03-01", "github.example/acme/site"):
+        assert shown in text
+        assert shown in html
+    assert "reported as leaked" in text
+    assert "Create a new token" in text
+    assert TOKEN["name"] in text  # plain text as is ...
+    assert "<script>" not in html
+    assert "&lt;script&gt;" in html
+    rows = emails(harness, notice_id)
+    assert {a: (r.status, r.attempts) for a, r in rows.items()} == {
+        "bob@acme.example": (NoticeStatus.SENT, 1),
+        "ann@acme.example": (NoticeStatus.SENT, 1),
+    }
+    assert harness.scheduled == []
+
+
+def test_a_permanent_refusal_fails_that_recipient_with_the_reason_only(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mail_only(monkeypatch, harness, server.url())
+    server.handler.refuse = {"ann@acme.example"}
+    notice_id = queue([BOB, ANN], harness)
+
+    harness.deliver(notice_id)
+
+    assert [d.envelope_to for d in server.delivered] == [["bob@acme.example"]]
+    rows = emails(harness, notice_id)
+    assert rows["bob@acme.example"].status == NoticeStatus.SENT
+    refused = rows["ann@acme.example"]
+    assert refused.status == NoticeStatus.FAILED
+    assert refused.last_error is not None
+    assert refused.last_error.startswith("SMTP 550 5.1.1")
+    assert harness.scheduled == []  # nothing left to retry
+
+
+@pytest.mark.parametrize(
+    ("first", "error"),
+    [("421 4.3.2 Service busy, try later", "SMTP 421"), ("drop", "SMTPServerDisconnected")],
+)
+def test_a_temporary_failure_is_retried_and_the_same_mail_arrives(
+    harness: Harness,
+    server: MailServer,
+    monkeypatch: pytest.MonkeyPatch,
+    first: str,
+    error: str,
+) -> None:
+    mail_only(monkeypatch, harness, server.url())
+    server.handler.script = [first]
+    notice_id = queue([BOB], harness)
+
+    harness.deliver(notice_id)
+
+    assert server.delivered == []
+    waiting = emails(harness, notice_id)["bob@acme.example"]
+    assert waiting.status == NoticeStatus.PENDING
+    assert waiting.attempts == 1
+    assert waiting.last_error is not None
+    assert waiting.last_error.startswith(error)
+    [(ids, delay)] = harness.scheduled
+    assert ids == [notice_id]
+    assert 0 < delay <= 1.0
+
+    harness.deliver(notice_id)  # not due yet: nothing is sent
+    assert len(server.handler.attempts) == 1
+    harness.clock.until(waiting.next_attempt_at)
+    harness.deliver(notice_id)
+
+    [got] = server.delivered
+    assert got.message_id == mail.message_id(notice_id, "bob@acme.example", SENDER)
+    done = emails(harness, notice_id)["bob@acme.example"]
+    assert (done.status, done.attempts, done.last_error) == (NoticeStatus.SENT, 2, None)
+
+
+def test_starttls_and_login_carry_the_mail_and_the_password_is_never_shown(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client trusts this certificate only
+    with MailServer(tls=tls, login=("notices", "s3cret-pa55")) as server:
+        mail_only(monkeypatch, harness, server.url("notices:s3cret-pa55"))
+        notice_id = queue([BOB], harness)
+        harness.deliver(notice_id)
+        [got] = server.delivered
+        assert got.envelope_to == ["bob@acme.example"]
+        assert "s3cret-pa55" not in repr(harness.settings)
+        target = mail.target_from(harness.settings)
+        assert target is not None
+        assert "s3cret-pa55" not in repr(target)
+        # A server that quotes the password back in its refusal: retried, never shown.
+        refused = mail.outcome_of(
+            smtplib.SMTPAuthenticationError(535, b"5.7.8 bad password s3cret-pa55"), target
+        )
+    assert refused.status == NoticeStatus.PENDING  # a login refused is the operator's to fix
+    assert refused.error == "SMTP 535 5.7.8 bad password ***"
+
+
+def test_a_server_whose_certificate_is_not_trusted_gets_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    with MailServer(tls=tls) as server:
+        mail_only(monkeypatch, harness, server.url())
+        notice_id = queue([BOB], harness)
+        harness.deliver(notice_id)
+        assert server.delivered == []
+    row = emails(harness, notice_id)["bob@acme.example"]
+    assert row.status == NoticeStatus.PENDING
+    assert row.last_error is not None
+    assert "CERTIFICATE_VERIFY_FAILED" in row.last_error
+
+
+def test_both_channels_deliver_each_notice_once(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_settings(
+        monkeypatch,
+        harness,
+        settings_for(harness.receiver.url, smtp_url=server.url(), mail_from=SENDER),
+    )
+    notice_id = queue([BOB], harness)
+
+    harness.deliver(notice_id)
+    harness.deliver(notice_id)
+
+    assert harness.receiver.ids == [notice_id]
+    assert [d.envelope_to for d in server.delivered] == [["bob@acme.example"]]
+
+
+def test_an_email_left_behind_is_re_driven_without_a_webhook(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mail_only(monkeypatch, harness, server.url())
+    notice_id = queue([BOB], harness)  # its message never reached a worker
+
+    assert harness.redrive() == []  # not due for a re-drive yet
+    harness.clock.advance(harness.settings.redrive_after_s + 1)
+    assert harness.redrive() == [notice_id]
+    assert harness.redrive() == []  # once per interval
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TOKENWARDEN_SMTP_URL": "http://mail.example"}, "TOKENWARDEN_SMTP_URL: must be smtp"),
+        (
+            {"TOKENWARDEN_SMTP_URL": "smtp://u:hunter22@mail.example:99999"},
+            "TOKENWARDEN_SMTP_URL: has a port",
+        ),
+        ({"TOKENWARDEN_SMTP_URL": "smtp://mail.example"}, "TOKENWARDEN_MAIL_FROM: must be set"),
+        (
+            {"TOKENWARDEN_SMTP_URL": "smtp://mail.example", "TOKENWARDEN_MAIL_FROM": "nobody"},
+            "TOKENWARDEN_MAIL_FROM: must be an email address",
+        ),
+    ],
+)
+def test_a_bad_mail_setting_is_refused_naming_the_variable_never_the_password(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert str(refused.value).startswith(message)
+    assert "hunter22" not in str(refused.value)

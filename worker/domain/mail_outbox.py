@@ -1,0 +1,188 @@
+"""The email channel of the notice outbox: one row per notice and recipient address.
+
+A notice's email rows are written with the notice, in the same transaction, one per
+distinct recipient address; a recipient without one gets no email. Each row has its own
+status, attempts and lease, under the same rules as the webhook's notice row
+(``worker.domain.outbox_delivery``): a worker leases a notice's due rows in one conditional
+UPDATE, sends with no transaction open, and records each recipient's outcome after.
+
+The SMTP side (the templates, the connection, the message) is ``worker.runtime.mail``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import Table, insert, select, update
+from sqlalchemy.orm import Session
+
+from tokenwarden.worker.domain.models import Notice, NoticeEmail, NoticeStatus
+from tokenwarden.worker.domain.outbox_delivery import LEASE, MAX_ATTEMPTS, Outcome, backoff_s
+
+log = structlog.get_logger(__name__)
+
+ADDRESS_LENGTH = 320  # notice_emails.address
+
+
+def email_rows(
+    notice_id: str, recipients: Sequence[dict[str, Any]], *, now: datetime
+) -> list[dict[str, Any]]:
+    """The email rows of a new notice: one per distinct address among ``recipients``."""
+    rows: dict[str, dict[str, Any]] = {}
+    for recipient in recipients:
+        address = recipient.get("email")
+        if not isinstance(address, str) or not address or len(address) > ADDRESS_LENGTH:
+            continue
+        rows.setdefault(
+            address.lower(),
+            {
+                "notice_id": notice_id,
+                "address": address,
+                "user_id": recipient.get("user_id"),
+                "status": NoticeStatus.PENDING.value,
+                "attempts": 0,
+                "last_error": None,
+                "created_at": now,
+                "next_attempt_at": now,
+                "sent_at": None,
+            },
+        )
+    return list(rows.values())
+
+
+def add_emails(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert email rows (see :func:`email_rows`) in one statement."""
+    if rows:
+        session.execute(insert(cast(Table, NoticeEmail.__table__)), list(rows))
+
+
+@dataclass(frozen=True)
+class LeasedEmails:
+    """A notice's due emails, taken for one attempt: the notice's body and the addresses."""
+
+    notice_id: str
+    body: str
+    recipients: list[tuple[str, str | None]]  # (address, user_id)
+    until: datetime
+
+
+def lease_emails(
+    session: Session, notice_id: str, *, now: datetime, duration: timedelta = LEASE
+) -> LeasedEmails | None:
+    """Take the notice's pending, due emails for one attempt; None if none is (or all taken)."""
+    until = now + duration
+    taken = session.execute(
+        update(NoticeEmail)
+        .where(
+            NoticeEmail.notice_id == notice_id,
+            NoticeEmail.status == NoticeStatus.PENDING.value,
+            NoticeEmail.next_attempt_at <= now,
+        )
+        .values(next_attempt_at=until)
+        .returning(NoticeEmail.address, NoticeEmail.user_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    if not taken:
+        return None
+    body = session.scalar(select(Notice.body).where(Notice.id == notice_id))
+    if body is None:
+        return None
+    recipients = sorted((row.address, row.user_id) for row in taken)
+    return LeasedEmails(notice_id, body, recipients, until)
+
+
+def record_email(
+    session: Session,
+    notice_id: str,
+    address: str,
+    outcome: Outcome,
+    *,
+    now: datetime,
+    leased_until: datetime,
+) -> float | None:
+    """Store one recipient's outcome; the delay before its next attempt, if one is due."""
+    row = session.get(
+        NoticeEmail, (notice_id, address), with_for_update=True, populate_existing=True
+    )
+    if row is None or row.status != NoticeStatus.PENDING.value:
+        return None
+    row.attempts += 1
+    row.last_error = outcome.error
+    delay = None
+    if outcome.status is NoticeStatus.SENT:
+        row.status = NoticeStatus.SENT.value
+        row.sent_at = now
+    elif outcome.status is NoticeStatus.FAILED or row.attempts >= MAX_ATTEMPTS:
+        row.status = NoticeStatus.FAILED.value
+        if outcome.status is not NoticeStatus.FAILED:
+            row.last_error = f"gave up after {row.attempts} attempts: {outcome.error}"
+    elif row.next_attempt_at > leased_until:
+        log.warning("notice.email_lease_overrun", notice_id=notice_id)
+    else:
+        delay = backoff_s(row.attempts, outcome.retry_after_s)
+        row.next_attempt_at = now + timedelta(seconds=delay)
+    log.info(
+        "notice.email_attempt",
+        notice_id=notice_id,
+        status=row.status,
+        attempts=row.attempts,
+        error=row.last_error,
+        retry_in_s=delay,
+    )
+    return delay
+
+
+def due_notice_ids(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
+    """Notices with a pending email whose next attempt is due (a lease that ran out counts)."""
+    return list(
+        session.scalars(
+            select(NoticeEmail.notice_id)
+            .distinct()
+            .where(
+                NoticeEmail.status == NoticeStatus.PENDING.value,
+                NoticeEmail.next_attempt_at <= now,
+            )
+            .limit(limit)
+        )
+    )
+
+
+def mark_redriven(
+    session: Session, notice_ids: Sequence[str], *, now: datetime, cutoff: datetime
+) -> list[str]:
+    """Of ``notice_ids``, those with emails still pending and due by ``cutoff``, moved to
+    ``now`` (see ``outbox_delivery.mark_redriven``)."""
+    if not notice_ids:
+        return []
+    marked = session.scalars(
+        update(NoticeEmail)
+        .where(
+            NoticeEmail.notice_id.in_(list(notice_ids)),
+            NoticeEmail.status == NoticeStatus.PENDING.value,
+            NoticeEmail.next_attempt_at <= cutoff,
+        )
+        .values(next_attempt_at=now)
+        .returning(NoticeEmail.notice_id)
+        .execution_options(synchronize_session=False)
+    )
+    taken = set(marked)
+    return [notice_id for notice_id in notice_ids if notice_id in taken]
+
+
+def emails_of(session: Session, notice_ids: Sequence[str]) -> dict[str, list[NoticeEmail]]:
+    """The email rows of each of ``notice_ids`` (a notice without any maps to [])."""
+    found: dict[str, list[NoticeEmail]] = {notice_id: [] for notice_id in notice_ids}
+    if not notice_ids:
+        return found
+    rows = session.scalars(
+        select(NoticeEmail)
+        .where(NoticeEmail.notice_id.in_(list(notice_ids)))
+        .order_by(NoticeEmail.notice_id, NoticeEmail.address)
+    )
+    for row in rows:
+        found[row.notice_id].append(row)
+    return found
