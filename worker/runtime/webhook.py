@@ -20,7 +20,6 @@ from typing import Final
 
 import httpx
 import structlog
-from prometheus_client import Counter
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
@@ -45,11 +44,6 @@ from tokenwarden.worker.domain.outbox_delivery import (
 
 log = structlog.get_logger(__name__)
 
-# This process's count; /metrics shows the endpoints disabled now, read from the store.
-ENDPOINTS_DISABLED: Final = Counter(
-    "tokenwarden_webhook_endpoints_disabled",
-    "Webhook endpoints this worker process disabled after failing for too long.",
-)
 
 RETRYABLE: Final = frozenset({408, 429})
 USER_AGENT: Final = "tokenwarden-notices/1"
@@ -239,7 +233,8 @@ def _note(session: Session, target: Target, outcome: Outcome, now: datetime) -> 
     """Note the outcome against the endpoint; True if it is disabled from now on."""
     assert target.disable_after_s is not None
     error = None if outcome.status is NoticeStatus.SENT else (outcome.error or "failed")
-    disabled = endpoints.note(
+    # Logs webhook.endpoint_disabled; /metrics shows tokenwarden_webhook_endpoints_disabled.
+    return endpoints.note(
         session,
         url=target.url,
         receiver=target.receiver,
@@ -247,6 +242,3 @@ def _note(session: Session, target: Target, outcome: Outcome, now: datetime) -> 
         now=now,
         disable_after_s=target.disable_after_s,
     )
-    if disabled:
-        ENDPOINTS_DISABLED.inc()
-    return disabled
