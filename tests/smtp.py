@@ -7,6 +7,7 @@ server that dies mid-DATA). Addresses in ``refuse`` are refused at RCPT with a 5
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import threading
@@ -43,6 +44,9 @@ class Handler:
     # Every DATA that arrived, answered or not: (recipients, reply).
     attempts: list[tuple[list[str], str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # "hold": the mail is taken, then the reply waits until ``release`` is set.
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
     async def handle_RCPT(
         self,
@@ -65,7 +69,7 @@ class Handler:
             assert server.transport is not None
             server.transport.close()
             return "250 OK"  # never reaches the client
-        if reply != "250":
+        if reply not in ("250", "hold"):
             return reply
         content = envelope.original_content or envelope.content
         assert isinstance(content, bytes)
@@ -73,6 +77,10 @@ class Handler:
         assert isinstance(message, EmailMessage)
         with self.lock:
             self.delivered.append(Delivered(list(envelope.rcpt_tos), message, time.monotonic()))
+        if reply == "hold":
+            self.arrived.set()
+            while not self.release.is_set():
+                await asyncio.sleep(0.02)
         return "250 OK queued"
 
 

@@ -31,7 +31,7 @@ from tokenwarden.config.settings import Settings
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.issuing import IssuedToken
 from tokenwarden.worker.domain.members import add_member
-from tokenwarden.worker.domain.models import Notice, NoticeStatus, TokenKind
+from tokenwarden.worker.domain.models import Notice, NoticeEmail, NoticeStatus, TokenKind
 from tokenwarden.worker.domain.notices import LEAKED, OFFBOARDED
 from tokenwarden.worker.ops.demo_peers import KEY_ID, Peers
 from tokenwarden.worker.ops.supervisor import free_port
@@ -369,25 +369,6 @@ def test_a_worker_killed_mid_delivery_delivers_after_restart_with_the_same_id(
     assert (sent.id, sent.attempts) == (held.id, 1)
 
 
-def test_no_token_text_nor_webhook_secret_reached_a_notice_a_row_or_a_log(
-    stack: NoticeStack,
-) -> None:
-    assert stack.issued, "run after the tests that issue tokens"
-    received = b"".join(got.body for got in stack.receiver.received)
-    assert stack.smtp is not None
-    received += b"".join(got.message.as_bytes() for got in stack.smtp.delivered)
-    with stack.live.engine.connect() as connection:
-        rows = dump_tables(connection)
-    logs = stack.live.logs()
-    assert HOOK_USER_SECRET not in logs
-    assert HOOK_QUERY_SECRET not in logs
-    for token in stack.issued:
-        for secret in secrets_of(token):
-            assert secret.encode() not in received
-            assert secret not in rows
-            assert secret not in logs
-
-
 def test_a_leaks_owner_and_a_leavers_admins_each_get_one_email_and_one_webhook(
     stack: NoticeStack,
 ) -> None:
@@ -443,6 +424,55 @@ def test_a_mail_server_that_answers_421_then_250_gets_the_mail_on_retry(
     assert got.envelope_to == [owner_email]
     tries = [reply for to, reply in stack.smtp.handler.attempts if to == [owner_email]]
     assert tries == ["421 4.3.2 Service busy, try later", "250"]
+
+
+def test_a_worker_killed_mid_send_loses_no_mail_and_sends_it_at_most_twice(
+    stack: NoticeStack,
+) -> None:
+    live = stack.live
+    assert stack.smtp is not None
+    org, user = ids()
+    owner_email = stack.member(org, user)
+    pat = stack.token(TokenKind.PERSONAL, org, user)
+    handler = stack.smtp.handler
+    handler.arrived.clear()
+    handler.release.clear()
+    handler.script = ["hold"]
+
+    live.send(event("token.leak_suspected", {"token": pat.token}))
+    assert handler.arrived.wait(timeout=AT_ONCE_S), live.logs()[-4000:]
+    live.kill("worker", signal.SIGKILL)
+    handler.release.set()  # its answer goes to a dead socket
+    live.start("worker")
+
+    def sent() -> bool:
+        with live.session() as session:
+            rows = session.scalars(select(NoticeEmail).where(NoticeEmail.address == owner_email))
+            return [row.status for row in rows] == [NoticeStatus.SENT]
+
+    live.wait_for(sent, timeout=30, message="the email recorded as sent")
+    copies = stack.mails_about(pat.id)
+    assert 1 <= len(copies) <= 2
+    assert len({copy.message_id for copy in copies}) == 1
+
+
+def test_no_token_text_nor_webhook_secret_reached_a_notice_a_row_or_a_log(
+    stack: NoticeStack,
+) -> None:
+    assert stack.issued, "run after the tests that issue tokens"
+    received = b"".join(got.body for got in stack.receiver.received)
+    assert stack.smtp is not None
+    received += b"".join(got.message.as_bytes() for got in stack.smtp.delivered)
+    with stack.live.engine.connect() as connection:
+        rows = dump_tables(connection)
+    logs = stack.live.logs()
+    assert HOOK_USER_SECRET not in logs
+    assert HOOK_QUERY_SECRET not in logs
+    for token in stack.issued:
+        for secret in secrets_of(token):
+            assert secret.encode() not in received
+            assert secret not in rows
+            assert secret not in logs
 
 
 def assert_published_at_once(live: LiveStack, logged: int) -> None:
