@@ -108,6 +108,7 @@ REASONS: Final = {
     "leaked": "the token was reported as leaked, so it was revoked at once.",
     "member_removed": "their owner left the organization.",
     "user_deactivated": "their owner's account was deactivated.",
+    "expired": "they reached the expiry set when they were created.",
 }
 DETAILS: Final = (
     ("user_id", "Member"),
@@ -115,6 +116,8 @@ DETAILS: Final = (
     ("source_url", "Found at"),
     ("reporter", "Reported by"),
     ("revoked_at", "Revoked at"),
+    ("expired_at", "Expired at"),
+    ("days", "Days left at most"),
     ("event_id", "Event"),
 )
 
@@ -126,6 +129,8 @@ def _templates() -> jinja2.Environment:
         autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
 
 
@@ -147,6 +152,8 @@ def context(kind: str, data: dict[str, Any]) -> dict[str, Any]:
     """What the templates show about a notice's body ``data``."""
     reason = data.get("reason")
     why = REASONS.get(str(reason), str(reason)) if reason else None
+    if kind == "token.expiring" and why is None:
+        why = "their expiry is near, and an expiry can never be extended."
     details = [(label, str(data[key])) for key, label in DETAILS if data.get(key)]
     subject = SUBJECTS.get(kind, f"tokenwarden notice: {kind}")
     orgs = sorted({str(t.get("org_id")) for t in data.get("tokens") or [] if t.get("org_id")})
