@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from tests.conftest import Cli, clean_env
 from tests.smtp import MailServer, self_signed
 from tests.test_delivery import Harness, harness, settings_for, use_settings
 from tokenwarden.config.settings import ConfigError, load_settings
@@ -265,3 +266,35 @@ def test_a_bad_mail_setting_is_refused_naming_the_variable_never_the_password(
         load_settings()
     assert str(refused.value).startswith(message)
     assert "hunter22" not in str(refused.value)
+
+
+def test_the_command_line_shows_each_recipients_email_status(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    mail_only(monkeypatch, harness, server.url())
+    server.handler.refuse = {"ann@acme.example"}
+    notice_id = queue([BOB, ANN], harness)
+    harness.deliver(notice_id)
+    home = tmp_path / "home"
+    home.mkdir()
+    cli = Cli(
+        home,
+        clean_env(
+            TOKENWARDEN_HOME=str(home),
+            TOKENWARDEN_DATABASE_URL=harness.store.url,
+            TOKENWARDEN_SMTP_URL=server.url("notices:hunter2-pa55"),
+            TOKENWARDEN_MAIL_FROM=SENDER,
+        ),
+    )
+
+    [shown] = cli("notices", "--json", check=True).json()
+    table = cli("notices", check=True).stdout
+
+    assert shown["status"] == "pending"  # no webhook: that channel waits for a URL
+    assert [(m["address"], m["status"]) for m in shown["channels"]["email"]] == [
+        ("ann@acme.example", "failed"),
+        ("bob@acme.example", "sent"),
+    ]
+    assert shown["channels"]["email"][0]["last_error"].startswith("SMTP 550")
+    assert "ann@acme.example failed, bob@acme.example sent" in table
+    assert "hunter2-pa55" not in table

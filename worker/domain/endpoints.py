@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tokenwarden.worker.domain.db import insert_for
 from tokenwarden.worker.domain.models import WebhookEndpoint
 
 log = structlog.get_logger(__name__)
@@ -42,17 +43,25 @@ def note(
 ) -> bool:
     """Note one attempt's outcome (``error`` None: delivered); True if this disabled it."""
     key = url_key(url)
-    endpoint = session.get(WebhookEndpoint, key, with_for_update=True)
     if error is None:
+        # Most deliveries find a healthy endpoint: a plain read, no row lock between workers.
+        endpoint = session.get(WebhookEndpoint, key)
+        if endpoint is not None and endpoint.failing_since is not None:
+            session.refresh(endpoint, with_for_update=True)
         if endpoint is not None and endpoint.failing_since is not None:
             endpoint.failing_since = None
             endpoint.last_error = None
             endpoint.updated_at = now
             log.info("webhook.endpoint_recovered", receiver=receiver)
         return False
-    if endpoint is None:
-        endpoint = WebhookEndpoint(url_hash=key, receiver=receiver, updated_at=now)
-        session.add(endpoint)
+    # Two workers failing at once both find no row: the insert lets either go first.
+    session.execute(
+        insert_for(session, WebhookEndpoint)
+        .values(url_hash=key, receiver=receiver, updated_at=now)
+        .on_conflict_do_nothing(index_elements=["url_hash"])
+    )
+    endpoint = session.get(WebhookEndpoint, key, with_for_update=True, populate_existing=True)
+    assert endpoint is not None
     endpoint.last_error = error[:1000]
     endpoint.updated_at = now
     if endpoint.failing_since is None:
