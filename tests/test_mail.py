@@ -75,6 +75,14 @@ def emails(harness: Harness, notice_id: str) -> dict[str, NoticeEmail]:
     return found
 
 
+def server_tls(folder: Path) -> tuple[ssl.SSLContext, Path]:
+    """The server's TLS context, with a certificate made here; and that certificate."""
+    cert, key = self_signed(folder)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    return tls, cert
+
+
 BOB = {"user_id": "bob", "email": "bob@acme.example"}
 ANN = {"user_id": "ann", "email": "ann@acme.example"}
 
@@ -174,9 +182,7 @@ def test_a_temporary_failure_is_retried_and_the_same_mail_arrives(
 def test_starttls_and_login_carry_the_mail_and_the_password_is_never_shown(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    cert, key = self_signed(tmp_path)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(cert, key)
+    tls, cert = server_tls(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client trusts this certificate only
     with MailServer(tls=tls, login=("notices", "s3cret-pa55")) as server:
         mail_only(monkeypatch, harness, server.url("notices:s3cret-pa55"))
@@ -199,9 +205,7 @@ def test_starttls_and_login_carry_the_mail_and_the_password_is_never_shown(
 def test_a_server_whose_certificate_is_not_trusted_gets_nothing(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    cert, key = self_signed(tmp_path)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(cert, key)
+    tls, _ = server_tls(tmp_path)
     with MailServer(tls=tls) as server:
         mail_only(monkeypatch, harness, server.url())
         notice_id = queue([BOB], harness)

@@ -21,7 +21,7 @@ from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from tokenwarden.worker.domain.models import Notice, NoticeEmail, NoticeStatus
-from tokenwarden.worker.domain.outbox_delivery import LEASE, MAX_ATTEMPTS, Outcome, backoff_s
+from tokenwarden.worker.domain.outbox_delivery import LEASE, Outcome, apply_outcome, mark_due
 
 log = structlog.get_logger(__name__)
 
@@ -110,21 +110,7 @@ def record_email(
     )
     if row is None or row.status != NoticeStatus.PENDING.value:
         return None
-    row.attempts += 1
-    row.last_error = outcome.error
-    delay = None
-    if outcome.status is NoticeStatus.SENT:
-        row.status = NoticeStatus.SENT.value
-        row.sent_at = now
-    elif outcome.status is NoticeStatus.FAILED or row.attempts >= MAX_ATTEMPTS:
-        row.status = NoticeStatus.FAILED.value
-        if outcome.status is not NoticeStatus.FAILED:
-            row.last_error = f"gave up after {row.attempts} attempts: {outcome.error}"
-    elif row.next_attempt_at > leased_until:
-        log.warning("notice.email_lease_overrun", notice_id=notice_id)
-    else:
-        delay = backoff_s(row.attempts, outcome.retry_after_s)
-        row.next_attempt_at = now + timedelta(seconds=delay)
+    delay = apply_outcome(row, outcome, notice_id=notice_id, now=now, leased_until=leased_until)
     log.info(
         "notice.email_attempt",
         notice_id=notice_id,
@@ -156,21 +142,7 @@ def mark_redriven(
 ) -> list[str]:
     """Of ``notice_ids``, those with emails still pending and due by ``cutoff``, moved to
     ``now`` (see ``outbox_delivery.mark_redriven``)."""
-    if not notice_ids:
-        return []
-    marked = session.scalars(
-        update(NoticeEmail)
-        .where(
-            NoticeEmail.notice_id.in_(list(notice_ids)),
-            NoticeEmail.status == NoticeStatus.PENDING.value,
-            NoticeEmail.next_attempt_at <= cutoff,
-        )
-        .values(next_attempt_at=now)
-        .returning(NoticeEmail.notice_id)
-        .execution_options(synchronize_session=False)
-    )
-    taken = set(marked)
-    return [notice_id for notice_id in notice_ids if notice_id in taken]
+    return mark_due(session, NoticeEmail, NoticeEmail.notice_id, notice_ids, now=now, cutoff=cutoff)
 
 
 def emails_of(session: Session, notice_ids: Sequence[str]) -> dict[str, list[NoticeEmail]]:
