@@ -302,3 +302,25 @@ def test_the_command_line_shows_each_recipients_email_status(
     assert shown["channels"]["email"][0]["last_error"].startswith("SMTP 550")
     assert "ann@acme.example failed, bob@acme.example sent" in table
     assert "hunter2-pa55" not in table
+
+
+def test_an_address_that_would_inject_headers_or_cannot_be_mailed_fails_alone(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mail_only(monkeypatch, harness, server.url())
+    hostile = [
+        "eve@acme.example\r\nBcc: all@acme.example",
+        "eve@acme.example>, all@acme.example",
+        "a@b@c",
+        "not an address",
+    ]
+    notice_id = queue([{"user_id": "eve", "email": a} for a in hostile] + [BOB], harness)
+
+    harness.deliver(notice_id)
+
+    assert [d.envelope_to for d in server.delivered] == [["bob@acme.example"]]
+    assert "Bcc" not in server.delivered[0].message
+    rows = emails(harness, notice_id)
+    for address in hostile:
+        assert rows[address].status == NoticeStatus.FAILED
+        assert (rows[address].last_error or "").startswith("not an address a mail can go to")

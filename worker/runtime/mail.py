@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from email.errors import MessageError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -301,7 +302,7 @@ def send(
                     mail = build(
                         target, notice_id=leased.notice_id, body=body, address=address, now=now
                     )
-                except (ValueError, TypeError) as error:
+                except (ValueError, TypeError, MessageError) as error:
                     outcomes[address] = Outcome(
                         NoticeStatus.FAILED, f"not an address a mail can go to: {error}"[:300]
                     )
