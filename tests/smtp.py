@@ -85,13 +85,19 @@ class Handler:
 
 
 class MailServer:
-    """An SMTP server on a free loopback port; ``tls`` offers STARTTLS with that context."""
+    """An SMTP server on a free loopback port; ``tls`` offers STARTTLS with that context, or
+    with ``implicit`` speaks TLS from the first byte (smtps)."""
 
-    def __init__(self, *, tls: Any = None, login: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, *, tls: Any = None, login: tuple[str, str] | None = None, implicit: bool = False
+    ) -> None:
         self.handler = Handler()
         self.port = free_port()
+        self.scheme = "smtps" if implicit else "smtp"
         kwargs: dict[str, Any] = {}
-        if tls is not None:
+        if tls is not None and implicit:
+            kwargs.update(ssl_context=tls)
+        elif tls is not None:
             kwargs.update(tls_context=tls, require_starttls=True)
         if login is not None:
             kwargs.update(authenticator=_Authenticator(*login), auth_required=True)
@@ -102,7 +108,7 @@ class MailServer:
         )
 
     def url(self, userinfo: str = "") -> str:
-        return f"smtp://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}"
+        return f"{self.scheme}://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}"
 
     @property
     def delivered(self) -> list[Delivered]:

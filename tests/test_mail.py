@@ -202,6 +202,21 @@ def test_starttls_and_login_carry_the_mail_and_the_password_is_never_shown(
     assert refused.error == "SMTP 535 5.7.8 bad password ***"
 
 
+def test_smtps_speaks_tls_from_the_first_byte(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tls, cert = server_tls(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    with MailServer(tls=tls, implicit=True) as server:
+        mail_only(monkeypatch, harness, server.url())
+        notice_id = queue([BOB], harness)
+        harness.deliver(notice_id)
+        [got] = server.delivered
+    assert server.url().startswith("smtps://")
+    assert got.envelope_to == ["bob@acme.example"]
+    assert emails(harness, notice_id)["bob@acme.example"].status == NoticeStatus.SENT
+
+
 def test_a_server_whose_certificate_is_not_trusted_gets_nothing(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
