@@ -19,8 +19,8 @@ from sqlalchemy import select
 from tests.conftest import Cli, clean_env
 from tests.smtp import MailServer, self_signed
 from tests.test_delivery import Harness, harness, settings_for, use_settings
-from tokenwarden.config.settings import ConfigError, load_settings
-from tokenwarden.worker.domain import clock, db, notices
+from tokenwarden.config.settings import ConfigError, Settings, load_settings
+from tokenwarden.worker.domain import clock, db, mail_outbox, notices
 from tokenwarden.worker.domain.models import NoticeEmail, NoticeStatus
 from tokenwarden.worker.runtime import mail
 
@@ -45,7 +45,15 @@ def server() -> Iterator[MailServer]:
 
 
 def mail_only(monkeypatch: pytest.MonkeyPatch, harness: Harness, url: str) -> None:
-    use_settings(monkeypatch, harness, settings_for(None, smtp_url=url, mail_from=SENDER))
+    use_mail_settings(monkeypatch, harness, settings_for(None, smtp_url=url, mail_from=SENDER))
+
+
+def use_mail_settings(
+    monkeypatch: pytest.MonkeyPatch, harness: Harness, settings: Settings
+) -> None:
+    """The worker's settings, and the domain's: email rows are written when SMTP is set."""
+    use_settings(monkeypatch, harness, settings)
+    monkeypatch.setattr(mail_outbox, "get_settings", lambda: settings)
 
 
 def queue(recipients: list[dict[str, Any]], harness: Harness) -> str:
@@ -235,7 +243,7 @@ def test_a_server_whose_certificate_is_not_trusted_gets_nothing(
 def test_both_channels_deliver_each_notice_once(
     harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    use_settings(
+    use_mail_settings(
         monkeypatch,
         harness,
         settings_for(harness.receiver.url, smtp_url=server.url(), mail_from=SENDER),
@@ -317,6 +325,21 @@ def test_the_command_line_shows_each_recipients_email_status(
     assert shown["channels"]["email"][0]["last_error"].startswith("SMTP 550")
     assert "ann@acme.example failed, bob@acme.example sent" in table
     assert "hunter2-pa55" not in table
+
+
+def test_without_an_smtp_server_no_email_is_kept_for_later(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = queue([BOB], harness)  # webhook only: no email row
+    mail_only(monkeypatch, harness, server.url())
+    after = queue([BOB], harness)
+
+    harness.deliver(before, after)
+    harness.clock.advance(harness.settings.redrive_after_s + 1)
+    assert harness.redrive() == []
+
+    assert emails(harness, before) == {}
+    assert [d.message["X-Tokenwarden-Notice"] for d in server.delivered] == [after]
 
 
 def test_an_address_that_would_inject_headers_or_cannot_be_mailed_fails_alone(

@@ -30,7 +30,7 @@ from tests.test_delivery import (
 )
 from tokenwarden.config.settings import Settings
 from tokenwarden.producer.metrics import StoreCollector
-from tokenwarden.worker.domain import clock, db
+from tokenwarden.worker.domain import clock, db, mail_outbox
 from tokenwarden.worker.domain.models import AuditEntry, NoticeStatus, WebhookEndpoint
 
 __all__ = ["harness"]  # the fixture, used by name
@@ -176,11 +176,16 @@ def test_replay_sends_the_same_notices_again_with_their_ids_and_is_audited(
 
 
 def test_metrics_show_pending_failed_and_the_oldest_pending_age_per_channel(
-    harness: Harness,
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Emails are queued for a server that is not there (port 9 discards): they stay pending.
+    mailing = webhook_settings(
+        harness.receiver.url, smtp_url="smtp://127.0.0.1:9", mail_from="tw@example.com"
+    )
+    monkeypatch.setattr(mail_outbox, "get_settings", lambda: mailing)
     harness.receiver.script = [Reply(400)]
     failed = harness.queue()
-    harness.deliver(failed)  # the webhook refuses it; its email stays pending (no SMTP)
+    harness.deliver(failed)  # the webhook refuses it; its email is not sent (no SMTP target)
     harness.queue()
     harness.clock.advance(30)
 

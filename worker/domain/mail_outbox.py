@@ -1,7 +1,8 @@
 """The email channel of the notice outbox: one row per notice and recipient address.
 
 A notice's email rows are written with the notice, in the same transaction, one per
-distinct recipient address; a recipient without one gets no email. Each row has its own
+distinct recipient address, when notices are emailed at all; a recipient without an address
+gets no email. Each row has its own
 status, attempts and lease, under the same rules as the webhook's notice row
 (``worker.domain.outbox_delivery``): a worker leases a notice's due rows in one conditional
 UPDATE, sends with no transaction open, and records each recipient's outcome after.
@@ -11,7 +12,7 @@ The SMTP side (the templates, the connection, the message) is ``worker.runtime.m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -20,6 +21,7 @@ import structlog
 from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
 
+from tokenwarden.config.settings import get_settings
 from tokenwarden.worker.domain.models import Notice, NoticeEmail, NoticeStatus
 from tokenwarden.worker.domain.outbox_delivery import LEASE, Outcome, apply_outcome, mark_due
 
@@ -54,10 +56,28 @@ def email_rows(
     return list(rows.values())
 
 
-def add_emails(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert email rows (see :func:`email_rows`) in one statement."""
+def mailing() -> bool:
+    """Whether notices are emailed (``TOKENWARDEN_SMTP_URL`` is set).
+
+    Only then are email rows written: a server configured later mails the notices from then
+    on, not every notice of the past.
+    """
+    return get_settings().smtp_url is not None
+
+
+def add_emails(
+    session: Session,
+    notices: Iterable[tuple[str, Sequence[dict[str, Any]]]],
+    *,
+    now: datetime,
+) -> None:
+    """The email rows of new ``(notice id, recipients)``, inserted in one statement, when
+    notices are emailed."""
+    if not mailing():
+        return
+    rows = [row for notice_id, people in notices for row in email_rows(notice_id, people, now=now)]
     if rows:
-        session.execute(insert(cast(Table, NoticeEmail.__table__)), list(rows))
+        session.execute(insert(cast(Table, NoticeEmail.__table__)), rows)
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ def queue(
     except IntegrityError:
         log.info("notice.duplicate", kind=kind, dedupe_key=dedupe_key)
         return None
-    mail_outbox.add_emails(session, mail_outbox.email_rows(notice_id, recipients, now=now))
+    mail_outbox.add_emails(session, [(notice_id, recipients)], now=now)
     remember_notice(session, notice_id)
     log.info(
         "notice.queued",
@@ -223,14 +223,7 @@ def queue_many(session: Session, wanted: Sequence[Queued], *, now: datetime) -> 
     if not rows:
         return []
     session.execute(insert(cast(Table, Notice.__table__)), rows)
-    mail_outbox.add_emails(
-        session,
-        [
-            email
-            for row in rows
-            for email in mail_outbox.email_rows(row["id"], row["recipients"], now=now)
-        ],
-    )
+    mail_outbox.add_emails(session, [(row["id"], row["recipients"]) for row in rows], now=now)
     for row in rows:
         remember_notice(session, row["id"])
         log.info(
