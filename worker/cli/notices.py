@@ -79,8 +79,7 @@ def _say_channels(
         click.echo()
         click.echo(
             "TOKENWARDEN_NOTICE_WEBHOOK_URL is not set: pending notices stay in the outbox "
-            "until it is"
-            + (" (their emails go out meanwhile)." if current.smtp_url else ".")
+            "until it is" + (" (their emails go out meanwhile)." if current.smtp_url else ".")
         )
     if disabled:
         click.echo()
