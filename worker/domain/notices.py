@@ -4,7 +4,8 @@ A notice row is written in the same transaction as the revocation that causes it
 two commit or roll back together; a task delivers it afterwards (its id is published once
 that transaction commits, and the re-drive catches any publication that was lost). The body
 is fixed at creation (the exact bytes every attempt posts), and never holds a token, only
-its id, name and last four characters.
+its id, name and last four characters. With an SMTP server set, the notice's email rows (one
+per recipient address, ``worker.domain.mail_outbox``) are written alongside it.
 
 Who hears what: a leaked personal token's owner; the active admins of the organization for
 a leaked application token; the active admins, in one notice per organization and event,
