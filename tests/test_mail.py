@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from tests.conftest import Cli, clean_env
 from tests.smtp import MailServer, self_signed
-from tests.test_delivery import Harness, harness, settings_for, use_settings
+from tests.test_delivery import Harness, Reply, harness, settings_for, use_settings
 from tokenwarden.config.settings import ConfigError, Settings, load_settings
 from tokenwarden.worker.domain import clock, db, mail_outbox, notices
 from tokenwarden.worker.domain.models import NoticeEmail, NoticeStatus
@@ -255,6 +255,33 @@ def test_both_channels_deliver_each_notice_once(
 
     assert harness.receiver.ids == [notice_id]
     assert [d.envelope_to for d in server.delivered] == [["bob@acme.example"]]
+
+
+def test_each_channel_that_must_wait_gets_a_retry_of_its_own(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_mail_settings(
+        monkeypatch,
+        harness,
+        settings_for(harness.receiver.url, smtp_url=server.url(), mail_from=SENDER),
+    )
+    harness.receiver.script = [Reply(503)]
+    server.handler.script = ["421 4.3.2 Service busy, try later"]
+    notice_id = queue([BOB], harness)
+
+    harness.deliver(notice_id)
+
+    webhook_due = harness.row(notice_id).next_attempt_at
+    email_due = emails(harness, notice_id)["bob@acme.example"].next_attempt_at
+    assert [ids for ids, _ in harness.scheduled] == [[notice_id], [notice_id]]
+    wanted = sorted((due - clock.now()).total_seconds() for due in (webhook_due, email_due))
+    delays = sorted(delay for _, delay in harness.scheduled)
+    assert delays == pytest.approx(wanted, abs=0.5)
+    for due in sorted([webhook_due, email_due]):
+        harness.clock.until(due)
+        harness.deliver(notice_id)
+    assert harness.receiver.ids == [notice_id, notice_id]
+    assert len(server.delivered) == 1
 
 
 def test_an_email_left_behind_is_re_driven_without_a_webhook(

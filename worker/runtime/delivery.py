@@ -73,8 +73,10 @@ def deliver_notices(
                 outcomes.update(f"email_{status}" for status in mailed.outcomes.values())
                 if mailed.retry_in_s is not None:
                     retries.append(mailed.retry_in_s)
-            if retries:
-                _schedule(task, notice_id, min(retries))
+            # One delayed message per channel that must wait (the sooner cannot stand in for
+            # the later: it would find the other channel not due yet).
+            for delay in sorted(set(retries)):
+                _schedule(task, notice_id, delay)
     return outcomes
 
 
