@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from tokenwarden.worker.ops.supervisor import free_port
+from tokenwarden.worker.runtime.smtp_connections import close_kept
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Delivered:
     envelope_to: list[str]
     message: EmailMessage
     at: float
+    # The client's port: mails over one kept connection share it.
+    peer_port: int = 0
 
     @property
     def message_id(self) -> str:
@@ -76,12 +79,19 @@ class Handler:
         message = message_from_bytes(content, policy=policy.default)
         assert isinstance(message, EmailMessage)
         with self.lock:
-            self.delivered.append(Delivered(list(envelope.rcpt_tos), message, time.monotonic()))
+            self.delivered.append(
+                Delivered(list(envelope.rcpt_tos), message, time.monotonic(), _port(session))
+            )
         if reply == "hold":
             self.arrived.set()
             while not self.release.is_set():
                 await asyncio.sleep(0.02)
         return "250 OK queued"
+
+
+def _port(session: Session) -> int:
+    peer: Any = session.peer
+    return int(peer[1]) if isinstance(peer, tuple) else 0
 
 
 class MailServer:
@@ -120,6 +130,9 @@ class MailServer:
         return self
 
     def __exit__(self, *_: object) -> None:
+        # This process keeps its last connection open for the next notice: a server that
+        # stops under it would leave its side of the socket unclosed.
+        close_kept()
         self.controller.stop()
 
 

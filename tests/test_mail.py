@@ -8,6 +8,7 @@ dropped mid-DATA, STARTTLS with a certificate made here.
 from __future__ import annotations
 
 import smtplib
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.test_delivery import Harness, Reply, harness, settings_for, use_setti
 from tokenwarden.config.settings import ConfigError, Settings, load_settings
 from tokenwarden.worker.domain import clock, db, mail_outbox, notices
 from tokenwarden.worker.domain.models import NoticeEmail, NoticeStatus
-from tokenwarden.worker.runtime import mail
+from tokenwarden.worker.runtime import mail, smtp_connections
 
 __all__ = ["harness"]  # the fixture, used by name
 
@@ -128,6 +129,30 @@ def test_each_recipient_with_an_address_gets_one_email_saying_what_to_do(
         "ann@acme.example": (NoticeStatus.SENT, 1),
     }
     assert harness.scheduled == []
+
+
+def test_one_connection_carries_consecutive_notices_and_one_gone_dead_is_replaced(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mail_only(monkeypatch, harness, server.url())
+    first, second = queue([BOB], harness), queue([ANN], harness)
+    harness.deliver(first)
+    harness.deliver(second)
+    assert len({got.peer_port for got in server.delivered}) == 1
+
+    # The kept connection dies while idle (a server restart, an idle timeout) ...
+    monkeypatch.setattr(smtp_connections, "CHECK_AFTER_S", 0.0)
+    kept = smtp_connections._KEPT._idle
+    assert kept is not None
+    assert kept[1].sock is not None
+    kept[1].sock.shutdown(socket.SHUT_RDWR)
+    third = queue([BOB], harness)
+    harness.deliver(third)
+
+    # ... and the next notice goes out over a new one, at its first attempt.
+    assert len(server.delivered) == 3
+    assert server.delivered[2].peer_port != server.delivered[0].peer_port
+    assert emails(harness, third)["bob@acme.example"].attempts == 1
 
 
 def test_a_permanent_refusal_fails_that_recipient_with_the_reason_only(

@@ -8,7 +8,8 @@ recognisably the same mail.
 
 :func:`deliver` wraps one notice's sends in the outbox's email rules
 (``worker.domain.mail_outbox``): lease the notice's due recipients, send over one SMTP
-connection, record each recipient's outcome; no transaction is open while the server talks.
+connection (kept open for the next notice, ``worker.runtime.smtp_connections``), record each
+recipient's outcome; no transaction is open while the server talks.
 A permanent (5xx) reply to a recipient fails that recipient with the reason; a temporary
 (4xx) one, a refused or dropped connection or a timeout is retried with backoff and jitter.
 """
@@ -17,12 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import smtplib
-import socket
-import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.errors import MessageError
@@ -47,6 +43,7 @@ from tokenwarden.worker.domain.outbox_delivery import (
     lease_for,
     timeout_for,
 )
+from tokenwarden.worker.runtime.smtp_connections import connection
 
 log = structlog.get_logger(__name__)
 
@@ -199,59 +196,6 @@ def build(
 
 
 # -- sending -------------------------------------------------------------------------------
-
-
-def tls_context() -> ssl.SSLContext:
-    """The system's trusted certificates, verified host names; made once per process.
-
-    Loading the trusted certificates takes tens of milliseconds, more than the whole SMTP
-    exchange with a near server. ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` name others, as usual.
-    """
-    return _tls_context(
-        os.getpid(), os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
-    )
-
-
-@lru_cache(maxsize=4)
-def _tls_context(_pid: int, _file: str | None, _dir: str | None) -> ssl.SSLContext:
-    return ssl.create_default_context()
-
-
-@lru_cache(maxsize=1)
-def local_hostname() -> str:
-    """The name this host gives in EHLO, looked up once: smtplib would ask DNS per connection."""
-    return socket.getfqdn()
-
-
-@contextmanager
-def connection(target: MailTarget) -> Iterator[smtplib.SMTP]:
-    """A connection to the server: TLS from the start (smtps), or STARTTLS when offered."""
-    smtp: smtplib.SMTP
-    if target.implicit_tls:
-        smtp = smtplib.SMTP_SSL(
-            target.host,
-            target.port,
-            local_hostname=local_hostname(),
-            timeout=target.timeout_s,
-            context=tls_context(),
-        )
-    else:
-        smtp = smtplib.SMTP(
-            target.host, target.port, local_hostname=local_hostname(), timeout=target.timeout_s
-        )
-    try:
-        smtp.ehlo()
-        if not target.implicit_tls and smtp.has_extn("starttls"):
-            smtp.starttls(context=tls_context())
-            smtp.ehlo()
-        if target.username is not None:
-            smtp.login(target.username, target.password or "")
-        yield smtp
-    finally:
-        try:
-            smtp.quit()
-        except (smtplib.SMTPException, OSError):
-            smtp.close()
 
 
 def outcome_of(error: Exception, target: MailTarget) -> Outcome:
