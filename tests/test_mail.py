@@ -49,6 +49,15 @@ def mail_only(monkeypatch: pytest.MonkeyPatch, harness: Harness, url: str) -> No
     use_mail_settings(monkeypatch, harness, settings_for(None, smtp_url=url, mail_from=SENDER))
 
 
+def both_channels(monkeypatch: pytest.MonkeyPatch, harness: Harness, server: MailServer) -> None:
+    """The webhook at the harness's receiver, and email through ``server``."""
+    use_mail_settings(
+        monkeypatch,
+        harness,
+        settings_for(harness.receiver.url, smtp_url=server.url(), mail_from=SENDER),
+    )
+
+
 def use_mail_settings(
     monkeypatch: pytest.MonkeyPatch, harness: Harness, settings: Settings
 ) -> None:
@@ -268,11 +277,7 @@ def test_a_server_whose_certificate_is_not_trusted_gets_nothing(
 def test_both_channels_deliver_each_notice_once(
     harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    use_mail_settings(
-        monkeypatch,
-        harness,
-        settings_for(harness.receiver.url, smtp_url=server.url(), mail_from=SENDER),
-    )
+    both_channels(monkeypatch, harness, server)
     notice_id = queue([BOB], harness)
 
     harness.deliver(notice_id)
@@ -285,11 +290,7 @@ def test_both_channels_deliver_each_notice_once(
 def test_each_channel_that_must_wait_gets_a_retry_of_its_own(
     harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    use_mail_settings(
-        monkeypatch,
-        harness,
-        settings_for(harness.receiver.url, smtp_url=server.url(), mail_from=SENDER),
-    )
+    both_channels(monkeypatch, harness, server)
     harness.receiver.script = [Reply(503)]
     server.handler.script = ["421 4.3.2 Service busy, try later"]
     notice_id = queue([BOB], harness)
