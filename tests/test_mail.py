@@ -415,3 +415,20 @@ def test_an_address_that_would_inject_headers_or_cannot_be_mailed_fails_alone(
     for address in hostile:
         assert rows[address].status == NoticeStatus.FAILED
         assert (rows[address].last_error or "").startswith("not an address a mail can go to")
+
+
+def test_a_notice_kind_the_templates_do_not_know_still_makes_a_complete_mail() -> None:
+    target = mail.MailTarget(host="mail.example", port=25, implicit_tls=False, sender=SENDER)
+    body = {
+        "type": "token.idle",
+        "data": {"tokens": [TOKEN], "next_steps": "Delete it if nothing uses it."},
+    }
+
+    built = mail.build(
+        target, notice_id="ntc_1", body=body, address="bob@acme.example", now=clock.now()
+    )
+
+    assert built["Subject"] == "tokenwarden notice: token.idle (acme)"
+    text = built.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "…Ab12" in text
+    assert "Delete it if nothing uses it." in text
