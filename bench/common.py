@@ -595,6 +595,7 @@ def populate(
     prefix: str = "u",
     texts: bool = False,
     now: datetime | None = None,
+    emails: bool = False,
 ) -> list[Member]:
     """Active memberships with ``pats`` PATs and ``aats`` AATs each, inserted in bulk.
 
@@ -602,6 +603,7 @@ def populate(
     admins (they hear about offboardings). Memberships and tokens date from before ``now`` (a
     day and an hour), so any event at ``now`` applies to them. With ``texts`` the tokens are
     real (checksummed) and their texts are returned; otherwise only random hashes are stored.
+    With ``emails`` each user has the address ``USER@ORG.example``.
     """
     now = now or datetime.now(UTC)
     joined, issued, expires = (
@@ -632,7 +634,7 @@ def populate(
                 "org_id": org_id,
                 "user_id": user_id,
                 "role": "user",
-                "email": None,
+                "email": f"{user_id}@{org_id}.example" if emails else None,
                 "active": True,
                 "active_since": joined,
                 "last_event_at": joined,

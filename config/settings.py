@@ -11,9 +11,11 @@ import ipaddress
 import os
 import secrets
 import stat
+from email.utils import parseaddr
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -273,6 +275,11 @@ class Settings(BaseSettings):
     idle_revoke_days: int | None = None
     # A worker touches this file every few seconds while it consumes (a liveness check).
     worker_heartbeat_file: Path | None = None
+    # Email notices: smtp://user:pass@host:port (STARTTLS when offered) or smtps:// (TLS).
+    smtp_url: str | None = None
+    mail_from: str | None = None
+    # A webhook endpoint that has failed for this long is disabled until resumed (5 days).
+    webhook_disable_after_s: float = 432000.0
 
     @field_validator("reminder_days", mode="before")
     @classmethod
@@ -317,7 +324,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "database_url", "broker_url", "notice_webhook_url", "notice_signing_secret", mode="before"
+        "database_url",
+        "broker_url",
+        "notice_webhook_url",
+        "notice_signing_secret",
+        "smtp_url",
+        "mail_from",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
@@ -357,15 +370,53 @@ class Settings(BaseSettings):
     @field_validator("notice_signing_secret")
     @classmethod
     def _signing_secret(cls, value: str | None) -> str | None:
+        # Several secrets, comma-separated and newest first, while receivers switch over.
         if value is None:
             return None
-        body = value.removeprefix("whsec_")
+        parts = [part.strip() for part in value.split(",")]
+        for part in parts:
+            body = part.removeprefix("whsec_")
+            try:
+                key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+            except ValueError:
+                key = b""
+            if not part.startswith("whsec_") or len(key) < 16:
+                raise ValueError(
+                    "must be Standard Webhooks secrets, comma-separated: "
+                    "whsec_ then base64 of 16+ bytes each"
+                )
+        return ",".join(parts)
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
         try:
-            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+            parts.port  # noqa: B018 - reading it is the check
         except ValueError:
-            key = b""
-        if not value.startswith("whsec_") or len(key) < 16:
-            raise ValueError("must be a Standard Webhooks secret: whsec_ then base64 of 16+ bytes")
+            raise ValueError("has a port that is not a number from 1 to 65535") from None
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ValueError("must be smtp://[user:password@]host[:port] or smtps://…")
+        return value
+
+    @field_validator("mail_from")
+    @classmethod
+    def _mail_from(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _, address = parseaddr(value)
+        local, at, domain = address.rpartition("@")
+        if not (local and at and "." in domain) or any(c in value for c in "\r\n"):
+            raise ValueError("must be an email address, e.g. tokenwarden@example.com")
+        return value
+
+    @field_validator("webhook_disable_after_s")
+    @classmethod
+    def _disable_after(cls, value: float) -> float:
+        if not value > 0:  # also refuses nan
+            raise ValueError("must be a positive number of seconds")
         return value
 
     @field_validator("queue")
@@ -415,6 +466,23 @@ class Settings(BaseSettings):
                 "with the same secret (whsec_ then base64 of 32 random bytes)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _mail_sender(self) -> Self:
+        if self.smtp_url and not self.mail_from:
+            raise ValueError(
+                f"{ENV_PREFIX}MAIL_FROM: must be set with {ENV_PREFIX}SMTP_URL: the address "
+                "notices are sent from, e.g. tokenwarden@example.com"
+            )
+        return self
+
+    def __repr_args__(self) -> Any:
+        # The SMTP URL's password never shows in a repr (a traceback, a debug line).
+        for name, value in super().__repr_args__():
+            if name == "smtp_url" and isinstance(value, str):
+                yield name, without_password(value)
+            else:
+                yield name, value
 
     @model_validator(mode="after")
     def _doors_apart(self) -> Self:

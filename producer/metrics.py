@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final
 
@@ -30,8 +30,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenwarden.worker.domain import clock
 from tokenwarden.worker.domain.db import read_transaction
+from tokenwarden.worker.domain.endpoints import disabled_endpoints
 from tokenwarden.worker.domain.inbox import counts, recent_apply_seconds
 from tokenwarden.worker.domain.models import DeadLetter, Token
+from tokenwarden.worker.domain.outbox_delivery import Backlog, backlog
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +59,9 @@ class StoreSnapshot:
     applied: int  # events received in the last 15 minutes and applied since
     applied_seconds: float  # their acceptance-to-applied times, summed
     applied_slowest: float
+    # Per channel (webhook, email): pending, failed, oldest pending age.
+    notices: dict[str, Backlog] = field(default_factory=dict)
+    webhook_endpoints_disabled: int = 0
 
 
 def read_store(engine: Engine) -> StoreSnapshot:
@@ -70,6 +75,8 @@ def read_store(engine: Engine) -> StoreSnapshot:
         ).all()
         dead = session.scalar(select(func.count()).select_from(DeadLetter)) or 0
         applied = recent_apply_seconds(session, now=clock.now(), window=APPLY_WINDOW)
+        notices = backlog(session, now=clock.now())
+        disabled = disabled_endpoints(session)
     return StoreSnapshot(
         events=by_type,
         revoked=[(reason, number) for reason, number in revoked],
@@ -77,6 +84,8 @@ def read_store(engine: Engine) -> StoreSnapshot:
         applied=len(applied),
         applied_seconds=sum(applied),
         applied_slowest=max(applied, default=0.0),
+        notices=notices,
+        webhook_endpoints_disabled=disabled,
     )
 
 
@@ -155,6 +164,36 @@ class StoreCollector(Collector):
             "Slowest acceptance-to-applied time in the last 15 minutes.",
             value=store.applied_slowest,
         )
+        yield from _notice_gauges(store)
+
+
+def _notice_gauges(store: StoreSnapshot) -> Iterable[Metric]:
+    """The notice outbox per channel, and the webhook endpoints disabled for failing."""
+    pending = GaugeMetricFamily(
+        "tokenwarden_notices_pending", "Notice deliveries pending, by channel.", labels=["channel"]
+    )
+    failed = GaugeMetricFamily(
+        "tokenwarden_notices_failed",
+        "Notice deliveries that failed, by channel.",
+        labels=["channel"],
+    )
+    oldest = GaugeMetricFamily(
+        "tokenwarden_notices_oldest_pending_age_seconds",
+        "Age of the oldest pending notice delivery, by channel (0 when none is pending).",
+        labels=["channel"],
+    )
+    for channel, figures in sorted(store.notices.items()):
+        pending.add_metric([channel], figures.pending)
+        failed.add_metric([channel], figures.failed)
+        oldest.add_metric([channel], figures.oldest_pending_age_s)
+    yield pending
+    yield failed
+    yield oldest
+    yield GaugeMetricFamily(
+        "tokenwarden_webhook_endpoints_disabled",
+        "Webhook endpoints disabled after failing too long (tokenwarden notices resume).",
+        value=store.webhook_endpoints_disabled,
+    )
 
 
 class _ProcessRegistry(Collector):

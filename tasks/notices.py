@@ -17,7 +17,7 @@ from tokenwarden.config.celery import DELIVER_NOTICES, REDRIVE_NOTICES
 from tokenwarden.config.settings import get_settings
 from tokenwarden.tasks.arguments import BadArguments, id_list
 from tokenwarden.worker.domain import clock
-from tokenwarden.worker.runtime import delivery, redrive, webhook
+from tokenwarden.worker.runtime import delivery, mail, redrive, smtp_connections, webhook
 from tokenwarden.worker.runtime.celery_app import app
 from tokenwarden.worker.runtime.tasking import IDEMPOTENT, REDRIVE, CountedTask
 
@@ -52,8 +52,13 @@ def deliver_notices(self: CountedTask, *args: Any, **kwargs: Any) -> None:
     except BadArguments as error:
         self.dead_letter(error.reason, body=error.body)
         return
-    target = webhook.target_from(get_settings())
-    outcomes = delivery.deliver_notices(self, notice_ids, target=target)
+    settings = get_settings()
+    outcomes = delivery.deliver_notices(
+        self,
+        notice_ids,
+        target=webhook.target_from(settings),
+        mail_target=mail.target_from(settings),
+    )
     if outcomes is not None:
         log.info("notices.attempted", **outcomes)
 
@@ -70,8 +75,9 @@ def redrive_notices(self: CountedTask) -> None:
 
 
 def _close_client(**_: Any) -> None:
-    """A worker process that stops closes its connections to the receiver."""
+    """A worker process that stops closes its connections to the receiver and mail server."""
     webhook.close_shared_client()
+    smtp_connections.close_kept()
 
 
 # A prefork child sends worker_process_shutdown; a solo or threads worker, worker_shutdown.

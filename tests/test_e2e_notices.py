@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from kombu.connection import Connection
 from sqlalchemy import select
 
 from tests.conftest import fresh_postgres_database, service_url
+from tests.smtp import Delivered, MailServer
 from tests.stack import LiveStack, check_broker, event, stack_env
 from tests.test_delivery import SECRET, Received, Receiver
 from tests.test_secrecy import dump_tables, secrets_of
@@ -29,7 +31,7 @@ from tokenwarden.config.settings import Settings
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.issuing import IssuedToken
 from tokenwarden.worker.domain.members import add_member
-from tokenwarden.worker.domain.models import Notice, NoticeStatus, TokenKind
+from tokenwarden.worker.domain.models import Notice, NoticeEmail, NoticeStatus, TokenKind
 from tokenwarden.worker.domain.notices import LEAKED, OFFBOARDED
 from tokenwarden.worker.ops.demo_peers import KEY_ID, Peers
 from tokenwarden.worker.ops.supervisor import free_port
@@ -50,6 +52,7 @@ GITLAB_SECRET = "gitlab-revocation-test-secret"
 # information and in the query. No log line may show them.
 HOOK_USER_SECRET = "h00kus3rs3cret"
 HOOK_QUERY_SECRET = "h00kqu3rys3cret"
+MAIL_FROM = "tokenwarden@example.com"
 
 
 @dataclass
@@ -60,6 +63,16 @@ class NoticeStack:
     github: Peers
     # Every token issued on this stack: none may show up in a notice, a row or a log line.
     issued: list[str] = field(default_factory=list)
+    # The SMTP server the stack emails notices through.
+    smtp: MailServer | None = None
+
+    def mails_about(self, token_id: str) -> list[Delivered]:
+        """Mails that reached the SMTP server about the notice naming ``token_id``."""
+        notice = self.notice_row(token_id)
+        assert self.smtp is not None
+        if notice is None:
+            return []
+        return [d for d in self.smtp.delivered if d.message["X-Tokenwarden-Notice"] == notice.id]
 
     def member(self, org_id: str, user_id: str, role: str = "user") -> str:
         email = f"{user_id}@{org_id}.example"
@@ -112,23 +125,24 @@ def stack(
 
 
 def _stacks(param: str, home: Path, github: Peers) -> Iterator[NoticeStack]:
-    with Receiver() as receiver:
+    with Receiver() as receiver, MailServer() as smtp:
+        mail = {"TOKENWARDEN_SMTP_URL": smtp.url(), "TOKENWARDEN_MAIL_FROM": MAIL_FROM}
         if param == "embedded":
-            yield from _run(home, receiver, github, {})
+            yield from _run(home, receiver, github, mail, smtp)
             return
         broker = service_url(param)
         assert broker is not None
         with fresh_postgres_database() as url:
-            extra = {"TOKENWARDEN_DATABASE_URL": url, "TOKENWARDEN_BROKER_URL": broker}
+            extra = {"TOKENWARDEN_DATABASE_URL": url, "TOKENWARDEN_BROKER_URL": broker, **mail}
             try:
                 check_broker(Settings(home=home, database_url=url, broker_url=broker))
             except Exception as error:  # a named service that is down fails the run
                 pytest.fail(f"{param} at {broker} is unreachable: {error}", pytrace=False)
-            yield from _run(home, receiver, github, extra)
+            yield from _run(home, receiver, github, extra, smtp)
 
 
 def _run(
-    home: Path, receiver: Receiver, github: Peers, extra: dict[str, str]
+    home: Path, receiver: Receiver, github: Peers, extra: dict[str, str], smtp: MailServer
 ) -> Iterator[NoticeStack]:
     env = stack_env(
         home,
@@ -150,7 +164,7 @@ def _run(
     db.upgrade(live.database_url)
     live.start("api", "worker", "beat")
     try:
-        yield NoticeStack(live, receiver, github)
+        yield NoticeStack(live, receiver, github, smtp=smtp)
     finally:
         live.stop()
         broker = extra.get("TOKENWARDEN_BROKER_URL")
@@ -355,11 +369,100 @@ def test_a_worker_killed_mid_delivery_delivers_after_restart_with_the_same_id(
     assert (sent.id, sent.attempts) == (held.id, 1)
 
 
+def test_a_leaks_owner_and_a_leavers_admins_each_get_one_email_and_one_webhook(
+    stack: NoticeStack,
+) -> None:
+    live = stack.live
+    org, user = ids()
+    owner_email = stack.member(org, user)
+    admin_email = stack.member(org, "admin-" + user, role="admin")
+    stack.member(org, "leaver-" + user)
+    leaked = stack.token(TokenKind.PERSONAL, org, user)
+    kept = stack.token(TokenKind.PERSONAL, org, "leaver-" + user)
+
+    live.send(
+        event("token.leak_suspected", {"token": leaked.token}),
+        event("membership.removed", {"org_id": org, "user_id": "leaver-" + user}),
+    )
+
+    for token_id in (leaked.id, kept.id):
+
+        def both(token_id: str = token_id) -> bool:
+            return bool(stack.mails_about(token_id) and stack.notices_naming(token_id))
+
+        live.wait_for(both, timeout=AT_ONCE_S, message=f"the email and webhook on {token_id}")
+        wait_until_sent(stack, token_id, timeout=5)
+    time.sleep(2.5)  # past a re-drive: a second copy of either would have arrived by now
+    [to_owner] = stack.mails_about(leaked.id)
+    [to_admins] = stack.mails_about(kept.id)
+    assert len(stack.notices_naming(leaked.id)) == len(stack.notices_naming(kept.id)) == 1
+    assert to_owner.envelope_to == [owner_email]
+    assert to_admins.envelope_to == [admin_email]
+    text = to_owner.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert f"…{leaked.token[-4:]}" in text
+    assert leaked.token not in text
+    assert "reported as leaked" in text
+    admins_text = to_admins.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert f"The personal access tokens of leaver-{user} were revoked" in admins_text
+
+
+def test_a_mail_server_that_answers_421_then_250_gets_the_mail_on_retry(
+    stack: NoticeStack,
+) -> None:
+    live = stack.live
+    assert stack.smtp is not None
+    org, user = ids()
+    owner_email = stack.member(org, user)
+    pat = stack.token(TokenKind.PERSONAL, org, user)
+    stack.smtp.handler.script = ["421 4.3.2 Service busy, try later"]
+
+    live.send(event("token.leak_suspected", {"token": pat.token}))
+
+    [got] = live.wait_for(
+        lambda: stack.mails_about(pat.id), timeout=AT_ONCE_S, message="the retried email"
+    )
+    assert got.envelope_to == [owner_email]
+    tries = [reply for to, reply in stack.smtp.handler.attempts if to == [owner_email]]
+    assert tries == ["421 4.3.2 Service busy, try later", "250"]
+
+
+def test_a_worker_killed_mid_send_loses_no_mail_and_sends_it_at_most_twice(
+    stack: NoticeStack,
+) -> None:
+    live = stack.live
+    assert stack.smtp is not None
+    org, user = ids()
+    owner_email = stack.member(org, user)
+    pat = stack.token(TokenKind.PERSONAL, org, user)
+    handler = stack.smtp.handler
+    handler.arrived.clear()
+    handler.release.clear()
+    handler.script = ["hold"]
+
+    live.send(event("token.leak_suspected", {"token": pat.token}))
+    assert handler.arrived.wait(timeout=AT_ONCE_S), live.logs()[-4000:]
+    live.kill("worker", signal.SIGKILL)
+    handler.release.set()  # its answer goes to a dead socket
+    live.start("worker")
+
+    def sent() -> bool:
+        with live.session() as session:
+            rows = session.scalars(select(NoticeEmail).where(NoticeEmail.address == owner_email))
+            return [row.status for row in rows] == [NoticeStatus.SENT]
+
+    live.wait_for(sent, timeout=30, message="the email recorded as sent")
+    copies = stack.mails_about(pat.id)
+    assert 1 <= len(copies) <= 2
+    assert len({copy.message_id for copy in copies}) == 1
+
+
 def test_no_token_text_nor_webhook_secret_reached_a_notice_a_row_or_a_log(
     stack: NoticeStack,
 ) -> None:
     assert stack.issued, "run after the tests that issue tokens"
     received = b"".join(got.body for got in stack.receiver.received)
+    assert stack.smtp is not None
+    received += b"".join(got.message.as_bytes() for got in stack.smtp.delivered)
     with stack.live.engine.connect() as connection:
         rows = dump_tables(connection)
     logs = stack.live.logs()

@@ -67,3 +67,9 @@ def test_each_top_folder_is_reached_through_the_package() -> None:
         link = ROOT / "tokenwarden" / folder
         assert link.is_symlink(), link
         assert link.resolve() == (ROOT / folder).resolve()
+
+
+def test_the_mail_templates_ship_in_the_wheel(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    for template in ("notice.txt", "notice.html"):
+        assert f"tokenwarden/worker/runtime/templates/mail/{template}" in names

@@ -309,6 +309,56 @@ class Notice(Base):
     )
 
 
+class NoticeEmail(Base):
+    """The email channel of one notice for one recipient: its own status, attempts and lease.
+
+    Written with the notice, one row per recipient that has an address. The webhook channel's
+    state is the notice row itself.
+    """
+
+    __tablename__ = "notice_emails"
+
+    notice_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("notices.id", ondelete="CASCADE"), primary_key=True
+    )
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # When the next attempt may start; also the lease a sending worker holds.
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index(
+            "ix_notice_emails_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index(None, "status", "created_at"),
+    )
+
+
+class WebhookEndpoint(Base):
+    """How a webhook URL has been answering: failing since when, and disabled or not.
+
+    Keyed by a hash of the URL (which may hold the receiver's secrets); a new URL starts
+    afresh.
+    """
+
+    __tablename__ = "webhook_endpoints"
+
+    url_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    receiver: Mapped[str] = mapped_column(String(300))
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(String(1000))
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class TokenReminder(Base):
     """A pre-expiry reminder sent for a token at one of the reminder days; sent once only."""
 

@@ -4,7 +4,8 @@ A notice row is written in the same transaction as the revocation that causes it
 two commit or roll back together; a task delivers it afterwards (its id is published once
 that transaction commits, and the re-drive catches any publication that was lost). The body
 is fixed at creation (the exact bytes every attempt posts), and never holds a token, only
-its id, name and last four characters.
+its id, name and last four characters. With an SMTP server set, the notice's email rows (one
+per recipient address, ``worker.domain.mail_outbox``) are written alongside it.
 
 Who hears what: a leaked personal token's owner; the active admins of the organization for
 a leaked application token; the active admins, in one notice per organization and event,
@@ -25,6 +26,7 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from tokenwarden.worker.domain import mail_outbox
 from tokenwarden.worker.domain.models import Membership, Notice, NoticeStatus, Role, TokenKind
 
 log = structlog.get_logger(__name__)
@@ -181,6 +183,7 @@ def queue(
     except IntegrityError:
         log.info("notice.duplicate", kind=kind, dedupe_key=dedupe_key)
         return None
+    mail_outbox.add_emails(session, [(notice_id, recipients)], now=now)
     remember_notice(session, notice_id)
     log.info(
         "notice.queued",
@@ -240,6 +243,7 @@ def queue_many(session: Session, wanted: Sequence[Queued], *, now: datetime) -> 
     if not rows:
         return []
     session.execute(insert(cast(Table, Notice.__table__)), rows)
+    mail_outbox.add_emails(session, [(row["id"], row["recipients"]) for row in rows], now=now)
     for row in rows:
         remember_notice(session, row["id"])
         log.info(

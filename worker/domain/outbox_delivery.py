@@ -15,14 +15,16 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from tokenwarden.worker.domain.models import Notice, NoticeStatus
+from tokenwarden.worker.domain import audit
+from tokenwarden.worker.domain.clock import as_utc
+from tokenwarden.worker.domain.models import Notice, NoticeEmail, NoticeStatus
 
 log = structlog.get_logger(__name__)
 
@@ -49,9 +51,12 @@ class Target:
     """Where and how notices are posted, and how long one attempt may take."""
 
     url: str
+    # One Standard Webhooks secret, or several comma-separated, newest first.
     secret: str
     lease: timedelta = LEASE
     timeout_s: float = TIMEOUT_S
+    # After failing this long the endpoint is disabled (worker.domain.endpoints); None: never.
+    disable_after_s: float | None = None
 
     @property
     def receiver(self) -> str:
@@ -78,6 +83,8 @@ class Attempt:
 
 
 SKIPPED: Final = "skipped"
+# Not posted: the endpoint is disabled, the notice waits in the outbox until it is resumed.
+PAUSED: Final = "paused"
 # Not in the outbox at all: the message that named it is dead-lettered.
 MISSING: Final = "missing"
 
@@ -153,21 +160,7 @@ def record(
     notice = session.get(Notice, notice_id, with_for_update=True, populate_existing=True)
     if notice is None or notice.status != NoticeStatus.PENDING.value:
         return Attempt(notice_id, SKIPPED)
-    notice.attempts += 1
-    notice.last_error = outcome.error
-    delay = None
-    if outcome.status is NoticeStatus.SENT:
-        notice.status = NoticeStatus.SENT.value
-        notice.sent_at = now
-    elif outcome.status is NoticeStatus.FAILED or notice.attempts >= MAX_ATTEMPTS:
-        notice.status = NoticeStatus.FAILED.value
-        if outcome.status is not NoticeStatus.FAILED:
-            notice.last_error = f"gave up after {notice.attempts} attempts: {outcome.error}"
-    elif leased_until is not None and notice.next_attempt_at > leased_until:
-        log.warning("notice.lease_overrun", notice_id=notice_id)
-    else:
-        delay = backoff_s(notice.attempts, outcome.retry_after_s)
-        notice.next_attempt_at = now + timedelta(seconds=delay)
+    delay = apply_outcome(notice, outcome, notice_id=notice_id, now=now, leased_until=leased_until)
     log.info(
         "notice.attempt",
         notice_id=notice_id,
@@ -177,6 +170,34 @@ def record(
         retry_in_s=delay,
     )
     return Attempt(notice_id, notice.status, delay)
+
+
+def apply_outcome(
+    row: Notice | NoticeEmail,
+    outcome: Outcome,
+    *,
+    notice_id: str,
+    now: datetime,
+    leased_until: datetime | None,
+) -> float | None:
+    """Count one attempt on a pending delivery (a notice's webhook, or one of its emails):
+    sent, failed, or due again after a backoff, whose delay is returned."""
+    row.attempts += 1
+    row.last_error = outcome.error
+    if outcome.status is NoticeStatus.SENT:
+        row.status = NoticeStatus.SENT.value
+        row.sent_at = now
+    elif outcome.status is NoticeStatus.FAILED or row.attempts >= MAX_ATTEMPTS:
+        row.status = NoticeStatus.FAILED.value
+        if outcome.status is not NoticeStatus.FAILED:
+            row.last_error = f"gave up after {row.attempts} attempts: {outcome.error}"
+    elif leased_until is not None and row.next_attempt_at > leased_until:
+        log.warning("notice.lease_overrun", notice_id=notice_id)
+    else:
+        delay = backoff_s(row.attempts, outcome.retry_after_s)
+        row.next_attempt_at = now + timedelta(seconds=delay)
+        return delay
+    return None
 
 
 def existing(session: Session, notice_ids: Sequence[str]) -> set[str]:
@@ -208,18 +229,112 @@ def mark_redriven(
     message is still waiting on a long queue is not published again on every run. One
     conditional UPDATE: a notice leased or re-driven meanwhile no longer matches.
     """
+    return mark_due(session, Notice, Notice.id, notice_ids, now=now, cutoff=cutoff)
+
+
+def mark_due(
+    session: Session,
+    table: type[Notice] | type[NoticeEmail],
+    notice_id: Any,
+    notice_ids: Sequence[str],
+    *,
+    now: datetime,
+    cutoff: datetime,
+) -> list[str]:
+    """:func:`mark_redriven` over a channel's ``table``, whose ``notice_id`` column names the
+    notice; the ids marked, in the order given."""
     if not notice_ids:
         return []
     marked = session.scalars(
-        update(Notice)
+        update(table)
         .where(
-            Notice.id.in_(list(notice_ids)),
-            Notice.status == NoticeStatus.PENDING.value,
-            Notice.next_attempt_at <= cutoff,
+            notice_id.in_(list(notice_ids)),
+            table.status == NoticeStatus.PENDING.value,
+            table.next_attempt_at <= cutoff,
         )
         .values(next_attempt_at=now)
-        .returning(Notice.id)
+        .returning(notice_id)
         .execution_options(synchronize_session=False)
     )
     taken = set(marked)
-    return [notice_id for notice_id in notice_ids if notice_id in taken]
+    return [each for each in notice_ids if each in taken]
+
+
+REPLAYABLE: Final = (NoticeStatus.SENT.value, NoticeStatus.FAILED.value)
+
+
+def replay(
+    session: Session,
+    *,
+    since: datetime,
+    status: str | None,
+    now: datetime,
+    actor: str | None,
+    source: str = "cli",
+) -> list[str]:
+    """Send again the notices created since ``since`` (those ``status``, or sent and failed).
+
+    Each keeps its id, so a receiver recognises a notice it already has (``webhook-id``);
+    the attempts start afresh. One audit row says who replayed what.
+    """
+    statuses = [status] if status else list(REPLAYABLE)
+    if not set(statuses) <= set(REPLAYABLE):
+        raise ValueError(f"only {' or '.join(REPLAYABLE)} notices can be replayed")
+    notice_ids = sorted(
+        session.scalars(
+            update(Notice)
+            .where(Notice.created_at >= since, Notice.status.in_(statuses))
+            .values(
+                status=NoticeStatus.PENDING.value,
+                attempts=0,
+                last_error=None,
+                sent_at=None,
+                next_attempt_at=now,
+            )
+            .returning(Notice.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    audit.record(
+        session,
+        action="notice_replay",
+        reason=status or "sent_or_failed",
+        source=source,
+        at=now,
+        actor=actor,
+        detail={"since": since.isoformat(), "count": len(notice_ids), "notice_ids": notice_ids},
+    )
+    return notice_ids
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """One channel's outbox at a glance."""
+
+    pending: int
+    failed: int
+    oldest_pending_age_s: float
+
+
+def backlog(session: Session, *, now: datetime) -> dict[str, Backlog]:
+    """Pending and failed deliveries per channel, and how old the oldest pending one is."""
+    found: dict[str, Backlog] = {}
+    for channel, table in (("webhook", Notice), ("email", NoticeEmail)):
+        counts = dict(
+            session.execute(
+                select(table.status, func.count())
+                .where(table.status.in_([NoticeStatus.PENDING.value, NoticeStatus.FAILED.value]))
+                .group_by(table.status)
+            ).all()
+        )
+        oldest = session.scalar(
+            select(func.min(table.created_at)).where(table.status == NoticeStatus.PENDING.value)
+        )
+        found[channel] = Backlog(
+            pending=counts.get(NoticeStatus.PENDING.value, 0),
+            failed=counts.get(NoticeStatus.FAILED.value, 0),
+            oldest_pending_age_s=max(0.0, (now - as_utc(oldest)).total_seconds())
+            if oldest is not None
+            else 0.0,
+        )
+    return found

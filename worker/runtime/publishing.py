@@ -196,10 +196,14 @@ def publish_new_notices(app: Any | None, notice_ids: Sequence[str]) -> None:
 
     ``app`` None means the worker's app, imported only when there is something to publish
     (a command that queued nothing does not load Celery's app).
-    Without a webhook URL there is nowhere to deliver: the notices stay pending in the outbox
-    (``tokenwarden notices``) and nothing is published, as the notice re-drive does.
+    Without a webhook URL or an SMTP server there is nowhere to deliver: the notices stay
+    pending in the outbox (``tokenwarden notices``) and nothing is published, as the notice
+    re-drive does.
     """
-    if not notice_ids or not get_settings().notice_webhook_url:
+    if not notice_ids:
+        return
+    current = get_settings()
+    if not (current.notice_webhook_url or current.smtp_url):
         return
     if app is None:
         from tokenwarden.worker.runtime import celery_app

@@ -20,8 +20,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from tokenwarden.config.settings import Settings
-from tokenwarden.worker.domain import db, inbox, outbox_delivery
-from tokenwarden.worker.runtime import webhook
+from tokenwarden.worker.domain import db, endpoints, inbox, mail_outbox, outbox_delivery
+from tokenwarden.worker.runtime import mail, webhook
 from tokenwarden.worker.runtime.publishing import (
     PublishError,
     after_commit,
@@ -53,18 +53,25 @@ def redrive_notices(engine: Engine, *, app: Any, settings: Settings, now: dateti
     get that long to arrive first. A lease that ran out (its worker died) counts as due.
     A message that waits behind a long queue is not joined by a copy on every run.
     Without a webhook target nothing is due, so notices kept in the outbox are not re-sent
-    around in circles.
+    around in circles; the same holds for emails without a mail target, and for the webhook
+    while its endpoint is disabled.
     """
-    if webhook.target_from(settings) is None:
+    target = webhook.target_from(settings)
+    mail_target = mail.target_from(settings)
+    if target is None and mail_target is None:
         return []
     cutoff = now - timedelta(seconds=settings.redrive_after_s)
     # Read first, outside any write lock: most runs find nothing due and stop here.
     with db.transaction(engine.execution_options(**{db.READ_ONLY: True})) as session:
-        candidates = outbox_delivery.due(session, now=cutoff)
-    if not candidates:
+        posting = target is not None and not endpoints.is_disabled(session, target.url)
+        candidates = outbox_delivery.due(session, now=cutoff) if posting else []
+        mailing = mail_outbox.due_notice_ids(session, now=cutoff) if mail_target else []
+    if not candidates and not mailing:
         return []
     with db.transaction(engine) as session:
-        notice_ids = outbox_delivery.mark_redriven(session, candidates, now=now, cutoff=cutoff)
+        marked = outbox_delivery.mark_redriven(session, candidates, now=now, cutoff=cutoff)
+        marked += mail_outbox.mark_redriven(session, mailing, now=now, cutoff=cutoff)
+    notice_ids = list(dict.fromkeys(marked))
     if notice_ids:
         _publish(publish_notice_ids, app, notice_ids, "notices")
     return notice_ids

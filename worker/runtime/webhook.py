@@ -21,13 +21,15 @@ from typing import Final
 import httpx
 import structlog
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from tokenwarden.config.settings import Settings
-from tokenwarden.worker.domain import clock, db
+from tokenwarden.worker.domain import clock, db, endpoints
 from tokenwarden.worker.domain.models import NoticeStatus
 from tokenwarden.worker.domain.outbox_delivery import (
     MISSING,
+    PAUSED,
     SKIPPED,
     TIMEOUT_S,
     Attempt,
@@ -41,6 +43,7 @@ from tokenwarden.worker.domain.outbox_delivery import (
 )
 
 log = structlog.get_logger(__name__)
+
 
 RETRYABLE: Final = frozenset({408, 429})
 USER_AGENT: Final = "tokenwarden-notices/1"
@@ -61,7 +64,8 @@ def target_from(settings: Settings) -> Target | None:
         return None
     secret = settings.signing_secret()
     try:
-        Webhook(secret)
+        for each in secret.split(","):
+            Webhook(each)
     except (binascii.Error, ValueError, EmptyWebhookSecretError):
         log.error(
             "notices.unusable_secret",
@@ -70,13 +74,24 @@ def target_from(settings: Settings) -> Target | None:
         return None
     lease = lease_for(settings.redrive_after_s)
     return Target(
-        url=settings.notice_webhook_url, secret=secret, lease=lease, timeout_s=timeout_for(lease)
+        url=settings.notice_webhook_url,
+        secret=secret,
+        lease=lease,
+        timeout_s=timeout_for(lease),
+        disable_after_s=settings.webhook_disable_after_s,
     )
 
 
 def signed_headers(secret: str, notice_id: str, body: str, now: datetime) -> dict[str, str]:
-    """Standard Webhooks headers for one attempt; the id stays the notice's own."""
-    signature = Webhook(secret).sign(notice_id, now, body)
+    """Standard Webhooks headers for one attempt; the id stays the notice's own.
+
+    ``secret`` may name several secrets, comma-separated, newest first: the header then
+    carries one signature for each, space-separated, so each receiver switches to the new
+    secret at its own pace (the spec accepts a delivery when any signature verifies).
+    """
+    signature = " ".join(
+        Webhook(each.strip()).sign(notice_id, now, body) for each in secret.split(",")
+    )
     return {
         "webhook-id": notice_id,
         "webhook-timestamp": str(int(now.timestamp())),
@@ -191,6 +206,9 @@ def deliver(engine: Engine, notice_id: str, *, target: Target, client: httpx.Cli
     transaction (and on SQLite no write lock) is held while the receiver takes its time.
     """
     with db.transaction(engine) as session:
+        if target.disable_after_s is not None and endpoints.is_disabled(session, target.url):
+            known = bool(existing(session, [notice_id]))
+            return Attempt(notice_id, PAUSED if known else MISSING)
         leased = lease(session, notice_id, now=clock.now(), duration=target.lease)
         # Only a message that takes nothing pays for this look-up (a duplicate, or poison).
         known = leased is not None or bool(existing(session, [notice_id]))
@@ -204,4 +222,23 @@ def deliver(engine: Engine, notice_id: str, *, target: Target, client: httpx.Cli
         structlog.contextvars.bound_contextvars(receiver=target.receiver),
         db.transaction(engine) as session,
     ):
-        return record(session, notice_id, outcome, now=clock.now(), leased_until=leased.until)
+        now = clock.now()
+        attempt = record(session, notice_id, outcome, now=now, leased_until=leased.until)
+        if target.disable_after_s is not None and _note(session, target, outcome, now):
+            return Attempt(notice_id, attempt.status)  # no retry: the endpoint is paused
+        return attempt
+
+
+def _note(session: Session, target: Target, outcome: Outcome, now: datetime) -> bool:
+    """Note the outcome against the endpoint; True if it is disabled from now on."""
+    assert target.disable_after_s is not None
+    error = None if outcome.status is NoticeStatus.SENT else (outcome.error or "failed")
+    # Logs webhook.endpoint_disabled; /metrics shows tokenwarden_webhook_endpoints_disabled.
+    return endpoints.note(
+        session,
+        url=target.url,
+        receiver=target.receiver,
+        error=error,
+        now=now,
+        disable_after_s=target.disable_after_s,
+    )
