@@ -26,7 +26,7 @@ from tokenwarden.producer.doors import token_check_for
 from tokenwarden.producer.github import GitHubKeys
 from tokenwarden.producer.intake import Refused
 from tokenwarden.producer.metrics import RequestMetrics
-from tokenwarden.producer.routes import events, health, leaks
+from tokenwarden.producer.routes import events, health, leaks, tokens
 from tokenwarden.producer.serving import BODY_TIMED_OUT
 
 # The status a request is counted under when its client left before it was read (nginx's).
@@ -76,6 +76,11 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(events.router)
     app.include_router(leaks.router)
+    app.include_router(
+        tokens.router(
+            settings.admin_keys, settings.accepted_producer_keys() + settings.introspection_keys
+        )
+    )
     app.include_router(health.router(metrics_key=settings.metrics_key))
     app.include_router(introspection.router(settings, check))
     app.include_router(forward_auth.router(settings, check, registry=shared.metrics.registry))

@@ -56,8 +56,11 @@ def create_token(
     app_id: str | None = None,
     created_by: str | None = None,
     source: str = "cli",
+    actor: str | None = None,
 ) -> IssuedToken:
-    """Issue a token; refuse a PAT for a non-member, a past expiry or a missing owner."""
+    """Issue a token; refuse a PAT for a non-member, a past expiry or a missing owner.
+
+    ``actor`` is who asked (audited); by default the creator or the owner."""
     refusal = _refused_name_or_expiry(name, expires_at=expires_at, now=now) or _refused_owner(
         session, kind=kind, org_id=org_id, user_id=user_id, app_id=app_id, created_by=created_by
     )
@@ -88,7 +91,7 @@ def create_token(
         token_id=token.id,
         org_id=org_id,
         user_id=token.user_id or token.created_by,
-        actor=created_by or user_id,
+        actor=actor or created_by or user_id,
         detail={"kind": kind.value, "name": name, "expires_at": expires_at.isoformat()},
     )
     return IssuedToken(id=token.id, token=text, kind=kind, org_id=org_id, expires_at=expires_at)
