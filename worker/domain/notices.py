@@ -48,6 +48,7 @@ LEAKED = "token.leaked"
 OFFBOARDED = "member.offboarded"
 EXPIRING = "token.expiring"
 EXPIRED = "token.expired"
+REUSED = "token.reuse_detected"
 
 NEXT_STEPS = {
     LEAKED: (
@@ -67,6 +68,11 @@ NEXT_STEPS = {
     EXPIRED: (
         "These tokens have expired and no longer work. Create replacements for any that "
         "are still needed."
+    ),
+    REUSED: (
+        "A token rotated away earlier was used again after its overlap ended, so someone "
+        "may hold a copy. Every token of its rotation chain was revoked. Find where the old "
+        "token is still in use, then issue a new token."
     ),
 }
 

@@ -47,7 +47,7 @@ RACE_WINDOW: Final = timedelta(seconds=5)
 ALREADY_ROTATED: Final = "already_rotated"
 NOT_ROTATABLE: Final = "not_rotatable"
 UNKNOWN_TOKEN: Final = "unknown_token"  # noqa: S105 - a reason, no secret
-REUSE_NOTICE: Final = "token_reuse_detected"
+REUSE_NOTICE: Final = notices.REUSED
 
 
 class ReuseDetected(Refused):
