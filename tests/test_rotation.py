@@ -5,13 +5,14 @@ rotations racing."""
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 from sqlalchemy import select
 
-from tests.conftest import Store
+from tests.conftest import Cli, Store
+from tests.test_cli import FAR, create, refused
 from tests.test_token_api import (
     AUTH,
     INTROSPECTION,
@@ -186,3 +187,21 @@ def test_concurrent_rotations_one_wins_nothing_revoked(
         assert sorted(codes) == [201, 409]
     assert all(reason != "reuse_detected" for reason, _ in states(store).values())
     assert reuse_notices(store) == []
+
+
+def test_cli_rotates_with_overlap_and_refuses_in_one_line(cli: Cli) -> None:
+    cli("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
+    old = create(cli, kind="personal", org="acme", user="bob", name="deploys")
+    result = cli("token", "rotate", old["id"], "--overlap", "30m", "--json", check=True)
+    new = result.json()
+    assert new["replaces"] == old["id"]
+    assert new["token"] != old["token"]
+    ends = datetime.fromisoformat(new["overlap_ends_at"])
+    assert timedelta(minutes=29) < ends - datetime.now(UTC) <= timedelta(minutes=30)
+    assert cli("token", "verify", "--token", old["token"]).code == 0
+    again = cli("token", "rotate", old["id"])
+    assert "already rotated" in refused(again)
+    for bad in (("--overlap", "25h"), ("--overlap", "soon"), ("--expires-at", "2000-01-01")):
+        assert refused(cli("token", "rotate", new["id"], *bad))
+    human = cli("token", "rotate", new["id"], "--expires-at", FAR, check=True)
+    assert "will not be shown again" in human.stdout
