@@ -19,7 +19,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -54,23 +54,51 @@ _STATUS_OF: Final = {
     REUSE_DETECTED: 409,
     NOT_ROTATABLE: 409,
 }
+
+
+class Problem(BaseModel):
+    """A refusal: what went wrong, and for the token store's rules a machine-readable reason."""
+
+    model_config = ConfigDict(extra="allow")
+    detail: str | list[Any]
+    reason: str | None = None
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "model": Problem}
+
+
 _RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
-    401: {"description": "No admin key, or an unknown one.", "headers": {"WWW-Authenticate": {}}},
-    403: {"description": "A key of another door (producer or introspection)."},
-    422: {"description": "A field the rules refuse; the reason says which."},
-    503: {"description": "The token store is unavailable; nothing was changed."},
+    400: _problem("A body that is not JSON; for a delete, no confirm=DELETE."),
+    401: {
+        **_problem("No admin key, or an unknown one."),
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    403: _problem("A key of another door (producer or introspection)."),
+    422: _problem("A field the rules refuse; the reason says which."),
+    503: {
+        **_problem("The token store is unavailable; nothing was changed."),
+        "headers": {"Retry-After": {"schema": {"type": "string"}}},
+    },
 }
-Actor = Annotated[str, Field(min_length=1, max_length=200, description="Who asked (audited).")]
-TokenId = Annotated[str, Path(min_length=1, max_length=ID_MAX)]
+_UNKNOWN: Final[dict[int | str, dict[str, Any]]] = {404: _problem("No such token.")}
+_CONFLICT: Final[dict[int | str, dict[str, Any]]] = {
+    409: _problem("Already rotated, or rotated away and presented again.")
+}
+# Text a database can store: no NUL (Postgres refuses it), 1 to 200 characters.
+Text = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
+Actor = Annotated[Text, Field(description="Who asked (audited).")]
+TokenId = Annotated[str, Path(min_length=1, max_length=ID_MAX, pattern=r"^[^\x00]+$")]
+QueryText = Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]+$")]
 
 
 class IssueRequest(BaseModel):
     kind: Literal["personal", "application"]
-    org_id: str = Field(min_length=1, max_length=200)
-    user_id: str | None = Field(None, min_length=1, max_length=200)
-    app_id: str | None = Field(None, min_length=1, max_length=200)
-    created_by: str | None = Field(None, min_length=1, max_length=200)
-    name: str = Field(min_length=1, max_length=200)
+    org_id: Text
+    user_id: Text | None = None
+    app_id: Text | None = None
+    created_by: Text | None = None
+    name: Text
     expires_at: AwareDatetime
     actor: Actor
 
@@ -98,6 +126,22 @@ class TokenView(BaseModel):
     family_id: str
     replaced_by: str | None
     overlap_ends_at: datetime | None
+
+
+_DELETE_BODY: Final = {
+    "required": False,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "confirm": {"type": "string", "enum": [CONFIRMATION]},
+                    "actor": {"type": "string", "minLength": 1, "maxLength": 200},
+                },
+            }
+        }
+    },
+}
 
 
 class IssuedView(BaseModel):
@@ -222,11 +266,11 @@ def router(admin_keys: tuple[tuple[str, str], ...], other_keys: tuple[str, ...])
         *,
         shared: Shared,
         _: Caller,
-        org_id: Annotated[str | None, Query(max_length=200)] = None,
-        user_id: Annotated[str | None, Query(max_length=200)] = None,
+        org_id: QueryText = None,
+        user_id: QueryText = None,
         kind: Literal["personal", "application"] | None = None,
         state: Literal["active", "revoked", "expired"] | None = None,
-        cursor: Annotated[str | None, Query(max_length=ID_MAX)] = None,
+        cursor: Annotated[str | None, Query(max_length=ID_MAX, pattern=r"^[^\x00]+$")] = None,
         limit: Annotated[int, Query(ge=1, le=token_pages.MAX_PAGE)] = 50,
     ) -> TokenPage:
         """Tokens by id, never a secret; follow ``next_cursor`` for the next page."""
@@ -239,7 +283,9 @@ def router(admin_keys: tuple[tuple[str, str], ...], other_keys: tuple[str, ...])
         )
         return TokenPage.model_validate({"items": found.items, "next_cursor": found.next_cursor})
 
-    @routes.get("/{token_id}", response_model=TokenView, summary="Read one token")
+    @routes.get(
+        "/{token_id}", response_model=TokenView, summary="Read one token", responses=_UNKNOWN
+    )
     async def read(token_id: TokenId, shared: Shared, _: Caller) -> TokenView:
         """One token, never its secret; ``404`` when there is none."""
         found = await _in_store(
@@ -249,7 +295,13 @@ def router(admin_keys: tuple[tuple[str, str], ...], other_keys: tuple[str, ...])
             raise Refused(404, f"no token {token_id!r}", reason=UNKNOWN_TOKEN)
         return TokenView.model_validate(found)
 
-    @routes.delete("/{token_id}", response_model=Deleted, summary="Delete (revoke) a token")
+    @routes.delete(
+        "/{token_id}",
+        response_model=Deleted,
+        summary="Delete (revoke) a token",
+        responses=_UNKNOWN,
+        openapi_extra={"requestBody": _DELETE_BODY},
+    )
     async def delete(
         *,
         token_id: TokenId,
@@ -257,7 +309,7 @@ def router(admin_keys: tuple[tuple[str, str], ...], other_keys: tuple[str, ...])
         shared: Shared,
         key: Caller,
         confirm: Annotated[str | None, Query(description="Must be DELETE.")] = None,
-        actor: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+        actor: QueryText = None,
     ) -> Deleted:
         """Revoke a token for good; needs ``confirm=DELETE`` (query or JSON). A second delete
         answers ``changed: false``."""
@@ -290,7 +342,11 @@ def router(admin_keys: tuple[tuple[str, str], ...], other_keys: tuple[str, ...])
         return await _in_store(shared, work)
 
     @routes.post(
-        "/{token_id}/rotate", status_code=201, response_model=IssuedView, summary="Rotate a token"
+        "/{token_id}/rotate",
+        status_code=201,
+        response_model=IssuedView,
+        summary="Rotate a token",
+        responses={**_UNKNOWN, **_CONFLICT},
     )
     async def rotate(
         token_id: TokenId, body: RotateRequest, shared: Shared, key: Caller
