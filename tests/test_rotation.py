@@ -205,3 +205,17 @@ def test_cli_rotates_with_overlap_and_refuses_in_one_line(cli: Cli) -> None:
         assert refused(cli("token", "rotate", new["id"], *bad))
     human = cli("token", "rotate", new["id"], "--expires-at", FAR, check=True)
     assert "will not be shown again" in human.stdout
+
+
+def test_forward_auth_detects_reuse_through_the_shared_check(
+    api: Any,  # noqa: F811
+    store: Store,
+) -> None:
+    old = issue(api)
+    gateway = {"X-Tokenwarden-Key": INTROSPECTION, "X-Original-URI": "/deploy"}
+    assert api.get("/v1/auth", headers=gateway | {"x-auth-token": old["token"]}).status_code == 200
+    new = rotate(api, old["id"]).json()
+    assert api.get("/v1/auth", headers=gateway | {"x-auth-token": old["token"]}).status_code == 401
+    assert states(store)[new["id"]][0] == "reuse_detected"
+    assert api.get("/v1/auth", headers=gateway | {"x-auth-token": new["token"]}).status_code == 401
+    assert len(reuse_notices(store)) == 1
