@@ -27,7 +27,7 @@ from tokenwarden.producer.app_state import AppState, Shared, log, unavailable
 from tokenwarden.producer.intake import Refused
 from tokenwarden.worker.domain import clock, db, token_pages
 from tokenwarden.worker.domain.errors import Refused as DomainRefused
-from tokenwarden.worker.domain.issuing import create_token, parse_kind
+from tokenwarden.worker.domain.issuing import IssuedToken, create_token, parse_kind
 from tokenwarden.worker.domain.revocation import request_revocation
 from tokenwarden.worker.domain.rotation import (
     ALREADY_ROTATED,
@@ -155,6 +155,18 @@ class IssuedView(BaseModel):
     replaces: str | None = None
     overlap_ends_at: datetime | None = None
 
+    @classmethod
+    def of(cls, issued: IssuedToken, name: str, **rotation: Any) -> "IssuedView":
+        return cls(
+            id=issued.id,
+            token=issued.token,
+            kind=issued.kind.value,
+            org_id=issued.org_id,
+            name=name,
+            expires_at=issued.expires_at,
+            **rotation,
+        )
+
 
 class TokenPage(BaseModel):
     items: list[TokenView]
@@ -248,14 +260,7 @@ def router(admin_keys: tuple[tuple[str, str], ...], other_keys: tuple[str, ...])
                 source=f"api:{key}",
                 actor=body.actor,
             )
-            return IssuedView(
-                id=issued.id,
-                token=issued.token,
-                kind=issued.kind.value,
-                org_id=issued.org_id,
-                name=body.name,
-                expires_at=issued.expires_at,
-            )
+            return IssuedView.of(issued, body.name)
 
         issued = await _in_store(shared, work)
         log.info("tokens.issued", token_id=issued.id, key=key, actor=body.actor)
@@ -373,13 +378,9 @@ def router(admin_keys: tuple[tuple[str, str], ...], other_keys: tuple[str, ...])
         )
         issued = rotation.successor
         log.info("tokens.rotated", token_id=token_id, successor=issued.id, key=key)
-        return IssuedView(
-            id=issued.id,
-            token=issued.token,
-            kind=issued.kind.value,
-            org_id=issued.org_id,
-            name=rotation.name,
-            expires_at=issued.expires_at,
+        return IssuedView.of(
+            issued,
+            rotation.name,
             family_id=rotation.family_id,
             replaces=rotation.predecessor_id,
             overlap_ends_at=rotation.overlap_ends_at,
