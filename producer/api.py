@@ -71,6 +71,7 @@ def create_app(
     )
     app.state.shared = shared
     app.add_middleware(RequestMetrics, metrics=shared.metrics)
+    app.add_middleware(tokens.BodyCap)
     app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnect, _disconnected)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

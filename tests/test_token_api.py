@@ -211,3 +211,27 @@ def test_admin_keys_are_named_and_kept_apart(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("TOKENWARDEN_PRODUCER_KEYS", PRODUCER)
     with pytest.raises(ConfigError, match="TOKENWARDEN_ADMIN_KEYS"):
         load_settings()
+
+
+def test_hostile_callers_are_refused_cheaply(api: TestClient, store: Store) -> None:
+    huge = b'{"name": "' + b"x" * (64 * 1024) + b'"}'
+    for headers in ({}, AUTH):
+        answer = api.post(
+            "/v1/tokens", content=huge, headers={**headers, "Content-Type": "application/json"}
+        )
+        assert answer.status_code == 413
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(64):
+            yield b" " * 1024
+
+    streamed = api.post("/v1/tokens", content=chunks(), headers=AUTH)
+    assert streamed.status_code == 413
+    guesses = [
+        api.get("/v1/tokens", headers={"Authorization": f"Bearer {ADMIN[:-1]}x{n}"})
+        for n in range(200)
+    ]
+    assert {guess.status_code for guess in guesses} == {401}
+    future = pat(expires_at="9999-12-31T23:59:59+00:00", org_id="\\u0000")
+    assert api.post("/v1/tokens", json=future, headers=AUTH).status_code == 422
+    assert token_count(store) == 0

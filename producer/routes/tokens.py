@@ -18,10 +18,12 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenwarden.producer.app_state import AppState, Shared, log, unavailable
 from tokenwarden.producer.intake import Refused
@@ -41,6 +43,9 @@ from tokenwarden.worker.domain.rotation import (
 T = TypeVar("T")
 
 SCHEME: Final = "adminKey"
+PREFIX: Final = "/v1/tokens"
+# A request to this door is a few hundred bytes; a larger body is refused unread.
+MAX_BODY_BYTES: Final = 16 * 1024
 CONFIRMATION: Final = "DELETE"
 ID_MAX: Final = 40
 admin_bearer = HTTPBearer(
@@ -56,7 +61,7 @@ _STATUS_OF: Final = {
 }
 
 
-class Problem(BaseModel):
+class AdminRefusal(BaseModel):
     """A refusal: what went wrong, and for the token store's rules a machine-readable reason."""
 
     model_config = ConfigDict(extra="allow")
@@ -65,7 +70,7 @@ class Problem(BaseModel):
 
 
 def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "model": Problem}
+    return {"description": description, "model": AdminRefusal}
 
 
 _RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
@@ -75,6 +80,7 @@ _RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
     },
     403: _problem("A key of another door (producer or introspection)."),
+    413: _problem(f"A body over {MAX_BODY_BYTES} bytes."),
     422: _problem("A field the rules refuse; the reason says which."),
     503: {
         **_problem("The token store is unavailable; nothing was changed."),
@@ -179,6 +185,51 @@ class Deleted(BaseModel):
     state: str
 
 
+class BodyCap:
+    """ASGI: a body over :data:`MAX_BODY_BYTES` to ``/v1/tokens`` is ``413``, announced or not,
+    before FastAPI reads it whole (it parses JSON bodies before any dependency checks a key)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            await _too_large()(scope, receive, send)
+            return
+        # Read whole (it is small) before the app sees it: a stream that grows past the cap
+        # is refused here, as if it had been announced.
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            if len(body) > MAX_BODY_BYTES:
+                await _too_large()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _too_large() -> JSONResponse:
+    detail = f"the body is larger than {MAX_BODY_BYTES} bytes"
+    return JSONResponse({"detail": detail}, status_code=413)
+
+
 def _admin(settings_keys: tuple[tuple[str, str], ...], others: tuple[str, ...]) -> Any:
     """The dependency naming the admin key presented; refuses anything else."""
     admin = tuple((name, key.encode()) for name, key in settings_keys)
@@ -236,7 +287,7 @@ async def _guarded(run: Callable[[], T]) -> T:
 def router(admin_keys: tuple[tuple[str, str], ...], other_keys: tuple[str, ...]) -> APIRouter:
     """The token store's door for administrators."""
     Caller = Annotated[str, Depends(_admin(admin_keys, other_keys))]
-    routes = APIRouter(prefix="/v1/tokens", tags=["tokens"], responses=_RESPONSES)
+    routes = APIRouter(prefix=PREFIX, tags=["tokens"], responses=_RESPONSES)
 
     @routes.post("", status_code=201, response_model=IssuedView, summary="Issue a token")
     async def issue(body: IssueRequest, shared: Shared, key: Caller) -> IssuedView:
