@@ -109,6 +109,27 @@ Keys = Annotated[
 ]
 
 
+def _named_keys(value: Any) -> Any:
+    """``NAME:KEY,NAME:KEY`` -> ((name, key), ...): each key strong, each name given once."""
+    parts = _split_csv(value)
+    if not isinstance(parts, tuple | list):
+        return parts
+    named: list[tuple[str, str]] = []
+    for part in parts:
+        entry = ":".join(part) if isinstance(part, tuple | list) else str(part)
+        name, colon, key = entry.partition(":")
+        if not colon or not name.strip() or not key.strip():
+            raise ValueError("expected NAME:KEY entries separated by commas (the name is audited)")
+        named.append((name.strip(), _strong_key(key.strip()) or ""))
+    if len({name for name, _ in named}) != len(named):
+        raise ValueError("each admin key needs a name of its own")
+    return tuple(named)
+
+
+# Named keys (``NAME:KEY``, comma-separated): the name is what the audit trail records.
+NamedKeys = Annotated[tuple[tuple[str, str], ...], NoDecode, BeforeValidator(_named_keys)]
+
+
 def _networks(value: Any) -> Any:
     parts = _split_csv(value)
     if not isinstance(parts, tuple | list):
@@ -228,6 +249,8 @@ class Settings(BaseSettings):
     producer_keys: Keys = ()
     # Keys of the resource servers that may call POST /v1/introspect; never a producer key.
     introspection_keys: Keys = ()
+    # Keys of the callers of /v1/tokens (a console, automation), as NAME:KEY; no other door's.
+    admin_keys: NamedKeys = ()
     # Peers whose GET /v1/auth calls are trusted without a key (the gateways' addresses).
     forward_auth_peers: Networks = ()
     notice_webhook_url: str | None = None
@@ -492,6 +515,12 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}INTROSPECTION_KEYS: must not repeat a key of "
                 f"{ENV_PREFIX}PRODUCER_KEYS: give each door keys of its own"
             )
+        admin = {key for _, key in self.admin_keys}
+        if admin & (set(self.introspection_keys) | set(self.producer_keys)):
+            raise ValueError(
+                f"{ENV_PREFIX}ADMIN_KEYS: must not repeat a producer or introspection key: "
+                "give each door keys of its own"
+            )
         return self
 
     @model_validator(mode="after")
@@ -591,6 +620,7 @@ SECRET_FIELDS = frozenset(
         "producer_keys",
         "producer_key",
         "introspection_keys",
+        "admin_keys",
         "notice_signing_secret",
         "gitlab_revocation_token",
         "metrics_key",

@@ -27,7 +27,7 @@ from tokenwarden.producer.doors import token_check_for
 from tokenwarden.producer.github import GitHubKeys
 from tokenwarden.producer.intake import Refused
 from tokenwarden.producer.metrics import RequestMetrics
-from tokenwarden.producer.routes import events, health, leaks, ssf
+from tokenwarden.producer.routes import events, health, leaks, ssf, tokens
 from tokenwarden.producer.scim import routes as scim
 from tokenwarden.producer.serving import BODY_TIMED_OUT
 
@@ -74,12 +74,18 @@ def create_app(
     )
     app.state.shared = shared
     app.add_middleware(RequestMetrics, metrics=shared.metrics)
+    app.add_middleware(tokens.BodyCap)
     app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnect, _disconnected)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(events.router)
     app.include_router(leaks.router)
     app.include_router(ssf.router)
+    app.include_router(
+        tokens.router(
+            settings.admin_keys, settings.accepted_producer_keys() + settings.introspection_keys
+        )
+    )
     app.include_router(health.router(metrics_key=settings.metrics_key))
     app.include_router(introspection.router(settings, check))
     app.include_router(forward_auth.router(settings, check, registry=shared.metrics.registry))

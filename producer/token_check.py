@@ -29,8 +29,15 @@ from starlette.concurrency import run_in_threadpool
 
 from tokenwarden.producer.usage_recorder import UsageRecorder
 from tokenwarden.worker.domain import clock
-from tokenwarden.worker.domain.db import read_transaction
-from tokenwarden.worker.domain.introspection import MALFORMED, Introspection, introspect, malformed
+from tokenwarden.worker.domain.db import read_transaction, transaction
+from tokenwarden.worker.domain.introspection import (
+    AUDIT_SOURCE,
+    MALFORMED,
+    Introspection,
+    introspect,
+    malformed,
+)
+from tokenwarden.worker.domain.rotation import detect_reuse
 from tokenwarden.worker.domain.tokens import hash_token, kind_of
 
 log = structlog.get_logger(__name__)
@@ -186,6 +193,8 @@ class TokenCheck:
         self.cache = cache
         self._recorder = recorder
         self._limiter = RefusalLimiter()
+        # Once the family is revoked a repeat finds nothing live: no need to write each time.
+        self._reuse_limiter = RefusalLimiter()
         self._counted = counted
         self._reading: set[asyncio.Task[None]] = set()
 
@@ -202,6 +211,8 @@ class TokenCheck:
             answer = await run_in_threadpool(self._look_up, text)
             if answer.active:
                 self.cache.put(key, answer, generation)
+            elif answer.reused and self._reuse_limiter.allow((answer.token_id or "-", "reuse")):
+                await run_in_threadpool(self._revoke_family, answer)
         elif (ahead := self.cache.read_ahead(key)) is not None:
             task = asyncio.get_running_loop().create_task(self._read_ahead(text, key, ahead))
             self._reading.add(task)
@@ -227,6 +238,13 @@ class TokenCheck:
     def _look_up(self, text: str) -> Introspection:
         with read_transaction(self._engine()) as session:
             return introspect(session, text, now=clock.now())
+
+    def _revoke_family(self, answer: Introspection) -> None:
+        """A rotated-away token came back after its overlap: revoke its family, before the
+        answer is given (worker/domain/rotation.py)."""
+        assert answer.token_id is not None
+        with transaction(self._engine()) as session:
+            detect_reuse(session, answer.token_id, now=clock.now(), source=AUDIT_SOURCE)
 
     def _refused(self, answer: Introspection, source: str) -> Introspection:
         reason = answer.reason or MALFORMED

@@ -21,6 +21,7 @@ from tokenwarden.worker.ops.supervisor import free_port
 
 PRODUCER_KEY: Final = KEY
 GITLAB_SECRET: Final = "glrt-chaos-revocation-secret"
+ADMIN_KEY: Final = "twa_chaos_admin_key_00001"
 IDENTIFIER_HEADER: Final = "Github-Public-Key-Identifier"
 SIGNATURE_HEADER: Final = "Github-Public-Key-Signature"
 GITHUB_PATH: Final = "/v1/secret-scanning/github"
@@ -99,6 +100,8 @@ def credentials(path: str, body: bytes, signer: GitHubSigner) -> dict[str, str]:
         return signer.headers(body)
     if path in ("/v1/revoke_tokens", "/v1/revocable_token_types"):
         return {"Authorization": f"Bearer {GITLAB_SECRET}"}
+    if path.startswith("/v1/tokens"):
+        return {"Authorization": f"Bearer {ADMIN_KEY}"}
     return {}
 
 

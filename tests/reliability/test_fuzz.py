@@ -2,7 +2,7 @@
 
 Every operation the document lists gets requests generated from its schema, valid ones and
 invalid ones (schemathesis' positive and negative modes), each sent twice: with the caller's
-real credentials (producer key, GitLab secret, or a GitHub signature over the exact body)
+real credentials (producer key, admin key, GitLab secret, or a GitHub signature over the exact body)
 and with whatever schemathesis made up for them. At least a thousand requests in all; not
 one may be answered with a 5xx, and every answer must match the document: a status it
 lists, its content type, its body schema, its headers.
@@ -32,7 +32,13 @@ from schemathesis.checks import (
 )
 from schemathesis.core.result import Ok
 
-from tests.reliability.apikeys import AUTH_HEADERS, GITLAB_SECRET, GitHubSigner, credentials
+from tests.reliability.apikeys import (
+    ADMIN_KEY,
+    AUTH_HEADERS,
+    GITLAB_SECRET,
+    GitHubSigner,
+    credentials,
+)
 from tests.reliability.evidence import Evidence
 from tests.reliability.figures import Figures
 from tests.reliability.harness import chaos_stack
@@ -104,6 +110,7 @@ def test_generated_requests_get_no_server_error_and_match_the_schema(
                 # Far more requests than a reporter sends: the rate limit is tried elsewhere.
                 "TOKENWARDEN_LEAK_RATE_PER_MINUTE": "1000000",
                 "TOKENWARDEN_LEAK_RATE_BURST": "1000000",
+                "TOKENWARDEN_ADMIN_KEYS": f"fuzz:{ADMIN_KEY}",
             },
         ) as stack,
         httpx.Client(base_url=stack.api_url, timeout=30) as client,

@@ -6,11 +6,15 @@ Must not import ``tasks`` or ``producer``.
 from __future__ import annotations
 
 import getpass
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Final
 
 import click
+from sqlalchemy.orm import Session
 
 from tokenwarden.worker.cli.common import (
     EXIT_REFUSED,
@@ -21,15 +25,19 @@ from tokenwarden.worker.cli.common import (
     json_option,
     parse_instant,
     record,
+    store,
     transaction,
 )
-from tokenwarden.worker.domain import clock
+from tokenwarden.worker.domain import clock, db
+from tokenwarden.worker.domain.errors import Refused
 from tokenwarden.worker.domain.issuing import create_token, list_tokens, parse_kind
 from tokenwarden.worker.domain.models import Token, TokenKind
 from tokenwarden.worker.domain.revocation import revoke_token
+from tokenwarden.worker.domain.rotation import rotate_in
 from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
 from tokenwarden.worker.domain.usage import last_used
 from tokenwarden.worker.domain.verification import verify_token
+from tokenwarden.worker.runtime.publishing import published_after_commit
 
 
 @click.group()
@@ -241,6 +249,72 @@ def reassign(token_id: str, created_by: str, actor: str | None, as_json: bool) -
         echo_json({"id": token_id, "created_by": created_by, "previous": previous})
     else:
         click.echo(f"{token_id} now answered for by {created_by} (was {previous})")
+
+
+_DURATION: Final = re.compile(r"(\d+)\s*([smhd])")
+_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str, *, option: str) -> timedelta:
+    """``90s``, ``30m``, ``1h30m``, or bare seconds, as a timedelta; else a one-line failure."""
+    text = value.strip().lower()
+    if text.isdigit():
+        return timedelta(seconds=int(text))
+    parts = _DURATION.findall(text)
+    if not parts or _DURATION.sub("", text).strip():
+        fail(f"{option}: expected a duration such as 90s, 30m or 2h, not {value!r}")
+    return timedelta(seconds=sum(int(number) * _UNIT_S[unit] for number, unit in parts))
+
+
+@token.command()
+@click.argument("token_id")
+@click.option("--overlap", default="0", help="How long the old token keeps working (at most 24h).")
+@click.option("--expires-at", default=None, help="ISO 8601 expiry (default: the same lifetime).")
+@click.option("--actor", default=None, type=NO_TOKEN, help="Who asks (default: the login name).")
+@json_option
+def rotate(
+    token_id: str, overlap: str, expires_at: str | None, actor: str | None, as_json: bool
+) -> None:
+    """Issue a successor of a token and print it once; the old one stops after --overlap."""
+    span = parse_duration(overlap, option="--overlap")
+    expiry = parse_instant(expires_at, option="--expires-at") if expires_at else None
+
+    @contextmanager
+    def committed() -> Iterator[Session]:
+        with published_after_commit(db.transaction(store())) as session:
+            yield session
+
+    try:
+        done = rotate_in(
+            committed,
+            token_id,
+            now=clock.now(),
+            overlap=span,
+            expires_at=expiry,
+            source="cli",
+            actor=actor or getpass.getuser(),
+        )
+    except Refused as refused:
+        fail(refused.message)
+    issued = done.successor
+    if as_json:
+        echo_json(
+            {
+                "id": issued.id,
+                "token": issued.token,
+                "replaces": done.predecessor_id,
+                "family_id": done.family_id,
+                "expires_at": issued.expires_at,
+                "overlap_ends_at": done.overlap_ends_at,
+            }
+        )
+        return
+    click.echo(
+        f"{issued.id} replaces {token_id}, expires {issued.expires_at.isoformat()}; "
+        f"{token_id} stops at {done.overlap_ends_at.isoformat()}"
+    )
+    click.echo("Copy it now; it will not be shown again:")
+    click.echo(issued.token)
 
 
 def register(group: click.Group) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Final
 from sqlalchemy.orm import Session
 
 from tokenwarden.worker.domain.models import Membership, Token, TokenKind
+from tokenwarden.worker.domain.rotation import is_reuse
 from tokenwarden.worker.domain.tokens import kind_of
 from tokenwarden.worker.domain.verification import find_token, refusal
 
@@ -41,6 +42,8 @@ class Introspection:
     org_id: str | None = None
     user_id: str | None = None
     expires_at: datetime | None = None
+    # A rotated-away token presented after its overlap: the caller runs the reuse detection.
+    reused: bool = False
     claims: dict[str, Any] = field(default_factory=dict)
 
     def answer(self) -> dict[str, Any]:
@@ -63,14 +66,20 @@ def introspect(session: Session, text: str, *, now: datetime) -> Introspection:
     reason = refusal(token, member, now)
     if reason is not None:
         return Introspection(
-            False, reason, token_id=token.id, org_id=token.org_id, user_id=token.user_id
+            False,
+            reason,
+            token_id=token.id,
+            org_id=token.org_id,
+            user_id=token.user_id,
+            reused=is_reuse(token, now),
         )
     return Introspection(
         True,
         token_id=token.id,
         org_id=token.org_id,
         user_id=token.user_id,
-        expires_at=token.expires_at,
+        # A token in its rotation overlap is answered (and cached) until the overlap ends.
+        expires_at=min(token.expires_at, token.overlap_ends_at or token.expires_at),
         claims=claims(token, member),
     )
 

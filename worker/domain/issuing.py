@@ -57,10 +57,13 @@ def create_token(
     app_id: str | None = None,
     created_by: str | None = None,
     source: str = "cli",
+    actor: str | None = None,
 ) -> IssuedToken:
     """Issue a token; refuse a past expiry, one past the maximum lifetime of its kind
     (``TOKENWARDEN_MAX_LIFETIME_DAYS``), a missing owner, a PAT for a non-member, and an AAT
-    whose creator is not an active member."""
+    whose creator is not an active member.
+
+    ``actor`` is who asked (audited); by default the creator or the owner."""
     limits = get_settings().max_lifetime_days
     refusal = (
         _refused_name_or_expiry(name, expires_at=expires_at, now=now)
@@ -101,7 +104,7 @@ def create_token(
         token_id=token.id,
         org_id=org_id,
         user_id=token.user_id or token.created_by,
-        actor=created_by or user_id,
+        actor=actor or created_by or user_id,
         detail={"kind": kind.value, "name": name, "expires_at": expires_at.isoformat()},
     )
     return IssuedToken(id=token.id, token=text, kind=kind, org_id=org_id, expires_at=expires_at)

@@ -126,9 +126,15 @@ class Token(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoke_reason: Mapped[str | None] = mapped_column(String(32))
+    # Rotation (worker/domain/rotation.py): the chain's first token, the successor, and when
+    # this token stops working once rotated away.
+    family_id: Mapped[str | None] = mapped_column(String(40))
+    replaced_by: Mapped[str | None] = mapped_column(String(40))
+    overlap_ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         Index(None, "org_id", "user_id"),
+        Index(None, "family_id"),
         Index(None, "user_id"),
         # Live tokens by expiry: what the sweep and the reminders walk.
         Index(

@@ -53,6 +53,7 @@ EXPIRED = "token.expired"
 ORPHANED = "application_tokens.orphaned"
 IDLE_WARNING = "token.idle_warning"
 BULK_REVOKED = "tokens.bulk_revoked"
+REUSED = "token.reuse_detected"
 
 NEXT_STEPS = {
     LEAKED: (
@@ -88,6 +89,11 @@ NEXT_STEPS = {
         "These tokens were revoked together by an emergency revocation of the organization's "
         "tokens, for the reason given, and no longer work. Create new tokens once the "
         "organization's administrators say it is safe."
+    ),
+    REUSED: (
+        "A token rotated away earlier was used again after its overlap ended, so someone "
+        "may hold a copy. Every token of its rotation chain was revoked. Find where the old "
+        "token is still in use, then issue a new token."
     ),
 }
 

@@ -60,13 +60,10 @@ def last_used(session: Session, token_ids: Collection[str]) -> dict[str, datetim
     ids = list(token_ids)
     found: dict[str, datetime] = {}
     for start in range(0, len(ids), CHUNK):
-        found.update(
-            session.execute(
-                select(TokenUsage.token_id, TokenUsage.last_used_at).where(
-                    TokenUsage.token_id.in_(ids[start : start + CHUNK])
-                )
+        rows = session.execute(
+            select(TokenUsage.token_id, TokenUsage.last_used_at).where(
+                TokenUsage.token_id.in_(ids[start : start + CHUNK])
             )
-            .tuples()
-            .all()
-        )
+        ).all()
+        found.update((token_id, used_at) for token_id, used_at in rows)
     return found

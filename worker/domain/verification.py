@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from tokenwarden.worker.domain import audit
 from tokenwarden.worker.domain.models import Membership, Token, TokenKind
+from tokenwarden.worker.domain.rotation import ROTATED, detect_reuse, is_reuse
 from tokenwarden.worker.domain.tokens import hash_token, kind_of
 
 
@@ -45,6 +46,8 @@ def verify_token(session: Session, text: str, *, now: datetime, source: str = "v
     reason = refusal(token, member, now)
     if reason is not None:
         audit.record_token(session, token, action="refuse", reason=reason, source=source, at=now)
+        if is_reuse(token, now):
+            detect_reuse(session, token.id, now=now, source=source)
         return Verdict(False, reason, token_id=token.id)
     return Verdict(True, token_id=token.id, principal=principal(token, member))
 
@@ -66,6 +69,8 @@ def refusal(token: Token, member: Membership | None, now: datetime) -> str | Non
     """Why ``token`` is not usable at ``now``, or ``None`` when it is."""
     if token.revoked_at is not None:
         return "expired" if token.revoke_reason == "expired" else "revoked"
+    if token.overlap_ends_at is not None and token.overlap_ends_at <= now:
+        return ROTATED
     if token.expires_at <= now:
         return "expired"
     if token.kind == TokenKind.PERSONAL and (member is None or not member.active):
