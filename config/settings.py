@@ -491,6 +491,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _api_url_from_host_and_port(self) -> Self:
+        # Unless it is given, the client (emit) goes where this machine's API listens.
+        if "api_url" not in self.model_fields_set:
+            host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.api_host, self.api_host)  # noqa: S104 - read, not bound
+            if ":" in host and not host.startswith("["):
+                host = f"[{host}]"
+            object.__setattr__(self, "api_url", f"http://{host}:{self.api_port}")  # frozen
+        return self
+
+    @model_validator(mode="after")
     def _mail_sender(self) -> Self:
         if self.smtp_url and not self.mail_from:
             raise ValueError(

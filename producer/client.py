@@ -78,9 +78,7 @@ def hide_token(event: Event) -> dict[str, Any]:
     return copied
 
 
-def _timestamp(value: datetime | str | None) -> str:
-    if value is None:
-        return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+def _timestamp(value: datetime | str) -> str:
     if isinstance(value, str):
         # The API would refuse it anyway; saying so here spares a round trip per retry.
         try:
@@ -107,17 +105,19 @@ def make_event(
     source: str = DEFAULT_SOURCE,
     time: datetime | str | None = None,
 ) -> dict[str, Any]:
-    """A structured CloudEvent; ``id`` defaults to a new UUID, ``time`` to now (UTC)."""
-    return hide_token(
-        {
-            "specversion": "1.0",
-            "id": id or str(uuid.uuid4()),
-            "source": source,
-            "type": type,
-            "time": _timestamp(time),
-            "data": dict(data),
-        }
-    )
+    """A structured CloudEvent; ``id`` defaults to a new UUID. Without ``time`` the API stamps
+    the time it received the event, so the same call sent again (a retry with the same ``id``)
+    is the same event, not a conflicting one."""
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": id or str(uuid.uuid4()),
+        "source": source,
+        "type": type,
+    }
+    if time is not None:
+        event["time"] = _timestamp(time)
+    event["data"] = dict(data)
+    return hide_token(event)
 
 
 @dataclass(frozen=True)

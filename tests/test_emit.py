@@ -84,6 +84,33 @@ def test_emit_prints_the_id_and_events_shows_it_pending(run: Cli) -> None:
     assert run("events", "--status", "done", "--json", check=True).json()["events"] == []
 
 
+def test_emit_sent_again_with_its_id_is_the_same_event(run: Cli) -> None:
+    """A retried ``emit --id`` (the first answer lost, say) is not refused as a conflict."""
+    for _ in range(2):
+        sent = run("emit", "user.deactivated", "--data", '{"user_id": "u-7"}', "--id", "evt-7")
+        assert (sent.code, sent.stdout) == (0, "evt-7\n"), sent.stderr
+    [event] = run("events", "--json", check=True).json()["events"]
+    assert event["id"] == "evt-7"
+    assert event["time"]  # stamped by the API when it first received the event
+
+
+def test_emit_goes_where_the_api_listens_by_default(
+    store: Store, api_url: str, tmp_path: Path
+) -> None:
+    """Without TOKENWARDEN_API_URL, emit posts to TOKENWARDEN_API_HOST:TOKENWARDEN_API_PORT."""
+    port = api_url.rsplit(":", 1)[1]
+    run = command_line(
+        tmp_path / "home",
+        TOKENWARDEN_DATABASE_URL=store.url,
+        TOKENWARDEN_API_PORT=port,
+        TOKENWARDEN_PRODUCER_KEY=KEY,
+    )
+    sent = run("emit", "user.deactivated", "--data", '{"user_id": "u-8"}', "--id", "evt-8")
+    assert (sent.code, sent.stdout) == (0, "evt-8\n"), sent.stderr
+    assert Settings(home=tmp_path, api_host="0.0.0.0", api_port=9).api_url == "http://127.0.0.1:9"
+    assert Settings(home=tmp_path, api_url="http://api:1", api_port=9).api_url == "http://api:1"
+
+
 def test_emit_json_prints_the_accepted_ids(run: Cli) -> None:
     result = run("emit", "user.deactivated", "--data", '{"user_id": "u-1"}', "--json", check=True)
     [event_id] = result.json()["accepted"]
