@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any
 
 import click
 import structlog
 
-from tokenwarden.config.settings import ENV_PREFIX, Settings, without_password
+from tokenwarden.config.settings import ENV_PREFIX, Settings, get_settings, without_password
 from tokenwarden.worker.cli.common import echo_table, fail, settings, store, store_failed
 from tokenwarden.worker.domain import db
-from tokenwarden.worker.ops.supervisor import Stack, command, wait_for_http
+from tokenwarden.worker.ops.supervisor import Stack, command, port_in_use, wait_for_http
 
 
 def _configure_logging(level: str) -> None:
@@ -138,10 +139,21 @@ def api(host: str | None, port: int | None, log_level: str) -> None:
 
 
 @click.command()
+@click.option("--port", type=int, default=None, help="API port (default TOKENWARDEN_API_PORT).")
 @click.option("--json", "as_json", is_flag=True, help="Print the start-up facts as JSON.")
-def run(as_json: bool) -> None:
+def run(port: int | None, as_json: bool) -> None:
     """API, worker and scheduler in one go, on whatever the configuration names."""
+    if port is not None:
+        if not 0 < port < 65536:
+            fail(f"--port: must be from 1 to 65535, not {port}")
+        os.environ[f"{ENV_PREFIX}API_PORT"] = str(port)  # for this process and its children
+        get_settings.cache_clear()
     current = settings()
+    if port_in_use(current.api_host, current.api_port):
+        fail(
+            f"port {current.api_port} on {current.api_host} is in use (another tokenwarden "
+            f"run?); stop it, or choose another with {ENV_PREFIX}API_PORT or --port"
+        )
     url = current.resolved_database_url
     try:
         db.upgrade(url)
@@ -150,7 +162,10 @@ def run(as_json: bool) -> None:
     key = None if current.producer_keys else current.generated_producer_key()
     base = f"http://{current.api_host}:{current.api_port}"
     stack = Stack(
-        {"api": command("api"), "worker": command("worker"), "scheduler": command("beat")}
+        {"api": command("api"), "worker": command("worker"), "scheduler": command("beat")},
+        # Orphaned, the worker is killed outright: its warm shutdown takes seconds, and what
+        # it had not acknowledged is delivered again (or re-driven from the inbox).
+        orphan_signal={"worker": signal.SIGKILL},
     )
     stack.start()
     if not wait_for_http(f"{base}/healthz"):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ RESTART_DELAY_MAX_S = 30.0
 QUICK_EXIT_S = 10.0
 QUICK_EXITS_TO_GIVE_UP = 5
 TICK_S = 0.2
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
 def command(*args: str) -> list[str]:
@@ -64,6 +65,9 @@ class Stack:
     restart: Collection[str] = ("worker", "scheduler")
     heartbeat: Collection[str] = ("worker",)
     heartbeat_stale_s: float = HEARTBEAT_STALE_S
+    # The signal a child gets from the kernel when the supervisor dies without stopping it
+    # (SIGKILL, say); SIGTERM unless named here.
+    orphan_signal: Mapping[str, int] = field(default_factory=dict)
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     # When each child started (wall clock, as file times are), restarts waiting for their
@@ -98,6 +102,9 @@ class Stack:
             stdout=self.output,
             stderr=self.output,
             start_new_session=True,
+            preexec_fn=_die_with(  # noqa: PLW1509 - one prctl call, no locks
+                os.getpid(), self.orphan_signal.get(name, signal.SIGTERM)
+            ),
         )
         self._started[name] = time.time()
 
@@ -173,7 +180,9 @@ class Stack:
             nonlocal stopping
             stopping = True
 
-        previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP too: closing the terminal that runs the stack stops it like Ctrl-C.
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {s: signal.signal(s, _stop) for s in stops}
         died = None
         try:
             while not stopping and died is None:
@@ -187,6 +196,37 @@ class Stack:
             _say(f"the {died} stopped; stopped the rest")
             return 1
         return 0
+
+
+def _die_with(parent: int, signum: int) -> Callable[[], None] | None:
+    """What a child runs before it starts: on Linux, ask the kernel for ``signum`` when its
+    parent dies (PR_SET_PDEATHSIG), so that a supervisor killed with SIGKILL leaves no
+    API, worker or scheduler behind holding the port; and exit at once if the parent is
+    already gone."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def prepare() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return prepare
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host``:``port`` (another stack, say)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _end(
