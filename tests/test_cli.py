@@ -219,3 +219,61 @@ def test_db_upgrade_reports_the_revision(cli: Cli) -> None:
     assert report["revision"] == db.head_revision()
     assert report["revision"] is not None
     assert report["database"]
+
+
+def test_version_and_usage_mistakes_are_one_line(cli: Cli) -> None:
+    version = cli("--version", check=True)
+    assert version.stdout.startswith("tokenwarden, version ")
+    for args, says in [
+        (("member", "add", "--org", "acme"), "error: Missing option '--user'."),
+        (("token", "verify", "--kind", "x"), "error: No such option '--kind'."),
+        (("nosuch",), "error: No such command 'nosuch'."),
+    ]:
+        done = cli(*args)
+        assert done.code == 2
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith(says), line
+        assert line.endswith("--help)")
+
+
+def test_member_remove_revokes_like_the_event_and_member_list_shows_it(cli: Cli) -> None:
+    cli("member", "add", "--org", "acme", "--user", "alice", "--role", "admin", check=True)
+    cli("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
+    cli("member", "add", "--org", "globex", "--user", "bob", "--role", "user", check=True)
+    expiry = within_lifetime()
+    pat = ("token", "create", "--kind", "personal", "--user", "bob", "--name", "laptop")
+    here = cli(*pat, "--org", "acme", "--expires-at", expiry, "--json", check=True).json()
+    there = cli(*pat, "--org", "globex", "--expires-at", expiry, "--json", check=True).json()
+    app = ("--app", "deployer", "--created-by", "bob", "--name", "deploys")
+    aat = cli(
+        *("token", "create", "--kind", "application", "--org", "acme", *app),
+        *("--expires-at", expiry, "--json"),
+        check=True,
+    ).json()
+
+    removed = cli("member", "remove", "--org", "acme", "--user", "bob", "--json", check=True)
+    assert removed.json()["revoked"] == [here["id"]]
+    assert cli("token", "verify", "--token", here["token"]).code == 1
+    assert cli("token", "verify", "--token", there["token"]).code == 0
+    assert cli("token", "verify", "--token", aat["token"]).code == 0
+    # Again: nothing more happens, and it is no error.
+    again = cli("member", "remove", "--org", "acme", "--user", "bob", "--json", check=True)
+    assert again.json()["revoked"] == []
+
+    listed = cli("member", "list", "--org", "acme", "--json", check=True).json()
+    assert [(m["user_id"], m["active"]) for m in listed] == [("alice", True), ("bob", False)]
+    table = cli("member", "list", check=True).stdout
+    assert "globex  bob" in table
+    assert "ended" in table
+    # The same audit rows as a membership.removed event, with the CLI as their source.
+    trail = cli("audit", "--user", "bob", "--json", check=True).json()
+    rows = trail["entries"] if isinstance(trail, dict) else trail
+    revoked = [r for r in rows if r["action"] == "revoke"]
+    assert [(r["token_id"], r["reason"], r["source"]) for r in revoked] == [
+        (here["id"], "member_removed", "cli")
+    ]
+    assert any(r["action"] == "member" and r["reason"] == "removed" for r in rows)
+    # The admins hear of it as they would of the event: the PAT revoked, the AAT now orphaned.
+    notices = cli("notices", "--json", check=True).json()
+    told = notices["notices"] if isinstance(notices, dict) else notices
+    assert sorted(n["kind"] for n in told) == ["application_tokens.orphaned", "member.offboarded"]

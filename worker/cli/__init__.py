@@ -41,6 +41,7 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tokenwarden", prog_name="tokenwarden")
 def cli() -> None:
     """tokenwarden: keeps the token store and revokes what must stop working."""
     from tokenwarden.config.logging import configure_logging
@@ -61,13 +62,11 @@ def main() -> None:
     try:
         code = cli.main(standalone_mode=False)
     except click.ClickException as error:
+        # One line, like every other refusal: "error: Missing option '--org'. (… --help)".
         text = mask_tokens(error.format_message())
-        shown = (
-            click.UsageError(text, error.ctx)
-            if isinstance(error, click.UsageError)
-            else click.ClickException(text)
-        )
-        shown.show()
+        if isinstance(error, click.UsageError) and error.ctx is not None:
+            text = f"{text} (see: {error.ctx.command_path} --help)"
+        click.echo(f"error: {text}", err=True)
         sys.exit(error.exit_code)
     except click.Abort:
         click.echo("Aborted!", err=True)
