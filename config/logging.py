@@ -242,6 +242,20 @@ class _LoggerFactory(structlog.stdlib.LoggerFactory):
         return super().__call__(*args)
 
 
+# The re-drives run every few seconds and almost always find nothing: Celery's lines about
+# sending, receiving and finishing them are dropped (at INFO and below); the re-drive logs
+# itself only when it republishes something.
+_ROUTINE_LOGGERS: Final = frozenset({"celery.beat", "celery.worker.strategy", "celery.app.trace"})
+
+
+def _not_routine(record: logging.LogRecord) -> bool:
+    if record.levelno > logging.INFO or record.name not in _ROUTINE_LOGGERS:
+        return True
+    # Both re-drive tasks' names (config/celery.py) start so; config.celery is not imported
+    # here, as it would bring Celery into every process that logs.
+    return "tokenwarden.redrive_" not in record.getMessage()
+
+
 def configure_logging(
     *, json: bool | None = None, level: str = "INFO", stream: TextIO | None = None
 ) -> None:
@@ -285,6 +299,7 @@ def configure_logging(
     handler = logging.StreamHandler(out)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter)
+    handler.addFilter(_not_routine)
     root.addHandler(handler)
     root.setLevel(level.upper())
     for name, quiet in _QUIET_LOGGERS.items():

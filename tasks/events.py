@@ -70,4 +70,5 @@ def redrive_events(self: DatabaseTask, session: Session) -> None:
         now=clock.now(),
         older_than=timedelta(seconds=get_settings().redrive_after_s),
     )
-    log.info("events.redrive", count=len(event_ids))
+    if event_ids:  # quiet when there is nothing to do, as it is nearly always
+        log.info("events.redrive", count=len(event_ids))

@@ -81,11 +81,12 @@ def started(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, dict
     """``tokenwarden run --port P`` up and answering; stopped (and its tree) afterwards."""
     port = free_port()
     env = clean_env(TOKENWARDEN_HOME=str(tmp_path / "home"))
+    output = (tmp_path / "run.log").open("wb")
     stack = subprocess.Popen(
         [str(TOKENWARDEN), "run", "--port", str(port)],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
     )
 
     def healthy() -> bool:
@@ -97,6 +98,8 @@ def started(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, dict
     tree: set[int] = set()
     try:
         assert _until(healthy, 90), "run --port did not serve the API on that port"
+        log = tmp_path / "run.log"
+        assert _until(lambda: b"tokenwarden is running" in log.read_bytes(), 30)
         tree = _descendants(stack.pid)
         yield stack, port, env
     finally:
@@ -109,6 +112,7 @@ def started(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, dict
                 stack.kill()
         for pid in _alive(tree):
             os.kill(pid, signal.SIGKILL)
+        output.close()
 
 
 def test_a_second_run_on_a_busy_port_says_so_at_once(
@@ -162,3 +166,14 @@ def _listening(port: int) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+def test_an_idle_stack_is_quiet(
+    started: tuple[subprocess.Popen[bytes], int, dict[str, str]], tmp_path: Path
+) -> None:
+    """The re-drives run every 10 s; with nothing to republish they leave no line at all."""
+    log = tmp_path / "run.log"
+    before = log.read_text()
+    time.sleep(12)  # more than one re-drive period
+    lines = log.read_text()[len(before) :].splitlines()
+    assert [line for line in lines if "redrive" in line] == []
