@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -240,10 +241,19 @@ def _lifetimes(value: str | int) -> dict[str, int]:
     return days
 
 
+def default_home() -> Path:
+    """Where the embedded default keeps its files unless TOKENWARDEN_HOME says otherwise."""
+    data = os.environ.get("XDG_DATA_HOME", "").strip()
+    base = Path(data) if data and Path(data).is_absolute() else Path.home() / ".local" / "share"
+    return base / "tokenwarden"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    home: Path = Path(".tokenwarden")
+    # Per user, whatever the current folder: $XDG_DATA_HOME/tokenwarden, else
+    # ~/.local/share/tokenwarden.
+    home: Path = Field(default_factory=default_home)
     database_url: str | None = None
     broker_url: str | None = None
     producer_keys: Keys = ()

@@ -47,6 +47,12 @@ def service_url(name: str) -> str | None:
 CHAOS = "TOKENWARDEN_TEST_CHAOS"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A command a test runs without TOKENWARDEN_HOME keeps its store in a folder of this run,
+    # never in the user's own default (~/.local/share/tokenwarden).
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="tokenwarden-tests-data-")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     chaos = os.environ.get(CHAOS) == "1"
     for item in items:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from tests.conftest import Cli, Result, within_lifetime
+from tests.conftest import TOKENWARDEN, Cli, Result, clean_env, within_lifetime
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.models import TokenKind
 from tokenwarden.worker.domain.tokens import checksum, kind_of
@@ -277,3 +280,33 @@ def test_member_remove_revokes_like_the_event_and_member_list_shows_it(cli: Cli)
     notices = cli("notices", "--json", check=True).json()
     told = notices["notices"] if isinstance(notices, dict) else notices
     assert sorted(n["kind"] for n in told) == ["application_tokens.orphaned", "member.offboarded"]
+
+
+def test_the_default_home_is_the_same_from_any_folder_and_a_new_store_is_announced(
+    tmp_path: Path,
+) -> None:
+    env = clean_env(XDG_DATA_HOME=str(tmp_path / "data"))
+
+    def run_in(folder: str, *args: str) -> subprocess.CompletedProcess[str]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        return subprocess.run(
+            [str(TOKENWARDEN), *args],
+            env=env,
+            cwd=tmp_path / folder,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+
+    first = run_in("a", "member", "add", "--org", "acme", "--user", "bob", "--role", "user")
+    home = tmp_path / "data" / "tokenwarden"
+    assert first.stderr == f"tokenwarden: created a new token store in {home} (TOKENWARDEN_HOME)\n"
+    created = run_in(
+        "b",
+        *("token", "create", "--kind", "personal", "--org", "acme", "--user", "bob"),
+        *("--name", "laptop", "--expires-at", within_lifetime(), "--json"),
+    )
+    assert created.stderr == ""  # the same store: nothing new to say
+    token = json.loads(created.stdout)["token"]
+    assert run_in("c", "token", "verify", "--token", token).returncode == 0

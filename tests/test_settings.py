@@ -31,10 +31,13 @@ def config_error(**environment: str) -> str:
     return str(raised.value)
 
 
-def test_defaults(tmp_path: Path) -> None:
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    monkeypatch.setenv("XDG_DATA_HOME", str(data))
     settings = load_settings()
 
-    assert settings.home == Path(".tokenwarden")
+    # A per-user folder, the same from any current folder.
+    assert settings.home == data / "tokenwarden"
     assert settings.reminder_days == (60, 30, 7)
     assert settings.producer_keys == ()
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8000)
@@ -44,10 +47,13 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.notice_webhook_url is None
     assert settings.gitlab_revocation_token is None
     assert settings.embedded
-    expected_db = tmp_path.resolve() / ".tokenwarden" / "tokenwarden.db"
+    expected_db = data.resolve() / "tokenwarden" / "tokenwarden.db"
     assert settings.resolved_database_url == f"sqlite:///{expected_db}"
-    assert settings.broker_folder == tmp_path.resolve() / ".tokenwarden" / "broker"
-    assert not (tmp_path / ".tokenwarden").exists()  # reading settings creates nothing
+    assert settings.broker_folder == data.resolve() / "tokenwarden" / "broker"
+    assert not data.exists()  # reading settings creates nothing
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    assert load_settings().home == tmp_path / "user" / ".local" / "share" / "tokenwarden"
 
 
 def test_home_moves_the_embedded_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -72,7 +72,10 @@ def store(current: Settings | None = None) -> Engine:
     try:
         engine = db.engine_for(url)
         if current.database_url is None:
+            fresh = not (current.home / "tokenwarden.db").exists()
             db.ensure_schema(engine, url)
+            if fresh:
+                said_new_store(current)
         elif not db.schema_is_current(engine):
             fail("the token store's schema is not up to date: run `tokenwarden db upgrade`")
     except ConfigError as error:
@@ -80,6 +83,15 @@ def store(current: Settings | None = None) -> Engine:
     except Exception as error:
         store_failed(current, "use", error)
     return engine
+
+
+def said_new_store(current: Settings) -> None:
+    """One line on stderr when a command has just made a new embedded token store: a store
+    that is not the one meant (another TOKENWARDEN_HOME) shows at once, not as unknown tokens."""
+    click.echo(
+        f"tokenwarden: created a new token store in {current.home.resolve()} ({ENV_PREFIX}HOME)",
+        err=True,
+    )
 
 
 def store_failed(current: Settings, doing: str, error: BaseException) -> NoReturn:

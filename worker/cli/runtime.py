@@ -12,7 +12,14 @@ import click
 import structlog
 
 from tokenwarden.config.settings import ENV_PREFIX, Settings, get_settings, without_password
-from tokenwarden.worker.cli.common import echo_table, fail, settings, store, store_failed
+from tokenwarden.worker.cli.common import (
+    echo_table,
+    fail,
+    said_new_store,
+    settings,
+    store,
+    store_failed,
+)
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.ops.supervisor import Stack, command, port_in_use, wait_for_http
 
@@ -155,10 +162,13 @@ def run(port: int | None, as_json: bool) -> None:
             f"run?); stop it, or choose another with {ENV_PREFIX}API_PORT or --port"
         )
     url = current.resolved_database_url
+    fresh = current.database_url is None and not (current.home / "tokenwarden.db").exists()
     try:
         db.upgrade(url)
     except Exception as error:
         store_failed(current, "prepare", error)
+    if fresh:
+        said_new_store(current)
     key = None if current.producer_keys else current.generated_producer_key()
     base = f"http://{current.api_host}:{current.api_port}"
     stack = Stack(
