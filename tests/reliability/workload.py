@@ -105,6 +105,11 @@ class Universe:
     seeded_at: datetime
     tokens: list[SeedToken] = field(default_factory=list)
 
+    @property
+    def creator(self) -> str:
+        """The member who created the application tokens; no generated event names them."""
+        return f"{self.prefix}-seed"
+
     @classmethod
     def build(
         cls,
@@ -145,7 +150,20 @@ class Universe:
                 now=at,
                 source="seed",
             )
-        expires = datetime.now(UTC) + timedelta(days=365)
+        # Application tokens need an active member of their organization as creator: one
+        # that no generated event touches.
+        for org in self.orgs:
+            add_member(
+                session,
+                org_id=org,
+                user_id=self.creator,
+                role="user",
+                email=None,
+                at=at,
+                now=at,
+                source="seed",
+            )
+        expires = datetime.now(UTC) + timedelta(days=300)  # inside the maximum lifetime
         for org, user in sorted(self.members):
             if rng.random() < pat_ratio:
                 issued = create_token(
@@ -171,7 +189,7 @@ class Universe:
                     expires_at=expires,
                     now=at,
                     app_id=f"app{number}",
-                    created_by="seed",
+                    created_by=self.creator,
                     source="seed",
                 )
                 self.tokens.append(
@@ -286,6 +304,10 @@ class Oracle:
         by_id = {token.id: token for token in universe.tokens}
         newest: dict[tuple[str, str], tuple[datetime | None, bool, str | None]] = {
             pair: (universe.seeded_at, True, role) for pair, role in universe.members.items()
+        }
+        # The application tokens' creator, a member no event touches.
+        newest |= {
+            (org, universe.creator): (universe.seeded_at, True, "user") for org in universe.orgs
         }
         causes: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         unknown: set[str] = set()
