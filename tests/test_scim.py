@@ -389,7 +389,7 @@ def live_server(store: Store, tmp_path: Path) -> Iterator[str]:
         create_app(settings, celery_app=celery_app),
         host="127.0.0.1",
         port=port,
-        log_level="warning",
+        log_config=None,  # uvicorn's own would reconfigure the suite's logging for good
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
