@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -310,3 +311,22 @@ def test_the_default_home_is_the_same_from_any_folder_and_a_new_store_is_announc
     assert created.stderr == ""  # the same store: nothing new to say
     token = json.loads(created.stdout)["token"]
     assert run_in("c", "token", "verify", "--token", token).returncode == 0
+
+
+def test_token_list_shows_a_token_rotated_away_as_revoked_once_its_overlap_ends(cli: Cli) -> None:
+    cli("member", "add", "--org", "acme", "--user", "bob", "--role", "user", check=True)
+    old = cli(
+        *("token", "create", "--kind", "personal", "--org", "acme", "--user", "bob"),
+        *("--name", "laptop", "--expires-at", within_lifetime(), "--json"),
+        check=True,
+    ).json()
+    new = cli("token", "rotate", old["id"], "--overlap", "1s", "--json", check=True).json()
+
+    def shown() -> dict[str, tuple[str, str | None]]:
+        listed = cli("token", "list", "--org", "acme", "--json", check=True).json()
+        return {t["id"]: (t["state"], t["reason"]) for t in listed}
+
+    assert shown()[old["id"]] == ("active", None)  # inside its overlap
+    time.sleep(1.5)
+    # Nobody presented it since, and the list still tells the truth (as the token API does).
+    assert shown() == {old["id"]: ("revoked", "rotated"), new["id"]: ("active", None)}

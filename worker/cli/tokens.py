@@ -34,6 +34,7 @@ from tokenwarden.worker.domain.issuing import create_token, list_tokens, parse_k
 from tokenwarden.worker.domain.models import Token, TokenKind
 from tokenwarden.worker.domain.revocation import revoke_token
 from tokenwarden.worker.domain.rotation import rotate_in
+from tokenwarden.worker.domain.token_pages import state_of
 from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
 from tokenwarden.worker.domain.usage import last_used
 from tokenwarden.worker.domain.verification import verify_token
@@ -113,7 +114,14 @@ def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
     with transaction() as session:
         tokens = list_tokens(session, org_id=org_id, user_id=user_id)
         used = last_used(session, [t.id for t in tokens])
-    records = [{**_token_json(t), "last_used_at": used.get(t.id)} for t in tokens]
+    now = clock.now()
+    records = [
+        # As the token API shows it: a token past its overlap or its expiry is no longer
+        # active, even before anything wrote that down.
+        {**_token_json(t), **dict(zip(("state", "reason"), state_of(t, now), strict=True))}
+        | {"last_used_at": used.get(t.id)}
+        for t in tokens
+    ]
     echo_listing(records, _TOKEN_COLUMNS, as_json=as_json)
 
 
