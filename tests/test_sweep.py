@@ -300,7 +300,8 @@ def test_postgres_revocation_does_not_wait_for_the_whole_sweep(
         # Between two batches the sweep holds no row lock: a revocation goes straight through.
         if result.phase == "expire" and not waits:
             with engine.connect() as connection:
-                connection.execute(text("SET lock_timeout = '1s'"))
+                # LOCAL: the setting ends with this transaction, not with the pooled connection.
+                connection.execute(text("SET LOCAL lock_timeout = '1s'"))
                 started = time.monotonic()
                 connection.execute(
                     text(
