@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +34,7 @@ from typing import IO, Any, Final
 
 from sqlalchemy import Engine, insert, make_url, text
 
+from tokenwarden.config.celery import transport_options
 from tokenwarden.config.settings import Settings
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.models import Base, Membership, Token, TokenKind
@@ -131,6 +132,11 @@ class Bench:
 
     def engine(self) -> Engine:
         return db.engine_for(self.database_url)
+
+    def queue_depth(self, queue: str | None = None) -> int:
+        """Messages ready in one of this run's queues, on any broker ours runs on."""
+        options = transport_options(self.settings())
+        return queue_depth(self.broker_url, queue or self.queue, options=options)
 
     def extra_queue(self, role: str) -> str:
         """Another queue of this run (deleted at the end like the main one)."""
@@ -231,10 +237,12 @@ def _normalise(url: str) -> str:
     return url
 
 
-def _connection(broker_url: str) -> Any:
+def _connection(broker_url: str, options: dict[str, Any] | None = None) -> Any:
     from kombu.connection import Connection
 
-    return Connection(broker_url, connect_timeout=5)  # type: ignore[no-untyped-call]
+    return Connection(  # type: ignore[no-untyped-call]
+        broker_url, connect_timeout=5, transport_options=options or {}
+    )
 
 
 def check_broker(broker_url: str) -> None:
@@ -272,9 +280,12 @@ def purge_queue(broker_url: str, queue: str) -> int:
                 channel.close()
 
 
-def queue_depth(broker_url: str, queue: str) -> int:
-    """Messages ready in ``queue`` (not counting those a worker holds unacknowledged)."""
-    with _connection(broker_url) as connection:
+def queue_depth(broker_url: str, queue: str, *, options: dict[str, Any] | None = None) -> int:
+    """Messages ready in ``queue`` (not counting those a worker holds unacknowledged).
+
+    ``options`` are the broker's transport options: the embedded broker's folder is one.
+    """
+    with _connection(broker_url, options) as connection:
         channel = connection.channel()
         try:
             _, count, _ = channel.queue_declare(queue, passive=True)
@@ -766,7 +777,7 @@ def result(
     value: float | None,
     baseline: float | None,
     ratio: float | None,
-    target: float | dict[str, float],
+    target: float | Mapping[str, Any],
     ok: bool,
     unit: str,
     **extra: Any,

@@ -46,6 +46,11 @@ P99_MS: Final = 250.0
 TARGET: Final = {"p50_ms": P50_MS, "p99_ms": P99_MS}
 UNIT: Final = "ms (p99)"
 POLL_S: Final = 0.005
+# The embedded default's file broker is polled every 0.1 s (config/celery.py), and SQLite
+# takes one writer at a time: its bound is looser.
+EMBEDDED_P99_MS: Final = 1000.0
+EMBEDDED_BROKER: Final = "filesystem://localhost/"
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 
 
 @dataclass
@@ -124,7 +129,7 @@ def pending(engine: Engine) -> int:
 
 def idle(run: common.Bench, engine: Engine) -> bool:
     """No event pending and nothing left on the worker's queue (the notices they caused)."""
-    return pending(engine) == 0 and common.queue_depth(run.broker_url, run.queue) == 0
+    return pending(engine) == 0 and run.queue_depth() == 0
 
 
 def max_rate(
@@ -215,136 +220,267 @@ def confirm_refusals(engine: Engine, members: list[common.Member]) -> None:
                 raise common.BenchError(f"verify_token still accepts {member.pats[0]}")
 
 
+@dataclass(frozen=True)
+class Stack:
+    """A database and a broker the stack runs on, with the bounds its latency must keep."""
+
+    name: str
+    database_url: str
+    broker_url: str
+    p50_ms: float | None
+    p99_ms: float
+
+    @property
+    def target(self) -> dict[str, float]:
+        bounds = {"p99_ms": self.p99_ms}
+        if self.p50_ms is not None:
+            bounds["p50_ms"] = self.p50_ms
+        return bounds
+
+    def ok(self, p50: float, p99: float) -> bool:
+        return p99 <= self.p99_ms and (self.p50_ms is None or p50 <= self.p50_ms)
+
+
+def _broker_name(url: str) -> str:
+    scheme = url.split("://", 1)[0]
+    return {"amqp": "rabbitmq", "pyamqp": "rabbitmq", "rediss": "redis"}.get(scheme, scheme)
+
+
+def stacks(args: argparse.Namespace) -> list[Stack]:
+    """The stacks asked for: the servers named by the options, Redis, the embedded default."""
+    known = {
+        "server": Stack(
+            _broker_name(args.broker_url), args.database_url, args.broker_url, P50_MS, P99_MS
+        ),
+        "redis": Stack("redis", args.database_url, args.redis_url, P50_MS, P99_MS),
+        "embedded": Stack("embedded", "sqlite:///", EMBEDDED_BROKER, None, EMBEDDED_P99_MS),
+    }
+    chosen: list[Stack] = []
+    for name in args.stacks.split(","):
+        stack = known[name.strip()]
+        if all(
+            (s.database_url, s.broker_url) != (stack.database_url, stack.broker_url) for s in chosen
+        ):
+            chosen.append(stack)
+    return chosen
+
+
 def options(argv: list[str] | None) -> argparse.Namespace:
     parsed = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
     parsed.add_argument("--seconds", type=float, default=None, help="paced phase per run (20)")
     parsed.add_argument("--burst", type=int, default=None, help="events to find the max rate (600)")
     parsed.add_argument("--rate", type=float, default=None, help="send at this rate instead")
     parsed.add_argument("--connections", type=int, default=4, help="client connections (4)")
+    parsed.add_argument(
+        "--stacks",
+        default="server,redis,embedded",
+        help="comma-separated: server (--database-url and --broker-url), redis (the same "
+        "database, --redis-url as broker), embedded (SQLite and the file broker)",
+    )
+    parsed.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     common.stack_options(parsed)
     args = common.parse(parsed, argv)
     args.seconds = args.seconds or common.pick(args, 20, 2)
     args.burst = args.burst or common.pick(args, 600, 50)
+    unknown = set(args.stacks.split(",")) - {"server", "redis", "embedded"}
+    if unknown:
+        parsed.error(f"unknown stack(s): {', '.join(sorted(unknown))}")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = options(argv)
+def _children(run: common.Bench, args: argparse.Namespace, port: int) -> list[common.Child]:
+    logs = run.home / "logs"
+    api = common.Child(
+        "API",
+        common.tokenwarden("api", "--port", str(port), "--log-level", args.log_level),
+        run.child_env(),
+        logs / "api.log",
+    )
+    worker = common.Child(
+        "worker",
+        common.tokenwarden(
+            "worker",
+            "--pool",
+            args.pool,
+            "--concurrency",
+            str(args.concurrency),
+            "--log-level",
+            args.log_level,
+        ),
+        run.child_env(),
+        logs / "worker.log",
+    )
+    return [api, worker]
+
+
+def one_run(
+    run: common.Bench,
+    args: argparse.Namespace,
+    *,
+    port: int,
+    pool: list[common.Member],
+    number: int,
+    children: list[common.Child],
+) -> tuple[Run, list[common.Member]]:
+    """Find the maximum rate with a burst, then send at half of it: one run's figures."""
+    engine = run.engine()
+    burst, pool = pool[: args.burst], pool[args.burst :]
+    peak = max_rate(run, port, burst, connections=args.connections, children=children)
+    rate = args.rate or peak / 2
+    count = max(1, int(rate * args.seconds))
+    if count > len(pool):
+        pool += common.populate(
+            engine, users=count - len(pool), pats=1, aats=0, prefix=f"x{number}", texts=True
+        )
+    paced_members, pool = pool[:count], pool[count:]
+    latencies = paced_run(
+        engine,
+        port,
+        paced_members,
+        rate=rate,
+        connections=args.connections,
+        tag=f"paced-{number}",
+        children=children,
+    )
+    common.wait_until(
+        lambda: idle(run, engine),
+        timeout_s=300,
+        what="the worker to catch up",
+        interval_s=0.1,
+        watch=children,
+    )
+    return Run(peak, rate, latencies), pool
+
+
+def measure(stack: Stack, args: argparse.Namespace) -> list[Run]:
+    """``--runs`` runs on one stack: its own database, queue, API and worker."""
+    on_stack = argparse.Namespace(
+        **{**vars(args), "database_url": stack.database_url, "broker_url": stack.broker_url}
+    )
     runs: list[Run] = []
-    try:
-        with common.bench(NAME, args) as run:
-            engine = run.engine()
-            port = free_port()
-            logs = run.home / "logs"
-            api = common.Child(
-                "API",
-                common.tokenwarden("api", "--port", str(port), "--log-level", args.log_level),
-                run.child_env(),
-                logs / "api.log",
+    with common.bench(NAME, on_stack) as run:
+        engine = run.engine()
+        port = free_port()
+        api, worker = _children(run, args, port)
+        with api, worker:
+            common.wait_for_http(f"http://127.0.0.1:{port}/healthz", api)
+            children = [api, worker]
+            # Enough members for every phase; each event removes a member of its own.
+            guess = args.rate or 400.0
+            per_run = args.burst + int(args.seconds * guess) + 50
+            pool = common.populate(
+                engine, users=per_run * args.runs + 40, pats=1, aats=0, admins=1, texts=True
             )
-            worker = common.Child(
-                "worker",
-                common.tokenwarden(
-                    "worker",
-                    "--pool",
-                    args.pool,
-                    "--concurrency",
-                    str(args.concurrency),
-                    "--log-level",
-                    args.log_level,
-                ),
-                run.child_env(),
-                logs / "worker.log",
-            )
-            with api, worker:
-                common.wait_for_http(f"http://127.0.0.1:{port}/healthz", api)
-                children = [api, worker]
-                # Enough members for every phase; each event removes a member of its own.
-                guess = args.rate or 400.0
-                per_run = args.burst + int(args.seconds * guess) + 50
-                pool = common.populate(
-                    engine, users=per_run * args.runs + 40, pats=1, aats=0, admins=1, texts=True
+            warm, pool = pool[:40], pool[40:]
+            max_rate(run, port, warm, connections=args.connections, children=children)
+            for number in range(args.runs):
+                figures, pool = one_run(
+                    run, args, port=port, pool=pool, number=number, children=children
                 )
-                warm, pool = pool[:40], pool[40:]
-                max_rate(run, port, warm, connections=args.connections, children=children)
-                for number in range(args.runs):
-                    burst, pool = pool[: args.burst], pool[args.burst :]
-                    peak = max_rate(
-                        run, port, burst, connections=args.connections, children=children
-                    )
-                    rate = args.rate or peak / 2
-                    count = max(1, int(rate * args.seconds))
-                    if count > len(pool):
-                        extra = common.populate(
-                            engine,
-                            users=count - len(pool),
-                            pats=1,
-                            aats=0,
-                            prefix=f"x{number}",
-                            texts=True,
-                        )
-                        pool += extra
-                    paced_members, pool = pool[:count], pool[count:]
-                    latencies = paced_run(
-                        engine,
-                        port,
-                        paced_members,
-                        rate=rate,
-                        connections=args.connections,
-                        tag=f"paced-{number}",
-                        children=children,
-                    )
-                    runs.append(Run(peak, rate, latencies))
-                    common.wait_until(
-                        lambda: idle(run, engine),
-                        timeout_s=300,
-                        what="the worker to catch up",
-                        interval_s=0.1,
-                        watch=children,
-                    )
-                    print(
-                        f"  run {number + 1}: max {peak:,.0f} events/s, sent {count} at "
-                        f"{rate:,.0f}/s: p50 {runs[-1].p50:.1f} ms, p99 {runs[-1].p99:.1f} ms",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    except (common.BenchError, OSError) as error:
-        return common.failed(NAME, error, unit=UNIT, target=TARGET)
+                runs.append(figures)
+                print(
+                    f"  {stack.name} run {number + 1}: max {figures.max_rate:,.0f} events/s, "
+                    f"sent {len(figures.latencies_ms)} at {figures.rate:,.0f}/s: "
+                    f"p50 {figures.p50:.1f} ms, p99 {figures.p99:.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return runs
+
+
+def summary(stack: Stack, runs: list[Run]) -> dict[str, Any]:
     p50 = common.median([r.p50 for r in runs])
     p99 = common.median([r.p99 for r in runs])
-    peak = common.median([r.max_rate for r in runs])
-    rate = common.median([r.rate for r in runs])
+    return {
+        "p50_ms": common.rounded(p50, 1),
+        "p99_ms": common.rounded(p99, 1),
+        "max_rate": common.rounded(common.median([r.max_rate for r in runs]), 1),
+        "rate": common.rounded(common.median([r.rate for r in runs]), 1),
+        "target": stack.target,
+        "ok": stack.ok(p50, p99),
+    }
+
+
+def report(args: argparse.Namespace, measured: dict[Stack, list[Run]]) -> int:
     print(
         f"POST /v1/events accepted -> token refused, single events, {args.runs} run(s) of "
         f"{args.seconds:g} s at half the measured maximum; worker {args.pool} x{args.concurrency}"
     )
-    rows: list[list[Any]] = [
-        [n + 1, r.max_rate, r.rate, len(r.latencies_ms), r.p50, r.p99, max(r.latencies_ms)]
-        for n, r in enumerate(runs)
-    ]
-    rows.append(["median", peak, rate, None, p50, p99, None])
+    rows: list[list[Any]] = []
+    figures = {stack.name: summary(stack, runs) for stack, runs in measured.items()}
+    for stack, runs in measured.items():
+        rows += [
+            [
+                stack.name,
+                n + 1,
+                r.max_rate,
+                r.rate,
+                len(r.latencies_ms),
+                r.p50,
+                r.p99,
+                max(r.latencies_ms),
+                None,
+            ]
+            for n, r in enumerate(runs)
+        ]
+        mine = figures[stack.name]
+        bounds = ", ".join(f"{k[:3]} <= {v:g}" for k, v in stack.target.items())
+        rows.append(
+            [
+                stack.name,
+                "median",
+                mine["max_rate"],
+                mine["rate"],
+                None,
+                mine["p50_ms"],
+                mine["p99_ms"],
+                None,
+                f"{bounds}: {'yes' if mine['ok'] else 'no'}",
+            ]
+        )
     print(
         common.table(
-            ["run", "max events/s", "sent /s", "events", "p50 ms", "p99 ms", "max ms"], rows
+            [
+                "stack",
+                "run",
+                "max events/s",
+                "sent /s",
+                "events",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "target",
+            ],
+            rows,
         )
     )
-    ok = p50 <= P50_MS and p99 <= P99_MS
+    first = next(iter(measured))
     outcome = common.result(
         NAME,
-        value=p99,
+        value=figures[first.name]["p99_ms"],
         baseline=None,
         ratio=None,
-        target=TARGET,
-        ok=ok,
+        target={s.name: s.target for s in measured},
+        ok=all(f["ok"] for f in figures.values()),
         unit=UNIT,
-        p50_ms=common.rounded(p50, 1),
-        p99_ms=common.rounded(p99, 1),
-        max_rate=common.rounded(peak, 1),
-        rate=common.rounded(rate, 1),
+        p50_ms=figures[first.name]["p50_ms"],
+        p99_ms=figures[first.name]["p99_ms"],
+        stacks=figures,
         runs=args.runs,
         short=args.short,
     )
     return common.finish(outcome, short=args.short)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = options(argv)
+    measured: dict[Stack, list[Run]] = {}
+    try:
+        for stack in stacks(args):
+            measured[stack] = measure(stack, args)
+    except (common.BenchError, OSError) as error:
+        return common.failed(NAME, error, unit=UNIT, target=TARGET)
+    return report(args, measured)
 
 
 if __name__ == "__main__":
