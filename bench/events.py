@@ -2,9 +2,13 @@
 
 Each event removes one member, revoking their 5 personal tokens and sparing the application
 token they created. The events are stored in the inbox in bulk before the clock starts (as the
-API would have stored them), then their ids are published in messages of
-``worker.runtime.publishing.CHUNK``; the
-drain is timed from the first publish until no event is pending.
+API would have stored them), then their ids are published one message per event, as the API
+publishes single events that arrive apart; the drain is timed from the first publish until no
+event is pending. For context, each run also drains as many events published
+``worker.runtime.publishing.CHUNK`` to a message (a backlog re-driven, or a batch POST), and
+writes the same end state by raw SQL in one transaction (memberships ended, tokens revoked,
+audit rows, one notice per member, events done: Postgres only), the database's own ceiling.
+The worker's peak RSS per process (``VmHWM`` of the worker and its pool) is reported too.
 
 The limit is what the broker and Celery can deliver at all: a bench-only worker
 (``bench/_noop_app.py``) with the same configuration, pool, concurrency, prefetch and log level
@@ -31,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from celery import Celery
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from bench import common
 from tokenwarden.config.celery import celery_config
@@ -39,10 +43,11 @@ from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.events import CloudEvent, parse_event
 from tokenwarden.worker.domain.inbox import store_events
 from tokenwarden.worker.domain.models import EventStatus, InboxEvent, Token, TokenKind
-from tokenwarden.worker.runtime.publishing import publish_event_ids
+from tokenwarden.worker.runtime.publishing import CHUNK, publish_event_ids
 
 NAME: Final = "events"
-TARGET: Final = 0.7
+TARGET: Final = 1.0
+MAX_RSS_MB: Final = 150.0
 UNIT: Final = "events/s"
 PATS: Final = 5
 AATS: Final = 1
@@ -55,6 +60,9 @@ class PoolResult:
     noop: list[float] = field(default_factory=list)
     events: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+    chunked: list[float] = field(default_factory=list)
+    raw_sql: list[float] = field(default_factory=list)
+    rss_mb: float = 0.0
 
     @property
     def value(self) -> float:
@@ -124,14 +132,20 @@ def warm_up(run: common.Bench, app: Celery, worker: common.Child, concurrency: i
 
 
 def drain_events(
-    run: common.Bench, app: Celery, worker: common.Child, count: int, tag: str
+    run: common.Bench,
+    app: Celery,
+    worker: common.Child,
+    count: int,
+    tag: str,
+    *,
+    per_message: int = 1,
 ) -> float:
     """Events/s for ``count`` removals, from the first publish until none is pending."""
     run.truncate()
     members = common.populate(run.engine(), users=count, pats=PATS, aats=AATS, admins=1)
     ids = store(run, removals(members, tag=tag, at=datetime.now(UTC)))
     started = time.perf_counter()
-    publish_event_ids(app, ids)
+    publish_event_ids(app, ids, per_message=per_message)
     ended = common.wait_until(
         lambda: pending(run) == 0,
         timeout_s=max(120.0, count / 40),
@@ -152,6 +166,85 @@ def settle(run: common.Bench) -> None:
     """
     common.purge_queue(run.broker_url, run.queue)
     time.sleep(1.0)  # the few messages the worker had already reserved
+
+
+# The end state of a drain, by set-based statements over the pending events: each event's
+# membership ended, its member's personal tokens revoked, an audit row per token and per
+# member, one notice per member listing its tokens, the event done.
+_RAW_SQL = text(
+    "WITH ev AS ("
+    " SELECT id, data->>'org_id' AS org_id, data->>'user_id' AS user_id FROM events"
+    " WHERE status = 'pending'"
+    "), ended AS ("
+    " UPDATE memberships m SET active = false, last_event_at = :now, updated_at = :now"
+    " FROM ev WHERE m.org_id = ev.org_id AND m.user_id = ev.user_id"
+    " RETURNING m.org_id, m.user_id, ev.id AS event_id"
+    "), revoked AS ("
+    " UPDATE tokens t SET revoked_at = :now, revoke_reason = 'member_removed'"
+    " FROM ended e WHERE t.org_id = e.org_id AND t.user_id = e.user_id"
+    " AND t.kind = 'personal' AND t.revoked_at IS NULL"
+    " RETURNING t.id, t.org_id, t.user_id, t.name, e.event_id"
+    "), audited AS ("
+    " INSERT INTO audit (at, action, reason, source, token_id, org_id, user_id, event_id)"
+    " SELECT :now, 'revoke', 'member_removed', 'bench', id, org_id, user_id, event_id"
+    " FROM revoked UNION ALL"
+    " SELECT :now, 'member', 'removed', 'bench', NULL, org_id, user_id, event_id FROM ended"
+    "), noticed AS ("
+    " INSERT INTO notices (id, kind, org_id, recipients, body, status, attempts, created_at,"
+    " next_attempt_at, event_id)"
+    " SELECT 'ntc_' || md5(event_id), 'member.offboarded', org_id, '[]',"
+    " json_build_object('user_id', user_id, 'tokens',"
+    " json_agg(json_build_object('id', id, 'name', name)))::text,"
+    " 'pending', 0, :now, :now, event_id"
+    " FROM revoked GROUP BY event_id, org_id, user_id"
+    "), finished AS ("
+    " UPDATE events SET status = 'done', finished_at = :now WHERE id IN (SELECT id FROM ev)"
+    ")"
+    " SELECT count(*) FROM ev"
+)
+
+
+def drain_raw_sql(run: common.Bench, count: int, tag: str) -> float | None:
+    """Events/s of the same end state written by :data:`_RAW_SQL` (Postgres only)."""
+    if run.engine().dialect.name != "postgresql":
+        return None
+    run.truncate()
+    members = common.populate(run.engine(), users=count, pats=PATS, aats=AATS, admins=1)
+    store(run, removals(members, tag=f"{tag}-sql", at=datetime.now(UTC)))
+    started = time.perf_counter()
+    with run.engine().begin() as connection:
+        done = connection.execute(_RAW_SQL, {"now": datetime.now(UTC)}).scalar_one()
+    seconds = time.perf_counter() - started
+    check_outcome(run, count)
+    if done != count:
+        raise common.BenchError(f"the raw SQL applied {done} events, not {count}")
+    return count / seconds
+
+
+def peak_rss_mb(leader: int) -> float:
+    """The largest peak RSS (``VmHWM``) among ``leader`` and its descendants, in MB."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    family = {leader}
+    grew = True
+    while grew:
+        grown = family | {pid for pid, parent in parents.items() if parent in family}
+        grew, family = grown != family, grown
+    peaks = [0.0]
+    for pid in family:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks)
 
 
 def check_outcome(run: common.Bench, count: int) -> None:
@@ -230,15 +323,23 @@ def measure_pool(run: common.Bench, args: argparse.Namespace, pool: str) -> Pool
                 tag = f"{pool}-{number}"
                 noop = drain_noops(run, args, pool, args.noop_tasks, tag)
                 events = drain_events(run, app, worker, args.events, tag)
+                chunked = drain_events(run, app, worker, args.events, f"{tag}-c", per_message=CHUNK)
+                raw_sql = drain_raw_sql(run, args.events, tag)
                 measured.noop.append(noop)
                 measured.events.append(events)
                 measured.ratios.append(common.ratio(events, noop))
+                measured.chunked.append(chunked)
+                if raw_sql is not None:
+                    measured.raw_sql.append(raw_sql)
                 print(
                     f"  {pool} run {number + 1}: no-op {noop:,.0f} tasks/s, "
-                    f"events {events:,.0f} events/s, ratio {events / noop:.3f}",
+                    f"events {events:,.0f} events/s (one a message), ratio {events / noop:.3f}; "
+                    f"{CHUNK} a message {chunked:,.0f}/s; raw SQL "
+                    + (f"{raw_sql:,.0f}/s" if raw_sql is not None else "-"),
                     file=sys.stderr,
                     flush=True,
                 )
+            measured.rss_mb = peak_rss_mb(worker.pid)
     finally:
         app.close()
     return measured
@@ -276,14 +377,38 @@ def main(argv: list[str] | None = None) -> int:
     except (common.BenchError, OSError) as error:
         return common.failed(NAME, error, unit=UNIT, target=TARGET)
     rows: list[list[Any]] = [
-        [r.pool, r.value, r.baseline, r.ratio, min(r.ratios), max(r.ratios)] for r in results
+        [
+            r.pool,
+            r.value,
+            r.baseline,
+            r.ratio,
+            min(r.ratios),
+            max(r.ratios),
+            common.median(r.chunked),
+            common.median(r.raw_sql) if r.raw_sql else None,
+            r.rss_mb,
+        ]
+        for r in results
     ]
     print(
         f"{args.events:,} membership.removed events ({PATS} PATs revoked, {AATS} AAT spared "
         f"each), {args.runs} run(s), concurrency {args.concurrency}, log level {args.log_level}"
     )
     print(
-        common.table(["pool", "events/s", "no-op tasks/s", "ratio", "min ratio", "max ratio"], rows)
+        common.table(
+            [
+                "pool",
+                "events/s",
+                "no-op tasks/s",
+                "ratio",
+                "min ratio",
+                "max ratio",
+                f"{CHUNK} a message /s",
+                "raw SQL /s",
+                "peak RSS MB",
+            ],
+            rows,
+        )
     )
     headline = next((r for r in results if r.pool == "prefork"), results[0])
     best = max(results, key=lambda r: r.value)
@@ -296,15 +421,23 @@ def main(argv: list[str] | None = None) -> int:
         baseline=headline.baseline,
         ratio=headline.ratio,
         target=TARGET,
-        ok=headline.ratio >= TARGET,
+        ok=headline.ratio >= TARGET and headline.rss_mb <= MAX_RSS_MB,
         unit=UNIT,
         pool=headline.pool,
+        per_message=1,
+        chunked=common.rounded(common.median(headline.chunked), 1),
+        raw_sql=common.rounded(common.median(headline.raw_sql), 1) if headline.raw_sql else None,
+        peak_rss_mb=common.rounded(headline.rss_mb, 1),
+        max_rss_mb=MAX_RSS_MB,
         fastest_pool=best.pool,
         pools={
             r.pool: {
                 "value": common.rounded(r.value, 1),
                 "baseline": common.rounded(r.baseline, 1),
                 "ratio": common.rounded(r.ratio),
+                "chunked": common.rounded(common.median(r.chunked), 1),
+                "raw_sql": common.rounded(common.median(r.raw_sql), 1) if r.raw_sql else None,
+                "peak_rss_mb": common.rounded(r.rss_mb, 1),
             }
             for r in results
         },

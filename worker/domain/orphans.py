@@ -62,8 +62,8 @@ def tell_admins(
 ) -> list[str]:
     """Queue one notice per departure that leaves live AATs behind; return the notice ids.
 
-    ``recipients`` by departure, when the caller knows them (a batch of removals); otherwise
-    each organization's active admins now, after the departure was applied.
+    ``recipients`` by departure, when the caller knows them; otherwise each organization's
+    active admins now, after the departure was applied.
     """
     orphaned = orphaned_tokens(session, departures)
     if not orphaned:
@@ -71,30 +71,47 @@ def tell_admins(
     if recipients is None:
         admins = notices.admins_of(session, {org_id for org_id, _ in orphaned})
         recipients = {key: admins[key[0]] for key in orphaned}
-    queued: list[str] = []
+    return queue_notices(
+        session, orphaned, stamps=dict.fromkeys(orphaned, stamp), recipients=recipients
+    )
+
+
+def queue_notices(
+    session: Session,
+    orphaned: Mapping[Departure, list[Token]],
+    *,
+    stamps: Mapping[Departure, audit.Stamp],
+    recipients: Mapping[Departure, list[dict[str, Any]]],
+) -> list[str]:
+    """The ``application_tokens.orphaned`` notices of ``orphaned``, in one statement.
+
+    Each departure's notice is stamped with the cause that ended it (``stamps``); a
+    departure already told (the same membership ended at the same time) is not told again.
+    """
+    wanted: list[notices.Queued] = []
     for (org_id, user_id), tokens in orphaned.items():
-        notice_id = notices.queue(
-            session,
-            kind=notices.ORPHANED,
-            org_id=org_id,
-            recipients=recipients.get((org_id, user_id), []),
-            data={
-                "reason": CREATOR_LEFT,
-                "org_id": org_id,
-                "user_id": user_id,
-                "source": stamp.source,
-                "event_id": stamp.event_id,
-                "event_time": stamp.at.isoformat(),
-                "tokens": [notices.describe(token) for token in tokens],
-            },
-            now=stamp.now,
-            event_id=stamp.event_id,
-            dedupe_key=f"orphaned:{org_id}:{user_id}:{stamp.at.isoformat()}",
+        stamp = stamps[(org_id, user_id)]
+        wanted.append(
+            notices.Queued(
+                kind=notices.ORPHANED,
+                org_id=org_id,
+                recipients=recipients.get((org_id, user_id), []),
+                data={
+                    "reason": CREATOR_LEFT,
+                    "org_id": org_id,
+                    "user_id": user_id,
+                    "source": stamp.source,
+                    "event_id": stamp.event_id,
+                    "event_time": stamp.at.isoformat(),
+                    "tokens": [notices.describe(token) for token in tokens],
+                },
+                event_id=stamp.event_id,
+                dedupe_key=f"orphaned:{org_id}:{user_id}:{stamp.at.isoformat()}",
+            )
         )
-        if notice_id is not None:
-            queued.append(notice_id)
         log.info("application_tokens.orphaned", org_id=org_id, user_id=user_id, tokens=len(tokens))
-    return queued
+    now = next(iter(stamps.values())).now
+    return notices.queue_many(session, wanted, now=now)
 
 
 def reassign(

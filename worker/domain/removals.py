@@ -184,19 +184,18 @@ def remove_members(
 def _tell_orphans(session: Session, leavers: list[_Leaver], *, now: datetime) -> None:
     """The orphaned-AAT notices of the memberships this batch ended, in the batch's order,
     to the admins :func:`_recipients` names (as one removal at a time would)."""
-    ended = [leaver.key for leaver in leavers if not leaver.stale and leaver.before.active]
-    orphaned = set(orphans.orphaned_tokens(session, ended))
-    if not orphaned:
+    ended = [leaver for leaver in leavers if not leaver.stale and leaver.before.active]
+    found = orphans.orphaned_tokens(session, [leaver.key for leaver in ended])
+    if not found:
         return
-    told = _recipients(session, leavers, orphaned)
-    for leaver, recipients in zip(leavers, told, strict=True):
-        if leaver.key in orphaned:
-            orphans.tell_admins(
-                session,
-                [leaver.key],
-                stamp=leaver.removal.stamp(now),
-                recipients={leaver.key: recipients},
-            )
+    told = _recipients(session, leavers, set(found))
+    orphaned = {leaver.key: found[leaver.key] for leaver in ended if leaver.key in found}
+    orphans.queue_notices(
+        session,
+        orphaned,
+        stamps={leaver.key: leaver.removal.stamp(now) for leaver in ended},
+        recipients={leaver.key: told[i] for i, leaver in enumerate(leavers)},
+    )
 
 
 def _lock(session: Session, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:

@@ -169,9 +169,9 @@ def _publish(app: Any, task: str, ids: Sequence[str], chunk: int, *, what: str |
     _failures.pop(app, None)
 
 
-def publish_event_ids(app: Any, event_ids: Sequence[str]) -> None:
+def publish_event_ids(app: Any, event_ids: Sequence[str], *, per_message: int = CHUNK) -> None:
     """Send ``event_ids`` to the worker in chunks; raise :class:`PublishError` on failure."""
-    _publish(app, PROCESS_EVENTS, event_ids, CHUNK, what="event ids")
+    _publish(app, PROCESS_EVENTS, event_ids, min(per_message, CHUNK), what="event ids")
 
 
 def publish_notice_ids(app: Any, notice_ids: Sequence[str]) -> None:
