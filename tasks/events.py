@@ -7,6 +7,8 @@ Each task parses its arguments, calls one runtime function (``worker.runtime.bat
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from datetime import timedelta
 from typing import Any, Final
 
@@ -17,7 +19,7 @@ from tokenwarden.config.celery import PROCESS_EVENTS, REDRIVE_EVENTS
 from tokenwarden.config.settings import get_settings
 from tokenwarden.tasks.arguments import BadArguments, id_list
 from tokenwarden.worker.domain import clock
-from tokenwarden.worker.runtime import batching, redrive
+from tokenwarden.worker.runtime import batching, publishing, redrive
 from tokenwarden.worker.runtime.celery_app import app
 from tokenwarden.worker.runtime.tasking import IDEMPOTENT, REDRIVE, DatabaseTask
 
@@ -47,14 +49,25 @@ def process_events(self: DatabaseTask, session: Session, *args: Any, **kwargs: A
         return
     with structlog.contextvars.bound_contextvars(event_ids=event_ids):
         applied = batching.apply_message(session, event_ids, now=clock.now(), task=self.name)
+        unfinished = applied.outcome.unfinished
+        if unfinished:
+            self.after_commit(session, functools.partial(_publish_again, self.app, unfinished))
         log.info(
             "events.processed",
             done=len(applied.outcome.done),
             dead=len(applied.outcome.dead),
             missing=len(applied.outcome.missing),
             skipped=len(applied.outcome.skipped),
+            unfinished=len(unfinished),
             besides=applied.besides,
         )
+
+
+def _publish_again(app: Any, event_ids: list[str]) -> None:
+    """The next run of events applied in part; if the broker is away, the re-drive does it."""
+    # A failure is logged by publishing; the events are pending, so the re-drive finds them.
+    with contextlib.suppress(publishing.PublishError):
+        publishing.publish_event_ids(app, event_ids)
 
 
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type information

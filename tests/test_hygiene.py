@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from tests import test_sweep
 from tests.conftest import Cli, Store, within_lifetime
-from tests.test_handlers import aat, apply, join, pat
+from tests.test_handlers import aat, apply, join, pat, stored
 from tokenwarden.config.settings import get_settings
 from tokenwarden.worker.domain import db, notices
 from tokenwarden.worker.domain.errors import Refused
@@ -317,6 +317,104 @@ def test_a_bulk_revocation_event_revokes_what_it_names_as_of_its_time(
     (notice,) = kinds_of(session, notices.BULK_REVOKED)
     assert body(notice)["stated_reason"] == "breach"
     assert notice.recipients == [{"user_id": "bob", "email": None}]
+
+
+def bulk_tokens(session: Session, *, at: datetime) -> tuple[list[str], str]:
+    """acme: alice an admin, bob a user with three PATs and an application token he made."""
+    join(session, "acme", "alice", at=at, role="admin")
+    join(session, "acme", "bob", at=at)
+    bobs = [pat(session, "acme", "bob", created=at).id for _ in range(3)]
+    return bobs, aat(session, "acme", created_by="bob", created=at).id
+
+
+def told_about(session: Session) -> dict[str, list[str]]:
+    """Each bulk notice's first recipient, with the token ids it lists."""
+    return {
+        n.recipients[0]["user_id"]: sorted(t["id"] for t in body(n)["tokens"])
+        for n in kinds_of(session, notices.BULK_REVOKED)
+    }
+
+
+def test_a_bulk_revocation_event_goes_in_short_batches_and_tells_each_recipient_once(
+    session: Session, now: datetime, settings_env: pytest.MonkeyPatch
+) -> None:
+    settings_env.setenv("TOKENWARDEN_SWEEP_BATCH", "2")
+    bobs, app_token = bulk_tokens(session, at=now - timedelta(days=10))
+    event = stored(
+        session,
+        "tokens.bulk_revoke_requested",
+        {"org_id": "acme", "user_id": "bob", "reason": "laptop stolen"},
+        time=now - timedelta(minutes=5),
+    )
+
+    first = apply_pending(session, [event.id], now=now, retryable=lambda _: False)
+    # One batch of two: committed with its audit rows, nobody told yet, the event pending.
+    assert (first.done, first.unfinished) == ([], [event.id])
+    assert event.status == "pending"
+    revoked = session.scalars(select(Token.id).where(Token.revoke_reason == "bulk")).all()
+    assert len(revoked) == 2
+    assert kinds_of(session, notices.BULK_REVOKED) == []
+
+    runs = [first]
+    while event.status == "pending" and len(runs) < 5:
+        runs.append(apply_pending(session, [event.id], now=now, retryable=lambda _: False))
+    assert [r.unfinished for r in runs] == [[event.id], [event.id], []]
+    assert runs[-1].done == [event.id]
+    assert sorted((event.result or {})["revoked"]) == sorted([*bobs, app_token])
+    # One notice per recipient, listing everything revoked under the event, every batch.
+    assert told_about(session) == {"bob": sorted(bobs), "alice": [app_token]}
+    again = apply_pending(session, [event.id], now=now, retryable=lambda _: False)
+    assert again.skipped == [event.id]
+    assert len(kinds_of(session, notices.BULK_REVOKED)) == 2
+
+
+def test_a_break_glass_run_stopped_half_way_is_finished_by_the_worker_telling_everyone_once(
+    store: Store, now: datetime, settings_env: pytest.MonkeyPatch
+) -> None:
+    from tokenwarden.worker.cli import bulk
+    from tokenwarden.worker.domain import audit, bulk_revocation
+    from tokenwarden.worker.domain.bulk_revocation import Selection
+
+    store.truncate()
+    settings_env.setenv("TOKENWARDEN_DATABASE_URL", store.url)
+    with db.transaction(store.engine) as session:
+        bobs, app_token = bulk_tokens(session, at=now - timedelta(days=10))
+    steps: list[int] = []
+
+    def power_cut_in_the_second_batch(*args: Any, **kwargs: Any) -> Any:
+        steps.append(1)
+        if len(steps) == 2:
+            raise RuntimeError("power cut")
+        return step(*args, **kwargs)
+
+    step = bulk_revocation.step
+    settings_env.setattr(bulk, "step", power_cut_in_the_second_batch)
+    stamp = audit.Stamp(at=now, now=now, source="cli", event_id="cli-bulk-cut", actor="secops")
+    try:
+        with pytest.raises(RuntimeError, match="power cut"):
+            bulk._revoke_in_batches(
+                Selection(org_id="acme", user_id="bob"), stamp=stamp, reason="stolen", batch=2
+            )
+        with db.transaction(store.engine) as session:
+            # The first batch is kept, and so is the request: a pending event in the inbox.
+            assert (
+                len(session.scalars(select(Token.id).where(Token.revoke_reason == "bulk")).all())
+                == 2
+            )
+            assert session.get_one(InboxEvent, "cli-bulk-cut").status == "pending"
+            assert kinds_of(session, notices.BULK_REVOKED) == []
+            # The worker, re-driving it, finishes the run and tells everyone about all of it.
+            outcome = apply_pending(session, ["cli-bulk-cut"], now=now, retryable=lambda _: False)
+            assert outcome.done == ["cli-bulk-cut"]
+            assert told_about(session) == {"bob": sorted(bobs), "alice": [app_token]}
+            reasons = {
+                (row.detail or {})["reason"] for row in session.scalars(
+                    select(AuditEntry).where(AuditEntry.event_id == "cli-bulk-cut")
+                )
+            }  # fmt: skip
+            assert reasons == {"stolen"}
+    finally:
+        store.truncate()
 
 
 def test_the_producer_api_takes_a_bulk_revocation_and_refuses_a_malformed_one(

@@ -776,3 +776,35 @@ def test_two_workers_taking_each_others_events_along_do_not_deadlock(
     assert failures == []
     status = {e.id: e.status for e in events_by_id(committed).values()}
     assert status == {first: EventStatus.DONE, second: EventStatus.DONE}
+
+
+def test_a_bulk_revocation_publishes_itself_again_after_each_batch_until_it_is_done(
+    committed: Store, now: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_handlers import join, pat, stored
+    from tokenwarden.config.settings import get_settings
+
+    monkeypatch.setenv("TOKENWARDEN_SWEEP_BATCH", "2")
+    get_settings.cache_clear()
+    with db.transaction(committed.engine) as session:
+        join(session, "acme", "bob", at=now - timedelta(days=3))
+        for _ in range(5):
+            pat(session, "acme", "bob", created=now - timedelta(days=2))
+        event_id = stored(session, "tokens.bulk_revoke_requested", {"org_id": "acme"}, time=now).id
+    published: list[list[str]] = []
+    monkeypatch.setattr(publishing, "publish_event_ids", lambda _app, ids: published.append(ids))
+    try:
+        message: list[str] | None = [event_id]
+        while message is not None and len(published) < 10:
+            before = len(published)
+            tokenwarden.tasks.events.process_events.run(message)
+            message = published[-1] if len(published) > before else None
+    finally:
+        get_settings.cache_clear()
+
+    # Batches of two for five tokens: two runs leave it pending and publish it again, once
+    # each after their commit; the third finishes it.
+    assert published == [[event_id], [event_id]]
+    assert events_by_id(committed)[event_id].status == EventStatus.DONE
+    with read(committed) as session:
+        assert {t.revoke_reason for t in session.scalars(select(Token))} == {"bulk"}

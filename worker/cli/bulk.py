@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import click
+from sqlalchemy.orm import Session
 
 from tokenwarden.worker.cli.common import (
     NO_TOKEN,
@@ -22,17 +23,18 @@ from tokenwarden.worker.cli.common import (
     settings,
     transaction,
 )
-from tokenwarden.worker.domain import audit, clock
+from tokenwarden.worker.domain import audit, clock, inbox
 from tokenwarden.worker.domain.bulk_revocation import (
     CONFIRM_WORD,
     REASON_MAX,
     Selection,
-    notify_revoked,
-    revoke_selected,
+    new_event_id,
     select_tokens,
+    step,
 )
+from tokenwarden.worker.domain.events import CloudEvent, parse_event
 from tokenwarden.worker.domain.expiry.grouped_notices import AnyRow
-from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.models import EventStatus, InboxEvent, TokenKind
 
 _COLUMNS: Final[dict[str, str | Callable[[dict[str, Any]], Any]]] = {
     "id": "id",
@@ -90,7 +92,7 @@ def revoke(
     if confirm != CONFIRM_WORD:
         fail(f"revoking tokens in bulk needs --confirm {CONFIRM_WORD} (try --dry-run first)")
     stamp = audit.Stamp(
-        at=now, now=now, source="cli", event_id=None, actor=actor or getpass.getuser()
+        at=now, now=now, source="cli", event_id=new_event_id(), actor=actor or getpass.getuser()
     )
     result = _revoke_in_batches(
         selection, stamp=stamp, reason=reason, batch=batch or settings().sweep_batch
@@ -107,27 +109,66 @@ def revoke(
 def _revoke_in_batches(
     selection: Selection, *, stamp: audit.Stamp, reason: str | None, batch: int
 ) -> dict[str, Any]:
-    """Short transactions of ``batch`` tokens each, then one notice per recipient."""
-    revoked: list[AnyRow] = []
+    """Store the request as a ``tokens.bulk_revoke_requested`` event, then apply it here in
+    short transactions of ``batch`` tokens each; the last one queues the notices.
+
+    Were this command stopped half-way, the event would stay pending in the inbox and the
+    worker's re-drive would finish it, notices included, as if a producer had sent it.
+    """
+    assert stamp.event_id is not None
+    with transaction() as session:
+        inbox.store_events(session, [_as_event(selection, stamp, reason)], now=stamp.now)
     transactions = 0
     longest = 0.0
-    while True:
+    result: dict[str, Any] | None = None
+    while result is None:
         started = time.perf_counter()
         with transaction() as session:
-            rows = revoke_selected(session, selection, stamp=stamp, reason=reason, limit=batch)
+            result = _one_batch(session, selection, stamp=stamp, reason=reason, batch=batch)
         transactions += 1
         longest = max(longest, (time.perf_counter() - started) * 1000)
-        revoked += rows
-        if not rows:
-            break
-    with transaction() as session:
-        queued = notify_revoked(session, revoked, stamp=stamp, reason=reason)
     return {
-        "revoked": sorted(row.id for row in revoked),
-        "notices": len(queued),
+        "event_id": stamp.event_id,
+        **result,
         "transactions": transactions,
         "longest_transaction_ms": round(longest, 1),
     }
+
+
+def _one_batch(
+    session: Session, selection: Selection, *, stamp: audit.Stamp, reason: str | None, batch: int
+) -> dict[str, Any] | None:
+    """One step of the stored event; what it revoked in all once it is finished, else None."""
+    assert stamp.event_id is not None
+    claimed = inbox.claim(session, [stamp.event_id])
+    if not claimed:  # the worker's re-drive took it up and finished it meanwhile
+        finished = session.get_one(InboxEvent, stamp.event_id)
+        return {"revoked": sorted((finished.result or {}).get("revoked", [])), "notices": 0}
+    (event,) = claimed
+    done = step(session, selection, stamp=stamp, reason=reason, limit=batch)
+    if not done.finished:
+        event.published_at = clock.now()  # at work: the re-drive leaves it alone meanwhile
+        return None
+    revoked = sorted(str(row.id) for row in done.everything)
+    inbox.finish(
+        session, event, status=EventStatus.DONE, now=clock.now(), result={"revoked": revoked}
+    )
+    return {"revoked": revoked, "notices": len(done.notices)}
+
+
+def _as_event(selection: Selection, stamp: audit.Stamp, reason: str | None) -> CloudEvent:
+    """The request as the event a producer would send for it."""
+    data: dict[str, Any] = {**selection.as_dict(), "reason": reason, "actor": stamp.actor}
+    return parse_event(
+        {
+            "specversion": "1.0",
+            "id": stamp.event_id,
+            "source": stamp.source,
+            "type": "tokens.bulk_revoke_requested",
+            "time": stamp.at.isoformat(),
+            "data": {k: v for k, v in data.items() if v is not None},
+        }
+    )
 
 
 def _show_dry_run(rows: list[AnyRow], *, as_json: bool) -> None:

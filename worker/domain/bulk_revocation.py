@@ -1,13 +1,20 @@
 """Break-glass revocation: every live token of an organization matching a selection, at once.
 
 One selection function (:func:`select_tokens`) answers both the dry run ("what would be
-revoked") and each batch of the real run, so the two cannot disagree. The real run revokes in
-batches (:func:`revoke_selected`, reason ``bulk``, the stated reason in each audit row's
-detail), then :func:`notify_revoked` tells each recipient once: a personal token's owner, or
-the organization's admins for its application tokens.
+revoked") and each batch of the real run, so the two cannot disagree.
+
+A real run is always a ``tokens.bulk_revoke_requested`` event in the inbox, whether a producer
+sent it or ``tokenwarden revoke`` stored it, and goes by :func:`step`: each step is one short
+transaction that revokes the next batch (reason ``bulk``, the stated reason in each audit row's
+detail, the event's id on each audit row). The event stays pending between steps. The step that
+finds the selection exhausted also queues the notices, one per recipient listing every token
+revoked under the event (read back from its audit rows): a personal token's owner, or the
+organization's admins for its application tokens. So an interrupted run loses nothing: what
+was revoked is committed with its audit rows, and whoever takes the pending event up again (the
+worker's re-drive, or the same command) goes on from there and tells everyone once at the end.
 
 Only tokens issued at or before the request count (``as_of``): a token issued while the
-revocation runs, or after the time of a ``tokens.bulk_revoke_requested`` event, is left alone.
+revocation runs, or after the time of the event, is left alone.
 
 It must not import Celery, kombu, httpx, FastAPI, Starlette or standardwebhooks, nor ``tasks``,
 ``producer`` or ``worker.runtime``.
@@ -33,7 +40,7 @@ from tokenwarden.worker.domain.expiry.grouped_notices import (
     group_of,
     recipients_for,
 )
-from tokenwarden.worker.domain.models import Token, TokenKind
+from tokenwarden.worker.domain.models import AuditEntry, Token, TokenKind
 
 log = structlog.get_logger(__name__)
 
@@ -128,24 +135,68 @@ def revoke_selected(
     return sorted(rows, key=lambda row: str(row.id))
 
 
+@dataclass(frozen=True)
+class Step:
+    """One transaction of a bulk revocation: what it revoked, and whether the run is over."""
+
+    revoked: list[AnyRow]
+    finished: bool
+    # When finished: every token revoked under the event, and the notices queued for them.
+    everything: list[AnyRow]
+    notices: list[str]
+
+
+def step(
+    session: Session,
+    selection: Selection,
+    *,
+    stamp: audit.Stamp,
+    reason: str | None,
+    limit: int,
+) -> Step:
+    """Revoke the next ``limit`` tokens of ``selection`` under the event ``stamp`` names; once
+    none is left, queue one notice per recipient for everything the event revoked."""
+    if stamp.event_id is None:
+        raise ValueError("a bulk revocation runs as an event: its stamp names the event")
+    rows = revoke_selected(session, selection, stamp=stamp, reason=reason, limit=limit)
+    if len(rows) >= limit:
+        return Step(rows, finished=False, everything=[], notices=[])
+    everything = revoked_under(session, stamp.event_id)
+    queued = notify_revoked(session, everything, stamp=stamp, reason=reason)
+    return Step(rows, finished=True, everything=everything, notices=queued)
+
+
+def revoked_under(session: Session, event_id: str) -> list[AnyRow]:
+    """The tokens a bulk revocation event has revoked so far, by id (from its audit rows)."""
+    return list(
+        session.execute(
+            select(*TOKEN_COLUMNS)
+            .join(AuditEntry, AuditEntry.token_id == Token.id)
+            .where(
+                AuditEntry.event_id == event_id,
+                AuditEntry.action == "revoke",
+                AuditEntry.reason == BULK,
+            )
+            .order_by(Token.id)
+        ).all()
+    )
+
+
 def notify_revoked(
     session: Session,
     rows: Sequence[AnyRow],
     *,
     stamp: audit.Stamp,
     reason: str | None,
-    run_id: str | None = None,
 ) -> list[str]:
-    """One notice per recipient listing every token of ``rows`` that concerns them."""
+    """One notice per recipient listing every token of ``rows`` that concerns them; once per
+    event (a recipient already told about the event is not told again)."""
     grouped: dict[GroupKey, list[AnyRow]] = {}
     for row in rows:
         grouped.setdefault(group_of(row), []).append(row)
     recipients = recipients_for(session, grouped)
-    run_id = run_id or stamp.event_id or "bulk_" + secrets.token_hex(8)
-    queued: list[str] = []
-    for key in sorted(grouped, key=lambda k: (k[0], k[1], k[2] or "")):
-        notice_id = notices.queue(
-            session,
+    wanted = [
+        notices.Queued(
             kind=notices.BULK_REVOKED,
             org_id=key[0],
             recipients=recipients[key],
@@ -158,20 +209,14 @@ def notify_revoked(
                 "revoked_at": stamp.now.isoformat(),
                 "tokens": [notices.describe(row) for row in grouped[key]],
             },
-            now=stamp.now,
             event_id=stamp.event_id,
-            dedupe_key=f"bulk:{run_id}:{key[0]}:{key[1]}:{key[2] or ''}"[:300],
+            dedupe_key=f"bulk:{stamp.event_id}:{key[0]}:{key[1]}:{key[2] or ''}"[:300],
         )
-        if notice_id is not None:
-            queued.append(notice_id)
-    return queued
+        for key in sorted(grouped, key=lambda k: (k[0], k[1], k[2] or ""))
+    ]
+    return notices.queue_many(session, wanted, now=stamp.now)
 
 
-def revoke_all(
-    session: Session, selection: Selection, *, stamp: audit.Stamp, reason: str | None
-) -> list[str]:
-    """The whole selection in this transaction, notices included (a bulk revocation event);
-    returns the revoked ids."""
-    rows = revoke_selected(session, selection, stamp=stamp, reason=reason)
-    notify_revoked(session, rows, stamp=stamp, reason=reason)
-    return [row.id for row in rows]
+def new_event_id() -> str:
+    """The id of a bulk revocation the command line stores as an event."""
+    return "cli-bulk-" + secrets.token_hex(8)

@@ -65,6 +65,11 @@ from tokenwarden.worker.domain.tokens import mask_tokens
 log = structlog.get_logger(__name__)
 
 NO_SUCH_EVENT: Final = "no such event in the inbox"
+# In an event's result: it did part of its work in this transaction and stays pending for
+# the rest (a bulk revocation, one batch a transaction). Its id is published again once the
+# transaction commits, and the re-drive would find it anyway.
+UNFINISHED: Final = "unfinished"
+_UNFINISHED_EVENTS: Final = "tokenwarden.unfinished_events"
 
 
 @dataclass
@@ -77,6 +82,8 @@ class BatchOutcome:
     missing: list[str] = field(default_factory=list)
     # Finished by an earlier delivery (or being applied by another worker right now).
     skipped: list[str] = field(default_factory=list)
+    # Applied in part and still pending (see UNFINISHED): to be published again.
+    unfinished: list[str] = field(default_factory=list)
 
 
 def apply_event(session: Session, event: InboxEvent, *, now: datetime) -> dict[str, Any]:
@@ -184,22 +191,34 @@ def _apply_payload(
             )
             return _token_result(outcome)
         case TokensBulkRevokeRequested() as data:
-            return {"revoked": _bulk_revoke(session, data, stamp)}
+            return _bulk_revoke(session, data, stamp)
     raise InvalidEvent(f"no handler for event type {cloud.type!r}", cloud.id)
 
 
-def _bulk_revoke(session: Session, data: TokensBulkRevokeRequested, stamp: _Stamp) -> list[str]:
-    selection = bulk_revocation.Selection(
+def _bulk_revoke(
+    session: Session, data: TokensBulkRevokeRequested, stamp: _Stamp
+) -> dict[str, Any]:
+    """One batch of a bulk revocation; the event stays pending until a batch finds the
+    selection exhausted (see worker.domain.bulk_revocation)."""
+    done = bulk_revocation.step(
+        session,
+        selection_of(data),
+        stamp=audit.Stamp(**stamp, actor=data.actor),
+        reason=data.reason,
+        limit=get_settings().sweep_batch,
+    )
+    if not done.finished:
+        return {"revoked": [row.id for row in done.revoked], UNFINISHED: True}
+    return {"revoked": [row.id for row in done.everything]}
+
+
+def selection_of(data: TokensBulkRevokeRequested) -> bulk_revocation.Selection:
+    """The tokens a bulk revocation event names."""
+    return bulk_revocation.Selection(
         org_id=data.org_id,
         user_id=data.user_id,
         kind=TokenKind(data.kind) if data.kind else None,
         created_before=data.created_before,
-    )
-    return bulk_revocation.revoke_all(
-        session,
-        selection,
-        stamp=audit.Stamp(**stamp, actor=data.actor),
-        reason=data.reason,
     )
 
 
@@ -245,7 +264,21 @@ def apply_pending(
             else:
                 done = _apply_one(session, event, now=now, retryable=retryable)
         (outcome.done if done else outcome.dead).append(event.id)
+    unfinished = set(session.info.pop(_UNFINISHED_EVENTS, ()))
+    outcome.unfinished = [i for i in outcome.done if i in unfinished]
+    outcome.done = [i for i in outcome.done if i not in unfinished]
     return outcome
+
+
+def _finish_done(
+    session: Session, event: InboxEvent, result: dict[str, Any], *, now: datetime
+) -> None:
+    """Mark an applied event done, or leave it pending when it did only part of its work."""
+    if result.get(UNFINISHED):
+        event.published_at = now  # published again after commit: the re-drive waits
+        session.info.setdefault(_UNFINISHED_EVENTS, []).append(event.id)
+        return
+    inbox.finish(session, event, status=EventStatus.DONE, now=now, result=result)
 
 
 # An event of a batch of removals: what to apply, or why it is invalid.
@@ -387,7 +420,7 @@ def _mark(session: Session, outcomes: Sequence[_Outcome], *, now: datetime) -> d
         with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
             if reason is None:
                 assert result is not None
-                inbox.finish(session, event, status=EventStatus.DONE, now=now, result=result)
+                _finish_done(session, event, result, now=now)
                 _log_applied(event, result)
             else:
                 inbox.finish(session, event, status=EventStatus.DEAD, now=now, reason=reason)
@@ -408,7 +441,7 @@ def _apply_one(
         # The event's effects and its DONE mark are released together, or not at all.
         with session.begin_nested():
             result = apply_event(session, event, now=now)
-            inbox.finish(session, event, status=EventStatus.DONE, now=now, result=result)
+            _finish_done(session, event, result, now=now)
     except InvalidEvent as error:
         reason = error.reason
         log.warning("event.invalid", reason=reason)
@@ -440,6 +473,9 @@ def _log_applied(event: InboxEvent, result: dict[str, Any]) -> None:
             received_at=event.received_at.isoformat(),
             ordered_at=result["ordered_at"],
         )
+    if result.get(UNFINISHED):
+        log.info("event.applied_in_part", revoked=len(result.get("revoked", ())))
+        return
     log.info("event.applied", revoked=len(result.get("revoked", ())))
 
 
