@@ -531,6 +531,45 @@ def test_an_idle_token_is_warned_of_once_then_revoked_once(committed: Store, now
     assert len(idle_notices(committed)) == 1
 
 
+def test_an_idle_revocation_tells_the_owner_once_what_was_revoked(
+    committed: Store, now: datetime
+) -> None:
+    t0 = now - timedelta(days=60)
+    token = issue(committed, at=t0)
+
+    sweep(committed, t0 + timedelta(days=30, hours=2))
+    sweep(committed, t0 + timedelta(days=32))
+
+    with db.transaction(committed.engine) as session:
+        (told,) = kinds_of(session, notices.IDLE_REVOKED)
+    assert told.recipients == [{"user_id": "bob", "email": None}]
+    said = body(told)
+    assert (said["reason"], said["idle_days"]) == ("idle", 30)
+    (listed,) = said["tokens"]
+    assert listed["id"] == token.id
+    assert listed["last_active_at"] == t0.isoformat()
+    assert "revoked because they had not been used" in said["next_steps"]
+
+
+def test_each_token_warned_of_is_given_its_own_idle_revocation_date(
+    committed: Store, now: datetime
+) -> None:
+    t0 = now - timedelta(days=60)
+    older = issue(committed, at=t0)
+    with db.transaction(committed.engine) as session:
+        newer = pat(session, "acme", "bob", created=t0 + timedelta(days=2))
+
+    assert sweep(committed, t0 + timedelta(days=25))["idle_warned"] == 2
+
+    (warning,) = idle_notices(committed)
+    dates = {t["id"]: t["idle_revocation_at"] for t in body(warning)["tokens"]}
+    assert dates == {
+        older.id: (t0 + timedelta(days=30)).isoformat(),
+        newer.id: (t0 + timedelta(days=32)).isoformat(),
+    }
+    assert body(warning)["revoked_from"] == (t0 + timedelta(days=30)).isoformat()
+
+
 def test_a_token_used_the_day_before_the_deadline_survives(committed: Store, now: datetime) -> None:
     t0 = now - timedelta(days=60)
     token = issue(committed, at=t0)

@@ -52,6 +52,7 @@ EXPIRING = "token.expiring"
 EXPIRED = "token.expired"
 ORPHANED = "application_tokens.orphaned"
 IDLE_WARNING = "token.idle_warning"
+IDLE_REVOKED = "token.idle_revoked"
 BULK_REVOKED = "tokens.bulk_revoked"
 REUSED = "token.reuse_detected"
 
@@ -84,6 +85,10 @@ NEXT_STEPS = {
         "These tokens have not been used for a long time and will be revoked as idle on the "
         "date given unless they are used before then. Use a token to keep it, or revoke the "
         "ones no longer needed."
+    ),
+    IDLE_REVOKED: (
+        "These tokens were revoked because they had not been used for the number of days "
+        "given, and they no longer work. Create a new token if one is still needed."
     ),
     BULK_REVOKED: (
         "These tokens were revoked together by an emergency revocation of the organization's "

@@ -101,12 +101,15 @@ SUBJECTS: Final = {
     "member.offboarded": "Tokens of a member who left were revoked",
     "token.expiring": "Tokens expire soon",
     "token.expired": "Tokens have expired",
+    "token.idle_warning": "Unused tokens will be revoked as idle",
+    "token.idle_revoked": "Unused tokens were revoked as idle",
 }
 REASONS: Final = {
     "leaked": "the token was reported as leaked, so it was revoked at once.",
     "member_removed": "their owner left the organization.",
     "user_deactivated": "their owner's account was deactivated.",
     "expired": "they reached the expiry set when they were created.",
+    "idle": "they were not used for as many days as the organization allows.",
 }
 DETAILS: Final = (
     ("user_id", "Member"),
@@ -114,6 +117,7 @@ DETAILS: Final = (
     ("source_url", "Found at"),
     ("reporter", "Reported by"),
     ("revoked_at", "Revoked at"),
+    ("revoked_from", "Revoked as idle from"),
     ("expired_at", "Expired at"),
     ("days", "Days left at most"),
     ("event_id", "Event"),

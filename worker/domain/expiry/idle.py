@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import JSON, bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session
@@ -64,7 +64,7 @@ _REVOKE_IDLE = text(
     "), forgotten AS ("
     " DELETE FROM token_idle_warnings WHERE token_id IN (SELECT id FROM swept)"
     ")"
-    " SELECT count(*) FROM swept"
+    " SELECT id FROM swept"
 ).bindparams(
     bindparam("now", type_=UTCDateTime()),
     bindparam("idle_before", type_=UTCDateTime()),
@@ -166,10 +166,15 @@ def idle_batch(session: Session, *, now: datetime, days: int, limit: int) -> Idl
     )
     following = window.resume(handled) if handled < len(window.rows) else window.following
     outcome = IdleBatch(more=following is not None)
-    outcome.revoked = _revoke(session, to_revoke, cuts)
+    revoked = _revoke(session, to_revoke, cuts)
+    outcome.revoked = len(revoked)
+    if revoked:
+        outcome.notice_ids += _tell_revoked(
+            session, [r for r in to_revoke if r.id in revoked], cuts
+        )
     if to_warn:
         outcome.warned = len(to_warn)
-        outcome.notice_ids = _warn(session, to_warn, cuts)
+        outcome.notice_ids += _warn(session, to_warn, cuts)
     move_cursor(
         session,
         IDLE_CURSOR,
@@ -180,25 +185,25 @@ def idle_batch(session: Session, *, now: datetime, days: int, limit: int) -> Idl
     return outcome
 
 
-def _revoke(session: Session, rows: list[AnyRow], cuts: _Cuts) -> int:
-    """Revoke and audit the tokens of ``rows`` still idle; forget their warnings."""
+def _revoke(session: Session, rows: list[AnyRow], cuts: _Cuts) -> set[str]:
+    """Revoke and audit the tokens of ``rows`` still idle; forget their warnings. Returns
+    the ids revoked."""
     if not rows:
-        return 0
+        return set()
     ids = [row.id for row in rows]
     if session.get_bind().dialect.name == "postgresql":
-        return int(
-            session.execute(
-                _REVOKE_IDLE,
-                {
-                    "ids": ids,
-                    "now": cuts.now,
-                    "idle_before": cuts.revoke,
-                    "reason": IDLE,
-                    "source": SOURCE,
-                    "detail": {"idle_days": cuts.days},
-                },
-            ).scalar_one()
+        found = session.scalars(
+            _REVOKE_IDLE,
+            {
+                "ids": ids,
+                "now": cuts.now,
+                "idle_before": cuts.revoke,
+                "reason": IDLE,
+                "source": SOURCE,
+                "detail": {"idle_days": cuts.days},
+            },
         )
+        return {str(token_id) for token_id in found}
     # Checked again in the UPDATE: a use recorded since the window was read keeps the token.
     used_since = (
         select(TokenUsage.token_id)
@@ -221,46 +226,76 @@ def _revoke(session: Session, rows: list[AnyRow], cuts: _Cuts) -> int:
             for row in revoked
         ],
     )
-    return len(revoked)
+    return {str(row.id) for row in revoked}
 
 
-def _warn(session: Session, rows: list[AnyRow], cuts: _Cuts) -> list[str]:
-    """One warning per recipient (up to :data:`TOKENS_PER_NOTICE` tokens each), written in
-    one statement; the ``token_idle_warnings`` rows written with them are what keeps a token
-    from being warned twice of one idle period, so the notices need no dedupe key (and none
-    of the savepoint per notice that checking one costs)."""
+def _idle_until(row: AnyRow, cuts: _Cuts) -> datetime:
+    """When the token is (or was) revoked as idle: its last activity and ``days`` days."""
+    return row.active_at + timedelta(days=cuts.days)  # type: ignore[no-any-return]
+
+
+def _grouped_notices(
+    session: Session, rows: list[AnyRow], *, kind: str, data: dict[str, Any], cuts: _Cuts
+) -> list[tuple[str, list[AnyRow]]]:
+    """One ``kind`` notice per recipient (up to :data:`TOKENS_PER_NOTICE` tokens each), in
+    one statement; each token listed with its last activity and its idle revocation date.
+    ``data`` may name a date per notice: ``revoked_from``, the earliest of its tokens'.
+    Returns each notice's id with the tokens it lists."""
     grouped: dict[GroupKey, list[AnyRow]] = {}
     for row in rows:
         grouped.setdefault(group_of(row), []).append(row)
     recipients = recipients_for(session, grouped)
-    data = {
-        "idle_days": cuts.days,
-        "unused_since": cuts.warn.isoformat(),
-        "revoked_from": (cuts.now + timedelta(days=IDLE_WARNING_DAYS)).isoformat(),
-    }
     chunks = [
         (key, members[start : start + TOKENS_PER_NOTICE])
         for key, members in sorted(grouped.items(), key=lambda item: str(item[0]))
         for start in range(0, len(members), TOKENS_PER_NOTICE)
     ]
-    notice_ids = notices.queue_many(
-        session,
-        [
-            notices.Queued(
-                kind=notices.IDLE_WARNING,
-                org_id=key[0],
-                recipients=recipients[key],
-                data={**data, "tokens": [notices.describe(row) for row in chunk]},
-            )
-            for key, chunk in chunks
-        ],
-        now=cuts.now,
-    )
-    notice_of = {
-        row.id: notice_id
-        for notice_id, (_, chunk) in zip(notice_ids, chunks, strict=True)
-        for row in chunk
-    }
+    wanted = [
+        notices.Queued(
+            kind=kind,
+            org_id=key[0],
+            recipients=recipients[key],
+            data={
+                **data,
+                **(
+                    {"revoked_from": min(_idle_until(r, cuts) for r in chunk).isoformat()}
+                    if "revoked_from" in data
+                    else {}
+                ),
+                "tokens": [
+                    {
+                        **notices.describe(row),
+                        "last_active_at": row.active_at.isoformat(),
+                        "idle_revocation_at": _idle_until(row, cuts).isoformat(),
+                    }
+                    for row in chunk
+                ],
+            },
+        )
+        for key, chunk in chunks
+    ]
+    notice_ids = notices.queue_many(session, wanted, now=cuts.now)
+    # Published by the run once this transaction commits, not by the caller's session.
+    notices.take_new_notices(session)
+    return [(notice_id, chunk) for notice_id, (_, chunk) in zip(notice_ids, chunks, strict=True)]
+
+
+def _tell_revoked(session: Session, rows: list[AnyRow], cuts: _Cuts) -> list[str]:
+    """The ``token.idle_revoked`` notices of the tokens this window revoked as idle."""
+    data = {"reason": IDLE, "idle_days": cuts.days, "revoked_at": cuts.now.isoformat()}
+    told = _grouped_notices(session, rows, kind=notices.IDLE_REVOKED, data=data, cuts=cuts)
+    return [notice_id for notice_id, _ in told]
+
+
+def _warn(session: Session, rows: list[AnyRow], cuts: _Cuts) -> list[str]:
+    """One warning per recipient (up to :data:`TOKENS_PER_NOTICE` tokens each), written in
+    one statement, each token with its own idle revocation date; the ``token_idle_warnings``
+    rows written with them are what keeps a token from being warned twice of one idle
+    period, so the notices need no dedupe key (and none of the savepoint per notice that
+    checking one costs)."""
+    data = {"idle_days": cuts.days, "unused_since": cuts.warn.isoformat(), "revoked_from": None}
+    told = _grouped_notices(session, rows, kind=notices.IDLE_WARNING, data=data, cuts=cuts)
+    notice_of = {row.id: notice_id for notice_id, chunk in told for row in chunk}
     ids = [row.id for row in rows]
     session.execute(delete(TokenIdleWarning).where(TokenIdleWarning.token_id.in_(ids)))
     session.execute(
@@ -275,9 +310,7 @@ def _warn(session: Session, rows: list[AnyRow], cuts: _Cuts) -> list[str]:
             for row in rows
         ],
     )
-    # Published by the run once this transaction commits, not by the caller's session.
-    notices.take_new_notices(session)
-    return notice_ids
+    return [notice_id for notice_id, _ in told]
 
 
 def idle_all(run: BudgetedRun[SweepResult], *, now: datetime, batch: int, days: int) -> bool:
