@@ -32,12 +32,15 @@ from typing import Final
 
 from sqlalchemy import Engine, insert, make_url, select, text
 
-from bench.sweep import MAX_TRANSACTION_MS, _normalise, databases, load, peak_rss_mb
+from bench.sweep import _normalise, databases, load, peak_rss_mb
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.expiry.budget import run_exclusive
 from tokenwarden.worker.domain.expiry.idle import idle_all
 from tokenwarden.worker.domain.expiry.results import SweepResult
 from tokenwarden.worker.domain.models import Token, TokenUsage
+
+# Every transaction of the idle pass, notices included, at most this long.
+MAX_TRANSACTION_MS: Final = 200.0
 
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 USED_PERCENT: Final = 40
@@ -94,18 +97,25 @@ def _uses_python(engine: Engine, *, now: datetime) -> int:
     return len(rows)
 
 
+# (ms, revoked, warned) of each transaction of the last pass: the slowest are printed.
+shapes: list[tuple[float, int, int]] = []
+
+
 def idle_pass(url: str, *, now: datetime, batch: int, days: int) -> tuple[SweepResult, list[float]]:
     """One whole idle pass; its result and each transaction's duration in ms (the time
     between two progress reports: the transaction, its commit and the bookkeeping after)."""
     engine = db.make_engine(url)
     durations: list[float] = []
     last = time.perf_counter()
+    done = (0, 0)
 
-    def note(_: SweepResult) -> None:
-        nonlocal last
+    def note(result: SweepResult) -> None:
+        nonlocal last, done
         current = time.perf_counter()
         durations.append((current - last) * 1000)
-        last = current
+        now_done = (result.idle_revoked, result.idle_warned)
+        shapes.append((durations[-1], now_done[0] - done[0], now_done[1] - done[1]))
+        last, done = current, now_done
 
     try:
         result = run_exclusive(
@@ -173,6 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" p99 {_p99(durations):.1f} ms, {over} over {MAX_TRANSACTION_MS:.0f} ms,"
         f" longest {result.longest_transaction_ms:.1f} ms"
         f"; peak RSS {peak_rss_mb():.0f} MB"
+    )
+    slowest = sorted(shapes, reverse=True)[:5]
+    print(
+        "slowest transactions (ms: revoked, warned): "
+        + "; ".join(f"{ms:.0f}: {revoked}, {warned}" for ms, revoked, warned in slowest)
     )
     ok = result.finished and result.longest_transaction_ms <= MAX_TRANSACTION_MS
     print(

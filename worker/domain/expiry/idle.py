@@ -44,8 +44,8 @@ from tokenwarden.worker.domain.models import Token, TokenIdleWarning, TokenUsage
 
 IDLE: Final = "idle"
 # Tokens revoked in one transaction at most: a window is cut there. Each costs an UPDATE of
-# its row and of every index on it, and an audit row.
-REVOKED_PER_TRANSACTION: Final = 250
+# its row and of every index on it, an audit row, and its share of a notice to its owner.
+REVOKED_PER_TRANSACTION: Final = 150
 
 # On Postgres one statement revokes, audits and forgets the warnings of a window's idle
 # tokens, so that their rows never travel back to Python (as the expire phase does). The
