@@ -444,11 +444,16 @@ def test_a_run_cut_by_its_budget_resumes_on_the_next(committed: Store, now: date
     member(engine, "acme", "bob", now=now)
     tokens = add_tokens(engine, 25, expires_at=now - timedelta(days=1))
 
-    # A budget of zero: one transaction per phase, then the run stops.
-    runs = [run_sweep(engine, now=now, batch=10, budget_s=0) for _ in range(3)]
+    # A budget of zero: one transaction per phase, then the run stops. (How many tokens each
+    # takes on Postgres depends on how the table's pages hold them: at most a batch.)
+    runs: list[SweepResult] = []
+    while not (runs and runs[-1].finished) and len(runs) < 10:
+        runs.append(run_sweep(engine, now=now, batch=10, budget_s=0))
 
-    assert [r.swept for r in runs] == [10, 10, 5]
-    assert [r.finished for r in runs] == [False, False, True]
+    assert len(runs) >= 3
+    assert all(r.swept <= 10 for r in runs)
+    assert sum(r.swept for r in runs) == 25
+    assert [r.finished for r in runs] == [False] * (len(runs) - 1) + [True]
     assert sorted(expire_audits(engine)) == sorted(tokens)
     # Each run wrote the notices of what it swept; together they list every token once.
     assert sorted(listed(notice_bodies(engine, notices.EXPIRED))) == sorted(tokens)
