@@ -42,6 +42,13 @@ BASELINE: Final = ("-c", "import sqlalchemy, click, structlog, pydantic_settings
 # For context, not the ratio: what loading the token store's ORM models costs by itself,
 # which every command that reads the store needs.
 MODELS: Final = ("-c", "import click, structlog, tokenwarden.worker.domain.models")
+# The floor of any command that reads the store as ours do, for context: the ORM models and
+# the settings (which bring pydantic), with nothing run. A command cannot start faster than
+# this without reading the store without them.
+FLOOR: Final = (
+    "-c",
+    "import click, structlog, tokenwarden.config.settings, tokenwarden.worker.domain.models",
+)
 COMMANDS: Final = ("token verify", "token list", "emit")
 
 
@@ -120,10 +127,13 @@ def argv_of(command: str, token: str) -> list[str]:
 
 def one_run(env: dict[str, str], token: str, repeats: int) -> dict[str, list[float]]:
     """Wall times per round: the baseline and each command, alternating."""
-    times: dict[str, list[float]] = {name: [] for name in ("baseline", "models", *COMMANDS)}
+    times: dict[str, list[float]] = {
+        name: [] for name in ("baseline", "models", "floor", *COMMANDS)
+    }
     for _ in range(repeats):
         times["baseline"].append(timed(common.python(*BASELINE), env))
         times["models"].append(timed(common.python(*MODELS), env))
+        times["floor"].append(timed(common.python(*FLOOR), env))
         for command in COMMANDS:
             times[command].append(timed(argv_of(command, token), env))
     return times
@@ -170,6 +180,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, list[float]]]) -> int:
     rows: list[list[Any]] = [[bare, seconds["baseline"], 1.0]]
     models = "python -c 'import click, structlog, tokenwarden.worker.domain.models' (context)"
     rows.append([models, seconds["models"], seconds["models"] / seconds["baseline"]])
+    floor = "python -c 'import click, structlog, …settings, …models' (the floor)"
+    rows.append([floor, seconds["floor"], seconds["floor"] / seconds["baseline"]])
     rows += [[f"tokenwarden {command}", seconds[command], ratios[command]] for command in COMMANDS]
     print(common.table(["command", "seconds", "ratio"], rows))
     slowest = max(COMMANDS, key=lambda command: ratios[command])
@@ -184,6 +196,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, list[float]]]) -> int:
         unit=UNIT,
         slowest=slowest,
         models_s=common.rounded(seconds["models"], 3),
+        floor_s=common.rounded(seconds["floor"], 3),
+        floor_ratio=common.rounded(seconds["floor"] / seconds["baseline"], 3),
         ratios={command: common.rounded(value, 3) for command, value in ratios.items()},
         repeats=args.repeats,
         runs=args.runs,

@@ -55,8 +55,8 @@ def main() -> None:
     Click repeats a bad argument in its error (``Invalid value for '--kind': 'sm_pat_…'``), and
     the token may be what was mistyped into that place.
     """
+    from tokenwarden.config.redaction import mask_tokens
     from tokenwarden.config.settings import keep_files_private
-    from tokenwarden.worker.domain.tokens import mask_tokens
 
     keep_files_private()
     try:

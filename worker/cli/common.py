@@ -22,7 +22,6 @@ from tokenwarden.config.redaction import first_line
 from tokenwarden.config.settings import ENV_PREFIX, ConfigError, Settings, get_settings
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.errors import Refused
-from tokenwarden.worker.runtime.publishing import published_after_commit
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,7 +31,7 @@ EXIT_USAGE = 2  # a request refused: nothing changed
 
 def fail(message: str) -> NoReturn:
     """Print a one-line reason and exit 2; nothing was changed. Never echoes a token."""
-    from tokenwarden.worker.domain.tokens import mask_tokens
+    from tokenwarden.config.redaction import mask_tokens
 
     click.echo(f"error: {mask_tokens(message)}", err=True)
     sys.exit(EXIT_USAGE)
@@ -104,6 +103,10 @@ def store_failed(current: Settings, doing: str, error: BaseException) -> NoRetur
 @contextmanager
 def transaction(current: Settings | None = None) -> Iterator[Session]:
     """A session in one transaction; a domain refusal becomes a one-line error, exit 2."""
+    # Imported here: what publishes (structlog's processors, the outbox) costs a command that
+    # only reads the store start-up time for nothing.
+    from tokenwarden.worker.runtime.publishing import published_after_commit
+
     engine = store(current)
     try:
         # The notices it queued are published once it has committed.

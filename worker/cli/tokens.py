@@ -30,15 +30,11 @@ from tokenwarden.worker.cli.common import (
 )
 from tokenwarden.worker.domain import clock, db
 from tokenwarden.worker.domain.errors import Refused
-from tokenwarden.worker.domain.issuing import create_token, list_tokens, parse_kind
 from tokenwarden.worker.domain.models import Token, TokenKind
-from tokenwarden.worker.domain.revocation import revoke_token
-from tokenwarden.worker.domain.rotation import rotate_in
-from tokenwarden.worker.domain.token_pages import state_of
 from tokenwarden.worker.domain.tokens import TOKEN_PATTERN, ExtractError, from_header, from_url
-from tokenwarden.worker.domain.usage import last_used
-from tokenwarden.worker.domain.verification import verify_token
-from tokenwarden.worker.runtime.publishing import published_after_commit
+
+# Each command imports the domain modules it uses itself: a short command such as `token
+# verify` or `token list` then loads only its own (start-up is most of its time).
 
 
 @click.group()
@@ -72,6 +68,8 @@ def create(
     as_json: bool,
 ) -> None:
     """Issue a token and print it once: it cannot be shown again."""
+    from tokenwarden.worker.domain.issuing import create_token, parse_kind
+
     parsed = parse_kind(kind)
     if parsed is TokenKind.PERSONAL and app_id:
         fail("--app is for application tokens; a personal token belongs to --user")
@@ -111,6 +109,10 @@ def create(
 @json_option
 def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
     """Tokens with their state and reason; never a secret."""
+    from tokenwarden.worker.domain.issuing import list_tokens
+    from tokenwarden.worker.domain.token_pages import state_of
+    from tokenwarden.worker.domain.usage import last_used
+
     with transaction() as session:
         tokens = list_tokens(session, org_id=org_id, user_id=user_id)
         used = last_used(session, [t.id for t in tokens])
@@ -157,6 +159,8 @@ _TOKEN_COLUMNS: Final[dict[str, str | Callable[[dict[str, Any]], Any]]] = {
 @json_option
 def verify(text: str | None, url: str | None, header: str | None, as_json: bool) -> None:
     """Exit 0 and print the principal when the token is usable; exit 1 and why not."""
+    from tokenwarden.worker.domain.verification import verify_token
+
     given = [value for value in (text, url, header) if value is not None]
     if len(given) != 1:
         fail("give exactly one of --token, --url or --header")
@@ -204,6 +208,8 @@ def _refused(result: dict[str, object], as_json: bool) -> None:
 @json_option
 def revoke(token_id: str, confirm: str | None, actor: str | None, as_json: bool) -> None:
     """Delete (revoke) a token: it stops working at once. Needs --confirm DELETE."""
+    from tokenwarden.worker.domain.revocation import revoke_token
+
     if confirm != "DELETE":
         fail("revoking a token needs --confirm DELETE (exactly that word)")
     actor = actor or getpass.getuser()
@@ -284,6 +290,9 @@ def rotate(
     token_id: str, overlap: str, expires_at: str | None, actor: str | None, as_json: bool
 ) -> None:
     """Issue a successor of a token and print it once; the old one stops after --overlap."""
+    from tokenwarden.worker.domain.rotation import rotate_in
+    from tokenwarden.worker.runtime.publishing import published_after_commit
+
     span = parse_duration(overlap, option="--overlap")
     expiry = parse_instant(expires_at, option="--expires-at") if expires_at else None
 

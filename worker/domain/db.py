@@ -58,6 +58,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, **kwargs)
         _tune_sqlite(engine)
         return engine
+    if parsed.get_backend_name() == "postgresql":
+        from tokenwarden.worker.domain.models import describe_postgres_indexes
+
+        describe_postgres_indexes()
     # A database host that drops packets must fail a request quickly, not hang it.
     kwargs.setdefault("connect_args", {"connect_timeout": 5})
     kwargs.setdefault("pool_pre_ping", True)
