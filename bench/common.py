@@ -397,6 +397,26 @@ class Child:
         self.stop()
 
 
+def api_child(args: argparse.Namespace, port: int, env: dict[str, str], logs: Path) -> Child:
+    """``tokenwarden api`` on ``port``, as a user starts it."""
+    argv = tokenwarden("api", "--port", str(port), "--log-level", args.log_level)
+    return Child("API", argv, env, logs / "api.log")
+
+
+def worker_child(args: argparse.Namespace, env: dict[str, str], logs: Path) -> Child:
+    """``tokenwarden worker`` with the pool, concurrency and log level of :func:`stack_options`."""
+    argv = tokenwarden(
+        "worker",
+        "--pool",
+        args.pool,
+        "--concurrency",
+        str(args.concurrency),
+        "--log-level",
+        args.log_level,
+    )
+    return Child("worker", argv, env, logs / "worker.log")
+
+
 class BenchError(RuntimeError):
     """The benchmark could not measure what it set out to (a child died, a wait timed out)."""
 

@@ -168,12 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         with common.bench(NAME, args) as run:
             ours_port, empty_port = free_port(), free_port()
             logs = run.home / "logs"
-            ours = common.Child(
-                "API",
-                common.tokenwarden("api", "--port", str(ours_port), "--log-level", args.log_level),
-                run.child_env(),
-                logs / "api.log",
-            )
+            ours = common.api_child(args, ours_port, run.child_env(), logs)
             empty = common.Child(
                 "empty API",
                 common.python(

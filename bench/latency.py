@@ -288,31 +288,6 @@ def options(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _children(run: common.Bench, args: argparse.Namespace, port: int) -> list[common.Child]:
-    logs = run.home / "logs"
-    api = common.Child(
-        "API",
-        common.tokenwarden("api", "--port", str(port), "--log-level", args.log_level),
-        run.child_env(),
-        logs / "api.log",
-    )
-    worker = common.Child(
-        "worker",
-        common.tokenwarden(
-            "worker",
-            "--pool",
-            args.pool,
-            "--concurrency",
-            str(args.concurrency),
-            "--log-level",
-            args.log_level,
-        ),
-        run.child_env(),
-        logs / "worker.log",
-    )
-    return [api, worker]
-
-
 def one_run(
     run: common.Bench,
     args: argparse.Namespace,
@@ -361,7 +336,9 @@ def measure(stack: Stack, args: argparse.Namespace) -> list[Run]:
     with common.bench(NAME, on_stack) as run:
         engine = run.engine()
         port = free_port()
-        api, worker = _children(run, args, port)
+        logs = run.home / "logs"
+        api = common.api_child(args, port, run.child_env(), logs)
+        worker = common.worker_child(args, run.child_env(), logs)
         with api, worker:
             common.wait_for_http(f"http://127.0.0.1:{port}/healthz", api)
             children = [api, worker]

@@ -274,26 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 TOKENWARDEN_SMTP_URL=f"smtp://127.0.0.1:{sink.port}",
                 TOKENWARDEN_MAIL_FROM="tokenwarden@bench.example",
             )
-            api = common.Child(
-                "API",
-                common.tokenwarden("api", "--port", str(port), "--log-level", args.log_level),
-                env,
-                logs / "api.log",
-            )
-            worker = common.Child(
-                "worker",
-                common.tokenwarden(
-                    "worker",
-                    "--pool",
-                    args.pool,
-                    "--concurrency",
-                    str(args.concurrency),
-                    "--log-level",
-                    args.log_level,
-                ),
-                env,
-                logs / "worker.log",
-            )
+            api = common.api_child(args, port, env, logs)
+            worker = common.worker_child(args, env, logs)
             with api, worker:
                 common.wait_for_http(f"http://127.0.0.1:{port}/healthz", api)
                 children = [api, worker]
