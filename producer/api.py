@@ -81,11 +81,7 @@ def create_app(
     app.include_router(events.router)
     app.include_router(leaks.router)
     app.include_router(ssf.router)
-    app.include_router(
-        tokens.router(
-            settings.admin_keys, settings.accepted_producer_keys() + settings.introspection_keys
-        )
-    )
+    app.include_router(tokens.router)
     app.include_router(health.router(metrics_key=settings.metrics_key))
     app.include_router(introspection.router(settings, check))
     app.include_router(forward_auth.router(settings, check, registry=shared.metrics.registry))

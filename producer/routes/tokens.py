@@ -9,7 +9,6 @@ with its reason, ``404`` for an unknown token, ``409`` for a token already rotat
 import ``producer.api``, the other routers or ``tasks``.
 """
 
-# No ``from __future__ import annotations``: the routes name a dependency built in router().
 import hmac
 import json
 from collections.abc import Callable, Iterator
@@ -230,35 +229,36 @@ def _too_large() -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=413)
 
 
-def _admin(settings_keys: tuple[tuple[str, str], ...], others: tuple[str, ...]) -> Any:
-    """The dependency naming the admin key presented; refuses anything else."""
-    admin = tuple((name, key.encode()) for name, key in settings_keys)
-    foreign = tuple(key.encode() for key in others)
+def _caller(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)],
+    shared: Shared,
+) -> str:
+    """The name of the admin key presented; anything else is refused."""
+    settings = shared.settings
+    given = (credentials.credentials if credentials else "").encode()
+    found = None
+    for name, key in settings.admin_keys:
+        if hmac.compare_digest(given, key.encode()):
+            found = name
+    if credentials is not None and found is not None:
+        return found
+    other = False
+    for key in settings.accepted_producer_keys() + settings.introspection_keys:
+        other |= hmac.compare_digest(given, key.encode())
+    if credentials is not None and other:
+        raise Refused(403, "this key is not an admin key: use one of TOKENWARDEN_ADMIN_KEYS")
+    raise Refused(
+        401,
+        "send an admin key as 'Authorization: Bearer KEY'"
+        if settings.admin_keys
+        else "no admin key is configured: set TOKENWARDEN_ADMIN_KEYS",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
-    def caller(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)],
-    ) -> str:
-        given = (credentials.credentials if credentials else "").encode()
-        found = None
-        for name, key in admin:
-            if hmac.compare_digest(given, key):
-                found = name
-        if credentials is not None and found is not None:
-            return found
-        other = False
-        for key in foreign:
-            other |= hmac.compare_digest(given, key)
-        if credentials is not None and other:
-            raise Refused(403, "this key is not an admin key: use one of TOKENWARDEN_ADMIN_KEYS")
-        raise Refused(
-            401,
-            "send an admin key as 'Authorization: Bearer KEY'"
-            if admin
-            else "no admin key is configured: set TOKENWARDEN_ADMIN_KEYS",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
 
-    return caller
+Caller = Annotated[str, Depends(_caller)]
+# The token store's door for administrators.
+router = APIRouter(prefix=PREFIX, tags=["tokens"], responses=_RESPONSES)
 
 
 async def _in_store(shared: AppState, work: Callable[[Session], T]) -> T:
@@ -284,160 +284,153 @@ async def _guarded(run: Callable[[], T]) -> T:
         raise unavailable(type(error).__name__, str(error)) from None
 
 
-def router(admin_keys: tuple[tuple[str, str], ...], other_keys: tuple[str, ...]) -> APIRouter:
-    """The token store's door for administrators."""
-    Caller = Annotated[str, Depends(_admin(admin_keys, other_keys))]
-    routes = APIRouter(prefix=PREFIX, tags=["tokens"], responses=_RESPONSES)
+@router.post("", status_code=201, response_model=IssuedView, summary="Issue a token")
+async def issue(body: IssueRequest, shared: Shared, key: Caller) -> IssuedView:
+    """Issue a PAT or an AAT under the CLI's rules; the token is in this answer only."""
+    if body.kind == "personal" and body.app_id:
+        raise Refused(422, "app_id is for application tokens", reason="bad_owner")
+    if body.kind == "application" and body.user_id:
+        raise Refused(422, "user_id is for personal tokens", reason="bad_owner")
 
-    @routes.post("", status_code=201, response_model=IssuedView, summary="Issue a token")
-    async def issue(body: IssueRequest, shared: Shared, key: Caller) -> IssuedView:
-        """Issue a PAT or an AAT under the CLI's rules; the token is in this answer only."""
-        if body.kind == "personal" and body.app_id:
-            raise Refused(422, "app_id is for application tokens", reason="bad_owner")
-        if body.kind == "application" and body.user_id:
-            raise Refused(422, "user_id is for personal tokens", reason="bad_owner")
-
-        def work(session: Session) -> IssuedView:
-            issued = create_token(
-                session,
-                kind=parse_kind(body.kind),
-                org_id=body.org_id,
-                name=body.name,
-                expires_at=body.expires_at,
-                now=clock.now(),
-                user_id=body.user_id,
-                app_id=body.app_id,
-                created_by=body.created_by,
-                source=f"api:{key}",
-                actor=body.actor,
-            )
-            return IssuedView.of(issued, body.name)
-
-        issued = await _in_store(shared, work)
-        log.info("tokens.issued", token_id=issued.id, key=key, actor=body.actor)
-        return issued
-
-    @routes.get("", response_model=TokenPage, summary="List tokens, a page at a time")
-    async def list_page(
-        *,
-        shared: Shared,
-        _: Caller,
-        org_id: QueryText = None,
-        user_id: QueryText = None,
-        kind: Literal["personal", "application"] | None = None,
-        state: Literal["active", "revoked", "expired"] | None = None,
-        cursor: Annotated[str | None, Query(max_length=ID_MAX, pattern=r"^[^\x00]+$")] = None,
-        limit: Annotated[int, Query(ge=1, le=token_pages.MAX_PAGE)] = 50,
-    ) -> TokenPage:
-        """Tokens by id, never a secret; follow ``next_cursor`` for the next page."""
-        filters = {"org_id": org_id, "user_id": user_id, "kind": kind, "state": state}
-        found = await _in_store(
-            shared,
-            lambda session: token_pages.page(
-                session, now=clock.now(), limit=limit, after=cursor, filters=filters
-            ),
+    def work(session: Session) -> IssuedView:
+        issued = create_token(
+            session,
+            kind=parse_kind(body.kind),
+            org_id=body.org_id,
+            name=body.name,
+            expires_at=body.expires_at,
+            now=clock.now(),
+            user_id=body.user_id,
+            app_id=body.app_id,
+            created_by=body.created_by,
+            source=f"api:{key}",
+            actor=body.actor,
         )
-        return TokenPage.model_validate({"items": found.items, "next_cursor": found.next_cursor})
+        return IssuedView.of(issued, body.name)
 
-    @routes.get(
-        "/{token_id}", response_model=TokenView, summary="Read one token", responses=_UNKNOWN
+    issued = await _in_store(shared, work)
+    log.info("tokens.issued", token_id=issued.id, key=key, actor=body.actor)
+    return issued
+
+
+@router.get("", response_model=TokenPage, summary="List tokens, a page at a time")
+async def list_page(
+    *,
+    shared: Shared,
+    _: Caller,
+    org_id: QueryText = None,
+    user_id: QueryText = None,
+    kind: Literal["personal", "application"] | None = None,
+    state: Literal["active", "revoked", "expired"] | None = None,
+    cursor: Annotated[str | None, Query(max_length=ID_MAX, pattern=r"^[^\x00]+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=token_pages.MAX_PAGE)] = 50,
+) -> TokenPage:
+    """Tokens by id, never a secret; follow ``next_cursor`` for the next page."""
+    filters = {"org_id": org_id, "user_id": user_id, "kind": kind, "state": state}
+    found = await _in_store(
+        shared,
+        lambda session: token_pages.page(
+            session, now=clock.now(), limit=limit, after=cursor, filters=filters
+        ),
     )
-    async def read(token_id: TokenId, shared: Shared, _: Caller) -> TokenView:
-        """One token, never its secret; ``404`` when there is none."""
-        found = await _in_store(
-            shared, lambda session: token_pages.one(session, token_id, now=clock.now())
-        )
-        if found is None:
-            raise Refused(404, f"no token {token_id!r}", reason=UNKNOWN_TOKEN)
-        return TokenView.model_validate(found)
+    return TokenPage.model_validate({"items": found.items, "next_cursor": found.next_cursor})
 
-    @routes.delete(
-        "/{token_id}",
-        response_model=Deleted,
-        summary="Delete (revoke) a token",
-        responses=_UNKNOWN,
-        openapi_extra={"requestBody": _DELETE_BODY},
+
+@router.get("/{token_id}", response_model=TokenView, summary="Read one token", responses=_UNKNOWN)
+async def read(token_id: TokenId, shared: Shared, _: Caller) -> TokenView:
+    """One token, never its secret; ``404`` when there is none."""
+    found = await _in_store(
+        shared, lambda session: token_pages.one(session, token_id, now=clock.now())
     )
-    async def delete(
-        *,
-        token_id: TokenId,
-        request: Request,
-        shared: Shared,
-        key: Caller,
-        confirm: Annotated[str | None, Query(description="Must be DELETE.")] = None,
-        actor: QueryText = None,
-    ) -> Deleted:
-        """Revoke a token for good; needs ``confirm=DELETE`` (query or JSON). A second delete
-        answers ``changed: false``."""
-        confirm, actor = await _confirmation(request, confirm, actor)
-        if confirm != CONFIRMATION:
-            raise Refused(
-                400,
-                "send confirm=DELETE (query or JSON) to delete a token",
-                reason="confirm_required",
-            )
-        now = clock.now()
+    if found is None:
+        raise Refused(404, f"no token {token_id!r}", reason=UNKNOWN_TOKEN)
+    return TokenView.model_validate(found)
 
-        def work(session: Session) -> Deleted:
-            outcome = request_revocation(
-                session,
-                token_id=token_id,
-                at=now,
-                now=now,
-                source=f"api:{key}",
-                event_id=None,
-                actor=actor,
-            )
-            if outcome.token_id is None:
-                raise DomainRefused(UNKNOWN_TOKEN, f"no token {token_id!r}")
-            found = token_pages.one(session, token_id, now=now)
-            return Deleted(
-                id=token_id, changed=outcome.revoked, state=found["state"] if found else "revoked"
-            )
 
-        return await _in_store(shared, work)
+@router.delete(
+    "/{token_id}",
+    response_model=Deleted,
+    summary="Delete (revoke) a token",
+    responses=_UNKNOWN,
+    openapi_extra={"requestBody": _DELETE_BODY},
+)
+async def delete(
+    *,
+    token_id: TokenId,
+    request: Request,
+    shared: Shared,
+    key: Caller,
+    confirm: Annotated[str | None, Query(description="Must be DELETE.")] = None,
+    actor: QueryText = None,
+) -> Deleted:
+    """Revoke a token for good; needs ``confirm=DELETE`` (query or JSON). A second delete
+    answers ``changed: false``."""
+    confirm, actor = await _confirmation(request, confirm, actor)
+    if confirm != CONFIRMATION:
+        raise Refused(
+            400,
+            "send confirm=DELETE (query or JSON) to delete a token",
+            reason="confirm_required",
+        )
+    now = clock.now()
 
-    @routes.post(
-        "/{token_id}/rotate",
-        status_code=201,
-        response_model=IssuedView,
-        summary="Rotate a token",
-        responses={**_UNKNOWN, **_CONFLICT},
+    def work(session: Session) -> Deleted:
+        outcome = request_revocation(
+            session,
+            token_id=token_id,
+            at=now,
+            now=now,
+            source=f"api:{key}",
+            event_id=None,
+            actor=actor,
+        )
+        if outcome.token_id is None:
+            raise DomainRefused(UNKNOWN_TOKEN, f"no token {token_id!r}")
+        found = token_pages.one(session, token_id, now=now)
+        return Deleted(
+            id=token_id, changed=outcome.revoked, state=found["state"] if found else "revoked"
+        )
+
+    return await _in_store(shared, work)
+
+
+@router.post(
+    "/{token_id}/rotate",
+    status_code=201,
+    response_model=IssuedView,
+    summary="Rotate a token",
+    responses={**_UNKNOWN, **_CONFLICT},
+)
+async def rotate(token_id: TokenId, body: RotateRequest, shared: Shared, key: Caller) -> IssuedView:
+    """Issue a successor (same kind, owner, organization, name); the old token works for
+    ``overlap_s`` more seconds. A token already rotated is ``409``; one rotated before and
+    past its overlap is reuse: its family is revoked."""
+
+    @contextmanager
+    def transaction() -> Iterator[Session]:
+        with db.transaction(shared.engine()) as session:
+            yield session
+
+    rotation = await _guarded(
+        lambda: rotate_in(
+            transaction,
+            token_id,
+            now=clock.now(),
+            overlap=timedelta(seconds=body.overlap_s),
+            expires_at=body.expires_at,
+            source=f"api:{key}",
+            actor=body.actor,
+        )
     )
-    async def rotate(
-        token_id: TokenId, body: RotateRequest, shared: Shared, key: Caller
-    ) -> IssuedView:
-        """Issue a successor (same kind, owner, organization, name); the old token works for
-        ``overlap_s`` more seconds. A token already rotated is ``409``; one rotated before and
-        past its overlap is reuse: its family is revoked."""
-
-        @contextmanager
-        def transaction() -> Iterator[Session]:
-            with db.transaction(shared.engine()) as session:
-                yield session
-
-        rotation = await _guarded(
-            lambda: rotate_in(
-                transaction,
-                token_id,
-                now=clock.now(),
-                overlap=timedelta(seconds=body.overlap_s),
-                expires_at=body.expires_at,
-                source=f"api:{key}",
-                actor=body.actor,
-            )
-        )
-        issued = rotation.successor
-        log.info("tokens.rotated", token_id=token_id, successor=issued.id, key=key)
-        return IssuedView.of(
-            issued,
-            rotation.name,
-            family_id=rotation.family_id,
-            replaces=rotation.predecessor_id,
-            overlap_ends_at=rotation.overlap_ends_at,
-        )
-
-    return routes
+    issued = rotation.successor
+    log.info("tokens.rotated", token_id=token_id, successor=issued.id, key=key)
+    return IssuedView.of(
+        issued,
+        rotation.name,
+        family_id=rotation.family_id,
+        replaces=rotation.predecessor_id,
+        overlap_ends_at=rotation.overlap_ends_at,
+    )
 
 
 async def _confirmation(

@@ -64,19 +64,11 @@ def create_token(
     whose creator is not an active member.
 
     ``actor`` is who asked (audited); by default the creator or the owner."""
-    limits = get_settings().max_lifetime_days
-    refusal = (
-        _refused_name_or_expiry(name, expires_at=expires_at, now=now)
-        or refused_lifetime(kind, expires_at=expires_at, now=now, limits=limits)
-        or _refused_owner(
-            session,
-            kind=kind,
-            org_id=org_id,
-            user_id=user_id,
-            app_id=app_id,
-            created_by=created_by,
-        )
+    owner = {"user_id": user_id, "app_id": app_id, "created_by": created_by}
+    refusal = _refused_name_or_expiry(name, expires_at=expires_at, now=now) or refused_lifetime(
+        kind, expires_at=expires_at, now=now, limits=get_settings().max_lifetime_days
     )
+    refusal = refusal or _refused_owner(session, kind=kind, org_id=org_id, **owner)
     if refusal is not None:
         raise refusal
     text = generate(kind)

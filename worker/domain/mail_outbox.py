@@ -30,6 +30,18 @@ log = structlog.get_logger(__name__)
 ADDRESS_LENGTH = 320  # notice_emails.address
 
 
+def first_attempt(now: datetime) -> dict[str, Any]:
+    """The delivery columns of a new outbox row (a notice or an email): pending, due now."""
+    return {
+        "status": NoticeStatus.PENDING.value,
+        "attempts": 0,
+        "last_error": None,
+        "created_at": now,
+        "next_attempt_at": now,
+        "sent_at": None,
+    }
+
+
 def email_rows(
     notice_id: str, recipients: Sequence[dict[str, Any]], *, now: datetime
 ) -> list[dict[str, Any]]:
@@ -45,12 +57,7 @@ def email_rows(
                 "notice_id": notice_id,
                 "address": address,
                 "user_id": recipient.get("user_id"),
-                "status": NoticeStatus.PENDING.value,
-                "attempts": 0,
-                "last_error": None,
-                "created_at": now,
-                "next_attempt_at": now,
-                "sent_at": None,
+                **first_attempt(now),
             },
         )
     return list(rows.values())

@@ -242,12 +242,7 @@ def queue_many(session: Session, wanted: Sequence[Queued], *, now: datetime) -> 
                     data=notice.data,
                     now=now,
                 ),
-                "status": NoticeStatus.PENDING.value,
-                "attempts": 0,
-                "last_error": None,
-                "created_at": now,
-                "next_attempt_at": now,
-                "sent_at": None,
+                **mail_outbox.first_attempt(now),
                 "event_id": notice.event_id,
                 "dedupe_key": notice.dedupe_key,
             }

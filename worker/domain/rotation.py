@@ -90,14 +90,13 @@ def rotate_token(
         _refuse_rotated_again(session, old, now=now, source=source)
     if old.revoked_at is not None or old.expires_at <= now:
         raise Refused(NOT_ROTATABLE, f"token {token_id!r} is {old.state}: nothing to rotate")
-    new_expiry = expires_at or now + (old.expires_at - old.created_at)
     family_id = old.family_id or old.id
     successor = create_token(
         session,
         kind=TokenKind(old.kind),
         org_id=old.org_id,
         name=old.name,
-        expires_at=new_expiry,
+        expires_at=expires_at or now + (old.expires_at - old.created_at),
         now=now,
         user_id=old.user_id,
         app_id=old.app_id,
@@ -106,27 +105,7 @@ def rotate_token(
         actor=actor,
     )
     ends = now + overlap
-    claimed = session.scalar(
-        update(Token)
-        .where(Token.id == old.id, Token.replaced_by.is_(None), Token.revoked_at.is_(None))
-        .values(
-            replaced_by=successor.id,
-            overlap_ends_at=ends,
-            family_id=family_id,
-            **({"revoked_at": now, "revoke_reason": ROTATED} if not overlap else {}),
-        )
-        .returning(Token.id)
-        .execution_options(synchronize_session=False)
-    )
-    if claimed is None:
-        # Another rotation won the race: the caller rolls back this successor.
-        raise Refused(ALREADY_ROTATED, f"token {token_id!r} was rotated by another request")
-    session.execute(
-        update(Token)
-        .where(Token.id == successor.id)
-        .values(family_id=family_id)
-        .execution_options(synchronize_session=False)
-    )
+    _claim(session, old.id, successor.id, family_id=family_id, ends=ends, now=now)
     audit.record_token(
         session,
         old,
@@ -138,6 +117,40 @@ def rotate_token(
         detail={"successor": successor.id, "overlap_ends_at": ends.isoformat()},
     )
     return Rotation(successor, old.name, old.id, family_id, ends)
+
+
+def _claim(
+    session: Session,
+    token_id: str,
+    successor_id: str,
+    *,
+    family_id: str,
+    ends: datetime,
+    now: datetime,
+) -> None:
+    """Mark ``token_id`` replaced by ``successor_id`` (revoked at once with no overlap), unless
+    another rotation claimed it first; both tokens join ``family_id``."""
+    claimed = session.scalar(
+        update(Token)
+        .where(Token.id == token_id, Token.replaced_by.is_(None), Token.revoked_at.is_(None))
+        .values(
+            replaced_by=successor_id,
+            overlap_ends_at=ends,
+            family_id=family_id,
+            **({"revoked_at": now, "revoke_reason": ROTATED} if ends <= now else {}),
+        )
+        .returning(Token.id)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed is None:
+        # Another rotation won the race: the caller rolls back this successor.
+        raise Refused(ALREADY_ROTATED, f"token {token_id!r} was rotated by another request")
+    session.execute(
+        update(Token)
+        .where(Token.id == successor_id)
+        .values(family_id=family_id)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def rotate_in(
