@@ -28,13 +28,13 @@ from tokenwarden.producer.app_state import AppState, Shared, log, unavailable
 from tokenwarden.producer.intake import Refused
 from tokenwarden.worker.domain import clock, db, token_pages
 from tokenwarden.worker.domain.errors import Refused as DomainRefused
+from tokenwarden.worker.domain.families import REUSE_DETECTED
 from tokenwarden.worker.domain.issuing import IssuedToken, create_token, parse_kind
 from tokenwarden.worker.domain.revocation import request_revocation
 from tokenwarden.worker.domain.rotation import (
     ALREADY_ROTATED,
     MAX_OVERLAP,
     NOT_ROTATABLE,
-    REUSE_DETECTED,
     UNKNOWN_TOKEN,
     rotate_in,
 )

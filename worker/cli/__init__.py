@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
+import threading
 from importlib import import_module
-from typing import Final
+from typing import Final, NoReturn
 
 import click
 
@@ -67,8 +71,35 @@ def main() -> None:
         if isinstance(error, click.UsageError) and error.ctx is not None:
             text = f"{text} (see: {error.ctx.command_path} --help)"
         click.echo(f"error: {text}", err=True)
-        sys.exit(error.exit_code)
+        code = error.exit_code
     except click.Abort:
         click.echo("Aborted!", err=True)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+        code = 1
+    except SystemExit as leaving:
+        code = leaving.code
+        if isinstance(code, str):  # sys.exit("why"): the reason on stderr, status 1
+            click.echo(code, err=True)
+            code = 1
+    leave(code if isinstance(code, int) else 0)
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with ``code``, skipping the interpreter's teardown when nothing else is running.
+
+    Tearing down frees every object of every module one by one, which costs a short command
+    about a fifth of its wall time (SQLAlchemy's ORM and pydantic's schemas are large). What a
+    normal exit does that matters is done here first: the ``atexit`` handlers run (they flush
+    the log handlers), the store's connections are closed and the output is flushed. A process
+    with another thread still running (a server, a worker) exits the usual way, which waits
+    for it.
+    """
+    if threading.active_count() > 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    db = sys.modules.get("tokenwarden.worker.domain.db")
+    if db is not None:
+        db.close_engines()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

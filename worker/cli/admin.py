@@ -12,10 +12,10 @@ from tokenwarden.worker.cli.common import (
     echo_listing,
     json_option,
     limit_option,
+    reading,
     record,
     settings,
     store_failed,
-    transaction,
 )
 from tokenwarden.worker.domain import audit as audit_trail
 from tokenwarden.worker.domain import db
@@ -58,7 +58,7 @@ def audit(
     as_json: bool,
 ) -> None:
     """The audit trail: every revocation, refusal and change, with reason and source."""
-    with transaction() as session:
+    with reading() as session:
         entries = list(
             audit_trail.trail(
                 session, token_id=token_id, user_id=user_id, org_id=org_id, limit=limit

@@ -12,16 +12,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Any, Final, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 import click
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from tokenwarden.config.redaction import first_line
 from tokenwarden.config.settings import ENV_PREFIX, ConfigError, Settings, get_settings
-from tokenwarden.worker.domain import db
-from tokenwarden.worker.domain.errors import Refused
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,6 +66,8 @@ def settings() -> Settings:
 
 def store(current: Settings | None = None) -> Engine:
     """The token store's engine; the embedded SQLite file is created and migrated on first use."""
+    from tokenwarden.worker.domain import db  # the ORM: only commands that use the store
+
     current = current or settings()
     url = current.resolved_database_url
     try:
@@ -95,6 +97,8 @@ def said_new_store(current: Settings) -> None:
 
 def store_failed(current: Settings, doing: str, error: BaseException) -> NoReturn:
     """Fail with one line naming the setting that points at the token store, and why."""
+    from tokenwarden.worker.domain import db
+
     where = f"{ENV_PREFIX}DATABASE_URL" if current.database_url else f"{ENV_PREFIX}HOME"
     url = db.describe_url(current.resolved_database_url)
     fail(f"{where}: cannot {doing} the token store at {url}: {first_line(error)}")
@@ -105,6 +109,8 @@ def transaction(current: Settings | None = None) -> Iterator[Session]:
     """A session in one transaction; a domain refusal becomes a one-line error, exit 2."""
     # Imported here: what publishes (structlog's processors, the outbox) costs a command that
     # only reads the store start-up time for nothing.
+    from tokenwarden.worker.domain import db
+    from tokenwarden.worker.domain.errors import Refused
     from tokenwarden.worker.runtime.publishing import published_after_commit
 
     engine = store(current)
@@ -114,6 +120,17 @@ def transaction(current: Settings | None = None) -> Iterator[Session]:
             yield session
     except Refused as refused:
         fail(refused.message)
+
+
+@contextmanager
+def reading(current: Settings | None = None) -> Iterator[Session]:
+    """A session for a command that only reads: on SQLite it never takes the write lock, so a
+    listing neither waits for the worker nor makes it wait; nothing is published."""
+    from tokenwarden.worker.domain import db
+
+    engine = store(current)
+    with db.read_transaction(engine) as session:
+        yield session
 
 
 def json_option(function: F) -> F:

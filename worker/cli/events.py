@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,14 +21,17 @@ from tokenwarden.worker.cli.common import (
     json_option,
     limit_option,
     parse_instant,
+    reading,
     record,
     settings,
     short_time,
     status_option,
-    transaction,
 )
 from tokenwarden.worker.domain.events import DATA_MODELS
-from tokenwarden.worker.domain.models import EventStatus, InboxEvent
+from tokenwarden.worker.domain.kinds import EventStatus
+
+if TYPE_CHECKING:
+    from tokenwarden.worker.domain.models import InboxEvent
 
 # Table cells are cut here; --json has the full text.
 CELL = 60
@@ -117,7 +120,7 @@ def events(status: str | None, limit: int, as_json: bool) -> None:
     """The event inbox, newest first, then the dead letters with their reasons."""
     from tokenwarden.worker.domain.inbox import list_dead_letters, list_events
 
-    with transaction() as session:
+    with reading() as session:
         inbox = list_events(session, status=status, limit=limit)
         dead = list_dead_letters(session, limit=limit)
     if as_json:

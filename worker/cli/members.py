@@ -14,6 +14,7 @@ from tokenwarden.worker.cli.common import (
     echo_json,
     echo_listing,
     json_option,
+    reading,
     record,
     transaction,
 )
@@ -66,7 +67,7 @@ def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
         query = query.where(Membership.org_id == org_id)
     if user_id is not None:
         query = query.where(Membership.user_id == user_id)
-    with transaction() as session:
+    with reading() as session:
         records = [
             record(m, "org_id user_id role email active active_since updated_at")
             for m in session.scalars(query)

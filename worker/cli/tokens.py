@@ -24,6 +24,7 @@ from tokenwarden.worker.cli.common import (
     fail,
     json_option,
     parse_instant,
+    reading,
     record,
     store,
     transaction,
@@ -113,7 +114,7 @@ def list_(org_id: str | None, user_id: str | None, as_json: bool) -> None:
     from tokenwarden.worker.domain.token_pages import state_of
     from tokenwarden.worker.domain.usage import last_used
 
-    with transaction() as session:
+    with reading() as session:
         tokens = list_tokens(session, org_id=org_id, user_id=user_id)
         used = last_used(session, [t.id for t in tokens])
     now = clock.now()

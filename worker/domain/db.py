@@ -70,10 +70,22 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
-@cache
+_ENGINES: dict[str, Engine] = {}
+
+
 def engine_for(url: str) -> Engine:
     """One engine (and pool) per URL and process."""
-    return make_engine(url)
+    engine = _ENGINES.get(url)
+    if engine is None:
+        engine = _ENGINES.setdefault(url, make_engine(url))
+    return engine
+
+
+def close_engines() -> None:
+    """Close the pooled connections of every engine :func:`engine_for` made: a process that
+    ends without the interpreter's teardown still closes its database connections."""
+    for engine in list(_ENGINES.values()):
+        engine.dispose()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -16,8 +16,8 @@ from typing import Any, Final
 
 from sqlalchemy.orm import Session
 
+from tokenwarden.worker.domain.families import is_reuse
 from tokenwarden.worker.domain.models import Membership, Token, TokenKind
-from tokenwarden.worker.domain.rotation import is_reuse
 from tokenwarden.worker.domain.tokens import kind_of
 from tokenwarden.worker.domain.verification import find_token, refusal
 

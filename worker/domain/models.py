@@ -6,7 +6,6 @@ models describe it for queries. Times are stored as UTC on both SQLite and Postg
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +27,13 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tokenwarden.worker.domain.clock import as_utc
+
+# The enums live in worker.domain.kinds (no SQLAlchemy); the modules that name them with the
+# models import them from here.
+from tokenwarden.worker.domain.kinds import EventStatus as EventStatus  # noqa: PLC0414
+from tokenwarden.worker.domain.kinds import NoticeStatus as NoticeStatus  # noqa: PLC0414
+from tokenwarden.worker.domain.kinds import Role as Role  # noqa: PLC0414
+from tokenwarden.worker.domain.kinds import TokenKind as TokenKind  # noqa: PLC0414
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -89,16 +95,6 @@ def describe_postgres_indexes() -> None:
             options = index.dialect_options["postgresql"]
             if options["where"] is None:
                 options["where"] = text(where)
-
-
-class Role(enum.StrEnum):
-    ADMIN = "admin"
-    USER = "user"
-
-
-class TokenKind(enum.StrEnum):
-    PERSONAL = "personal"
-    APPLICATION = "application"
 
 
 class Membership(Base):
@@ -240,12 +236,6 @@ class AuditEntry(Base):
     )
 
 
-class EventStatus(enum.StrEnum):
-    PENDING = "pending"
-    DONE = "done"
-    DEAD = "dead"
-
-
 class InboxEvent(Base):
     """One accepted CloudEvent; stored before the queue carries its id (the outbox pattern)."""
 
@@ -296,12 +286,6 @@ class DeadLetter(Base):
 
     # By age: what the retention deletes.
     __table_args__ = (Index(None, "at"),)
-
-
-class NoticeStatus(enum.StrEnum):
-    PENDING = "pending"
-    SENT = "sent"
-    FAILED = "failed"
 
 
 class Notice(Base):

@@ -34,13 +34,12 @@ from sqlalchemy.orm import Session
 
 from tokenwarden.worker.domain import audit, notices
 from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.domain.families import REUSE_DETECTED, ROTATED, is_reuse
 from tokenwarden.worker.domain.issuing import IssuedToken, create_token
 from tokenwarden.worker.domain.models import Token, TokenKind
 
 log = structlog.get_logger(__name__)
 
-ROTATED: Final = "rotated"
-REUSE_DETECTED: Final = "reuse_detected"
 MAX_OVERLAP: Final = timedelta(hours=24)
 # A second rotation of one token this soon after the first is taken for a racing duplicate.
 RACE_WINDOW: Final = timedelta(seconds=5)
@@ -183,16 +182,6 @@ def _refuse_rotated_again(session: Session, old: Token, *, now: datetime, source
     if now >= old.overlap_ends_at and not raced:
         raise ReuseDetected(REUSE_DETECTED, f"token {old.id!r} was rotated away before")
     raise Refused(ALREADY_ROTATED, f"token {old.id!r} was already rotated")
-
-
-def is_reuse(token: Token, now: datetime) -> bool:
-    """True when ``token`` was rotated away, its overlap is over, and nothing else stopped it."""
-    return (
-        token.replaced_by is not None
-        and token.overlap_ends_at is not None
-        and token.overlap_ends_at <= now
-        and token.revoke_reason in (None, ROTATED)
-    )
 
 
 def detect_reuse(session: Session, token_id: str, *, now: datetime, source: str) -> list[str]:

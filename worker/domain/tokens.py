@@ -17,7 +17,7 @@ from typing import Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from tokenwarden.config import redaction
-from tokenwarden.worker.domain.models import TokenKind
+from tokenwarden.worker.domain.kinds import TokenKind
 
 ALPHABET: Final = string.digits + string.ascii_uppercase + string.ascii_lowercase
 BODY_LENGTH: Final = 32

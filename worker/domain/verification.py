@@ -10,8 +10,8 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from tokenwarden.worker.domain import audit
+from tokenwarden.worker.domain.families import ROTATED, is_reuse
 from tokenwarden.worker.domain.models import Membership, Token, TokenKind
-from tokenwarden.worker.domain.rotation import ROTATED, detect_reuse, is_reuse
 from tokenwarden.worker.domain.tokens import hash_token, kind_of
 
 
@@ -47,6 +47,8 @@ def verify_token(session: Session, text: str, *, now: datetime, source: str = "v
     if reason is not None:
         audit.record_token(session, token, action="refuse", reason=reason, source=source, at=now)
         if is_reuse(token, now):
+            from tokenwarden.worker.domain.rotation import detect_reuse  # issues and notifies
+
             detect_reuse(session, token.id, now=now, source=source)
         return Verdict(False, reason, token_id=token.id)
     return Verdict(True, token_id=token.id, principal=principal(token, member))
