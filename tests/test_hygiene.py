@@ -19,6 +19,7 @@ from tests.test_handlers import aat, apply, join, pat, stored
 from tokenwarden.config.settings import get_settings
 from tokenwarden.worker.domain import db, notices
 from tokenwarden.worker.domain.errors import Refused
+from tokenwarden.worker.domain.expiry import idle
 from tokenwarden.worker.domain.expiry.sweep import run_sweep
 from tokenwarden.worker.domain.handlers import apply_pending
 from tokenwarden.worker.domain.issuing import IssuedToken, create_token
@@ -593,3 +594,41 @@ def test_idle_revocation_is_off_by_default(committed: Store, now: datetime) -> N
     result = run_sweep(committed.engine, now=now, batch=50).as_dict()
     assert (result["idle_revoked"], result["idle_warned"]) == (0, 0)
     assert state(committed, issued.id) == (None, [])
+
+
+def test_dense_idle_tokens_are_revoked_once_each_in_transactions_under_the_cap(
+    committed: Store, now: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where idle tokens are dense the cap cuts each window, the next window is read from the
+    # cut and shrinks to what a transaction can take: every idle token is still revoked once,
+    # and the tokens in use are left alone.
+    monkeypatch.setattr(idle, "REVOKED_PER_TRANSACTION", 7)
+    t0 = now - timedelta(days=60)
+    with db.transaction(committed.engine) as session:
+        join(session, "acme", "bob", at=t0 - timedelta(days=1))
+        tokens = [pat(session, "acme", "bob", created=t0) for _ in range(60)]
+        record_uses(session, {t.id: now - timedelta(days=1) for t in tokens[::3]})
+    per_transaction: list[int] = []
+    result = run_sweep(
+        committed.engine,
+        now=now,
+        batch=50,
+        idle_days=30,
+        on_progress=lambda r: per_transaction.append(r.idle_revoked),
+    ).as_dict()
+
+    assert result["idle_revoked"] == 40
+    revoked = [b - a for a, b in zip([0, *per_transaction], per_transaction, strict=False)]
+    assert max(revoked) <= 7
+    for used in tokens[::3]:
+        assert state(committed, used.id) == (None, [])
+    for unused in [t for i, t in enumerate(tokens) if i % 3]:
+        assert state(committed, unused.id) == ("idle", ["idle"])
+
+
+def test_the_next_window_follows_where_the_cap_cut_the_last_one() -> None:
+    assert idle.next_window(1000, 180, most=1000) == 225
+    assert idle.next_window(225, 10, most=1000) == idle.MIN_WINDOW
+    assert idle.next_window(225, None, most=1000) == 450
+    assert idle.next_window(800, None, most=1000) == 1000
+    assert idle.next_window(1000, 990, most=1000) == 1000

@@ -18,6 +18,9 @@ MODULES: Final = ("admin", "members", "tokens", "events", "notices", "expiry", "
 # Where the everyday commands live; any other name loads every module, so a command added
 # to a module works without an entry here (it only starts a little slower).
 HOME_OF: Final = {"token": "tokens", "emit": "events", "events": "events", "member": "members"}
+# Commands that do one thing and end: they skip the interpreter's teardown (see leave). The
+# ones that serve or supervise (run, api, worker, beat, demo) end the usual way.
+SHORT: Final = frozenset({*HOME_OF, "audit", "notices", "revoke", "db"})
 
 
 class _LazyGroup(click.Group):
@@ -80,7 +83,10 @@ def main() -> None:
         if isinstance(code, str):  # sys.exit("why"): the reason on stderr, status 1
             click.echo(code, err=True)
             code = 1
-    leave(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if len(sys.argv) > 1 and sys.argv[1] in SHORT:
+        leave(code)
+    sys.exit(code)
 
 
 def leave(code: int) -> NoReturn:

@@ -46,6 +46,8 @@ IDLE: Final = "idle"
 # Tokens revoked in one transaction at most: a window is cut there. Each costs an UPDATE of
 # its row and of every index on it, an audit row, and its share of a notice to its owner.
 REVOKED_PER_TRANSACTION: Final = 150
+# The fewest rows a window reads, however densely idle the tokens are.
+MIN_WINDOW: Final = 50
 
 # On Postgres one statement revokes, audits and forgets the warnings of a window's idle
 # tokens, so that their rows never travel back to Python (as the expire phase does). The
@@ -80,6 +82,8 @@ class IdleBatch:
     warned: int = 0
     notice_ids: list[str] = field(default_factory=list)
     more: bool = False
+    # Rows of the window handled when the caps cut it there; None when all of it was.
+    cut_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,9 @@ def idle_batch(session: Session, *, now: datetime, days: int, limit: int) -> Idl
         window.rows, cuts, _warned(session, window.rows, cuts)
     )
     following = window.resume(handled) if handled < len(window.rows) else window.following
-    outcome = IdleBatch(more=following is not None)
+    outcome = IdleBatch(
+        more=following is not None, cut_at=handled if handled < len(window.rows) else None
+    )
     revoked = _revoke(session, to_revoke, cuts)
     outcome.revoked = len(revoked)
     if revoked:
@@ -313,17 +319,33 @@ def _warn(session: Session, rows: list[AnyRow], cuts: _Cuts) -> list[str]:
     return [notice_id for notice_id, _ in told]
 
 
+def next_window(size: int, cut_at: int | None, *, most: int) -> int:
+    """How many rows the next transaction reads, after one that read ``size``.
+
+    A window cut by the caps is read again from the cut, so rows read past it are work thrown
+    away: where idle tokens are dense, the next window is about what the last transaction
+    could take; where they are not, it grows back to ``most`` (``TOKENWARDEN_SWEEP_BATCH``).
+    """
+    if cut_at is not None:
+        return max(MIN_WINDOW, min(most, cut_at + cut_at // 4))
+    return min(most, size * 2)
+
+
 def idle_all(run: BudgetedRun[SweepResult], *, now: datetime, batch: int, days: int) -> bool:
     """Walk the tokens for idle ones, ``batch`` a transaction; True once the pass is done."""
     run.stats.phase = IDLE
 
+    size = batch
+
     def handled(outcome: IdleBatch) -> Next:
+        nonlocal size
         run.stats.idle_revoked += outcome.revoked
         run.stats.idle_warned += outcome.warned
         run.queued(outcome.notice_ids)
+        size = next_window(size, outcome.cut_at, most=batch)
         return Next.more_if(outcome.more)
 
     def window(session: Session) -> IdleBatch:
-        return idle_batch(session, now=now, days=days, limit=batch)
+        return idle_batch(session, now=now, days=days, limit=size)
 
     return run.batches(window, handled)
