@@ -7,9 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run demo test lint bench bench-short constraints
 
+# An editable install is not byte-compiled as an installed package is: compileall does it,
+# or where PYTHONDONTWRITEBYTECODE is set every command would compile our modules again.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/python -m compileall -q config worker tasks producer migrations > /dev/null
 	touch $(STAMP)
 
 install: $(STAMP)
