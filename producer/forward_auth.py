@@ -219,7 +219,10 @@ def original_uri(headers: Headers, own: str) -> str | None:
         return None
     if uri.startswith("/"):
         return _BASE + uri
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # a host that cannot be read, e.g. "http://[abc/x"
+        return None
     return uri if parts.scheme in ("http", "https") and parts.netloc else None
 
 

@@ -7,8 +7,9 @@
   arrives (Postgres delivers it at the commit). The cache is trusted only while that
   connection is up: lost, it is emptied and bypassed (every check reads the store) until
   the feed listens again, so an answer is never served on a stale cache. A connection that
-  dies silently (no reset ever arrives) is caught by a ping every :data:`PING_EVERY_S`: the
-  cache is used only within :data:`LEASE_S` of the last answered one.
+  dies silently (no reset ever arrives), or a listener thread that is not scheduled in time,
+  is caught by a ping every :data:`PING_EVERY_S`: the cache is used only within
+  :data:`LEASE_S` of the last answered one, with every notice received before it taken.
 - **SQLite** (one machine): :class:`SqliteFeed` asks ``PRAGMA data_version`` on a
   connection of its own before each use of the cache; the number changes whenever another
   connection, in any process, commits, and the cache is then emptied. That is a few
@@ -37,10 +38,12 @@ log = structlog.get_logger(__name__)
 
 CHANNEL: Final = "tokenwarden_revocations"
 # How long the listener waits for a notice before it checks its connection with a query ...
-PING_EVERY_S: Final = 0.5
-# ... and how long a successful check vouches for the cache: a connection that went silent
-# (no reset from the network) stops the cache from being used after this long at most.
-LEASE_S: Final = 1.5
+PING_EVERY_S: Final = 0.03
+# ... and how long a successful check vouches for the cache: a revocation is in no answer
+# served from it later than this after its commit, whatever happens to the connection (gone
+# silent with no reset from the network) or to the listener's thread (not scheduled in time
+# on a loaded machine): the cache is then bypassed, and every check reads the store.
+LEASE_S: Final = 0.1
 APPLICATION_NAME: Final = "tokenwarden-revocation-feed"
 RETRY_FIRST_S: Final = 0.5
 RETRY_MAX_S: Final = 5.0
@@ -121,11 +124,15 @@ class PostgresFeed:
             self.listening.set()
             log.info("revocations.listening", database=self._shown)
             while not self._stop.is_set():
-                # Notices that came in during the ping are kept for this loop by psycopg.
                 for _ in connection.notifies(timeout=PING_EVERY_S):
                     self._cache.invalidate()
+                asked = time.monotonic()
                 connection.execute("SELECT 1")
-                self._cache.renew(time.monotonic() + LEASE_S)
+                # Every notice of a commit before the ping's answer came before that answer
+                # (psycopg keeps it): taken now, so the lease never vouches for an unread one.
+                for _ in connection.notifies(timeout=0):
+                    self._cache.invalidate()
+                self._cache.renew(asked + LEASE_S)
 
 
 class SqliteFeed:

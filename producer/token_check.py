@@ -135,15 +135,15 @@ class AnswerCache:
             self._entries.clear()
 
     def renew(self, until: float) -> None:
-        """The feed heard from its store just now: trust the cache until ``until``.
+        """The feed heard from its store just now, every notice before that taken: trust the
+        cache until ``until``.
 
-        A lease that ran out meanwhile (a connection silent for too long) may have missed a
-        notice: the cache starts empty again.
+        A lease that ran out meanwhile (the listener late, or its connection silent for a
+        while) kept the cache bypassed, not wrong: the notices of that time reach the same
+        connection, in order, before its answer, and were taken. A lost connection is
+        :meth:`trust` ``False``, which empties the cache.
         """
         with self._lock:
-            if time.monotonic() >= self._lease_until:
-                self._generation += 1
-                self._entries.clear()
             self._lease_until = until
 
     def trust(self, trusted: bool) -> None:

@@ -120,7 +120,10 @@ def test_the_header_wins_and_two_sources_that_disagree_find_nothing() -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["", "/", "*", "no-slash", "ftp://svc.example/x", "http://", "/" + "a" * (16 * 1024)],
+    [
+        *("", "/", "*", "no-slash", "ftp://svc.example/x", "http://", "/" + "a" * (16 * 1024)),
+        *("http://[abc/x", "https://[::1/sm_pat_x"),  # hosts urlsplit cannot read
+    ],
 )
 def test_weird_or_oversized_uris_carry_no_token(uri: str) -> None:
     assert credential(Headers({"x-original-uri": uri}), "/") is None
@@ -193,6 +196,8 @@ def test_every_refusal_is_a_bare_401(gate: Gate) -> None:
             assert answer.content == b""
             assert identity(answer) == {}
     assert gate.auth({}, "/").status_code == 401
+    # An original URI whose host cannot be read is no credential, not a server error.
+    assert gate.auth({}, "http://[abc/x").status_code == 401
 
 
 def test_a_malformed_token_costs_no_look_up(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:

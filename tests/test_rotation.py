@@ -90,6 +90,9 @@ def test_old_token_works_inside_overlap_then_reuse_revokes_the_family_once(
     new = rotate(api, old["id"], overlap_s=600).json()
     assert active(api, old["token"])
     assert active(api, new["token"])
+    # A service caching by exp learns when the old token stops: the end of its overlap.
+    answer = api.post("/v1/introspect", data={"token": old["token"]}, headers=LOOK).json()
+    assert answer["exp"] == int(datetime.fromisoformat(new["overlap_ends_at"]).timestamp())
     moment.now += timedelta(seconds=599)
     assert active(api, old["token"])
     assert reuse_notices(store) == []

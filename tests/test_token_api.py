@@ -108,6 +108,13 @@ def test_only_admin_keys_open_the_door(api: TestClient, store: Store) -> None:
         answer = api.post("/v1/tokens", json=pat(), headers={"Authorization": f"Bearer {other}"})
         assert answer.status_code == 403
     assert api.post("/v1/tokens", json=pat()).status_code == 401
+    # The key is checked before the body is read: a caller without one learns nothing of
+    # what the door thinks of a body, malformed or not.
+    broken = {"Content-Type": "application/json"}
+    for path in ("/v1/tokens", "/v1/tokens/tok_any/rotate"):
+        assert api.post(path, content=b"{not json", headers=broken).status_code == 401
+        foreign = {**broken, "Authorization": f"Bearer {PRODUCER}"}
+        assert api.post(path, content=b"{not json", headers=foreign).status_code == 403
     assert token_count(store) == 0
 
 
@@ -173,13 +180,16 @@ def test_delete_needs_confirmation_and_twice_changes_nothing(api: TestClient, st
     assert "confirm=DELETE" in refused.json()["detail"]
     wrong = api.request("DELETE", path, json={"confirm": "yes"}, headers=AUTH)
     assert wrong.status_code == 400
+    nobody = api.delete(path, params={"confirm": "DELETE"}, headers=AUTH)
+    assert nobody.status_code == 400
+    assert "actor" in nobody.json()["detail"]
     assert api.get(path, headers=AUTH).json()["state"] == "active"
     first = api.request(
         "DELETE", path, json={"confirm": "DELETE", "actor": "bob@console"}, headers=AUTH
     )
     assert first.status_code == 200
     assert first.json()["changed"] is True
-    again = api.delete(path, params={"confirm": "DELETE"}, headers=AUTH)
+    again = api.delete(path, params={"confirm": "DELETE", "actor": "bob"}, headers=AUTH)
     assert again.status_code == 200
     assert again.json() == {
         "id": made["id"],
@@ -187,7 +197,9 @@ def test_delete_needs_confirmation_and_twice_changes_nothing(api: TestClient, st
         "state": "revoked",
     }
     assert (
-        api.delete("/v1/tokens/tok_nothing", params={"confirm": "DELETE"}, headers=AUTH).status_code
+        api.delete(
+            "/v1/tokens/tok_nothing", params={"confirm": "DELETE", "actor": "bob"}, headers=AUTH
+        ).status_code
         == 404
     )
     with db.transaction(store.engine) as session:
@@ -216,11 +228,11 @@ def test_admin_keys_are_named_and_kept_apart(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_hostile_callers_are_refused_cheaply(api: TestClient, store: Store) -> None:
     huge = b'{"name": "' + b"x" * (64 * 1024) + b'"}'
-    for headers in ({}, AUTH):
+    for headers, status in (({}, 401), (AUTH, 413)):
         answer = api.post(
             "/v1/tokens", content=huge, headers={**headers, "Content-Type": "application/json"}
         )
-        assert answer.status_code == 413
+        assert answer.status_code == status
 
     def chunks() -> Iterator[bytes]:
         for _ in range(64):

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenwarden.config.settings import Settings
 from tokenwarden.producer.app_state import AppState, Shared, log, unavailable
 from tokenwarden.producer.intake import Refused
 from tokenwarden.worker.domain import clock, db, token_pages
@@ -73,7 +74,7 @@ def _problem(description: str) -> dict[str, Any]:
 
 
 _RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
-    400: _problem("A body that is not JSON; for a delete, no confirm=DELETE."),
+    400: _problem("A body that is not JSON; for a delete, no confirm=DELETE or no actor."),
     401: {
         **_problem("No admin key, or an unknown one."),
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
@@ -195,7 +196,24 @@ class BodyCap:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith(PREFIX):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        headers = dict(scope.get("headers") or [])
+        # The key before the body: FastAPI reads and parses a JSON body before any dependency
+        # runs, so a caller without a key would otherwise learn what it thinks of the body.
+        try:
+            identify(scope["app"].state.shared.settings, _bearer(headers))
+        except Refused as refusal:
+            client = scope.get("client")
+            log.info(
+                "events.refused",
+                status=refusal.status,
+                reason=refusal.detail,
+                client=client[0] if client else None,
+            )
+            await JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)(
+                scope, receive, send
+            )
+            return
+        declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
             await _too_large()(scope, receive, send)
             return
@@ -224,6 +242,12 @@ class BodyCap:
         await self.app(scope, replay, send)
 
 
+def _bearer(headers: dict[bytes, bytes]) -> str | None:
+    """The key of an ``Authorization: Bearer KEY`` header, as HTTPBearer reads it."""
+    scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
+
+
 def _too_large() -> JSONResponse:
     detail = f"the body is larger than {MAX_BODY_BYTES} bytes"
     return JSONResponse({"detail": detail}, status_code=413)
@@ -234,18 +258,23 @@ def _caller(
     shared: Shared,
 ) -> str:
     """The name of the admin key presented; anything else is refused."""
-    settings = shared.settings
-    given = (credentials.credentials if credentials else "").encode()
+    return identify(shared.settings, credentials.credentials if credentials else None)
+
+
+def identify(settings: Settings, given_key: str | None) -> str:
+    """The name of the admin key ``given_key``; :class:`Refused` ``401`` without a known key,
+    ``403`` with a key of another door. Every key is compared, in constant time."""
+    given = (given_key or "").encode()
     found = None
     for name, key in settings.admin_keys:
         if hmac.compare_digest(given, key.encode()):
             found = name
-    if credentials is not None and found is not None:
+    if given_key is not None and found is not None:
         return found
     other = False
     for key in settings.accepted_producer_keys() + settings.introspection_keys:
         other |= hmac.compare_digest(given, key.encode())
-    if credentials is not None and other:
+    if given_key is not None and other:
         raise Refused(403, "this key is not an admin key: use one of TOKENWARDEN_ADMIN_KEYS")
     raise Refused(
         401,
@@ -371,6 +400,12 @@ async def delete(
             400,
             "send confirm=DELETE (query or JSON) to delete a token",
             reason="confirm_required",
+        )
+    if actor is None:
+        raise Refused(
+            400,
+            "send actor=NAME (query or JSON): who asked, for the audit trail",
+            reason="actor_required",
         )
     now = clock.now()
 

@@ -78,10 +78,15 @@ def introspect(session: Session, text: str, *, now: datetime) -> Introspection:
         token_id=token.id,
         org_id=token.org_id,
         user_id=token.user_id,
-        # A token in its rotation overlap is answered (and cached) until the overlap ends.
-        expires_at=min(token.expires_at, token.overlap_ends_at or token.expires_at),
+        expires_at=stops_at(token),
         claims=claims(token, member),
     )
+
+
+def stops_at(token: Token) -> datetime:
+    """When ``token`` stops working: its expiry, or the end of its rotation overlap if sooner.
+    Answers are cached until then, and ``exp`` says it to the caller."""
+    return min(token.expires_at, token.overlap_ends_at or token.expires_at)
 
 
 def claims(token: Token, member: Membership | None) -> dict[str, Any]:
@@ -91,7 +96,7 @@ def claims(token: Token, member: Membership | None) -> dict[str, Any]:
         "active": True,
         "token_type": TOKEN_TYPES[TokenKind(token.kind)],
         "org_id": token.org_id,
-        "exp": int(token.expires_at.timestamp()),
+        "exp": int(stops_at(token).timestamp()),
         "iat": int(token.created_at.timestamp()),
         "jti": token.id,
     }

@@ -128,7 +128,10 @@ def from_url(url: str) -> str:
     APIs); the segment after ``/ext/bc/C/rpc/`` (Avalanche-style RPC); else the last path
     segment.
     """
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:  # e.g. an unclosed IPv6 host: "http://[abc/x"
+        raise ExtractError("not a URL: its host cannot be read") from None
     if not parts.scheme or not parts.netloc:
         raise ExtractError("expected an absolute URL such as https://svc.example/TOKEN")
     query = parse_qs(parts.query).get("token")
