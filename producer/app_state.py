@@ -57,7 +57,11 @@ class AppState:
         self.settings = settings
         self.celery_app = celery_app
         self.database_url = settings.resolved_database_url
-        self.metrics = ApiMetrics(self.engine)
+        # The notice channels whose backlog /metrics shows: email rows exist only while an
+        # SMTP server is set, webhook deliveries wait (and pile up) while no webhook is.
+        webhook = ("webhook",) if settings.notice_webhook_url else ()
+        self.metrics_channels = (*webhook, "email")
+        self.metrics = ApiMetrics(self.engine, channels=self.metrics_channels)
         self.github_keys = github_keys or GitHubKeys(settings.github_keys_url)
         self.unverified = github.UnverifiedBytes()
         rate = (settings.leak_rate_per_minute, settings.leak_rate_burst)

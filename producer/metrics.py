@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final
@@ -34,6 +34,8 @@ from tokenwarden.worker.domain.endpoints import disabled_endpoints
 from tokenwarden.worker.domain.inbox import counts, recent_apply_seconds
 from tokenwarden.worker.domain.models import DeadLetter, Token
 from tokenwarden.worker.domain.outbox_delivery import Backlog, backlog
+
+CHANNELS: Final = ("webhook", "email")
 
 log = structlog.get_logger(__name__)
 
@@ -64,8 +66,10 @@ class StoreSnapshot:
     webhook_endpoints_disabled: int = 0
 
 
-def read_store(engine: Engine) -> StoreSnapshot:
-    """Read what the metrics show, in one read-only transaction (no write lock on SQLite)."""
+def read_store(engine: Engine, *, channels: Collection[str] = CHANNELS) -> StoreSnapshot:
+    """Read what the metrics show, in one read-only transaction (no write lock on SQLite);
+    the notice backlog of the configured ``channels`` only (a notice's webhook delivery waits
+    while no webhook is set, and would only ever grow)."""
     with read_transaction(engine) as session:
         by_type = counts(session)
         revoked = session.execute(
@@ -75,7 +79,11 @@ def read_store(engine: Engine) -> StoreSnapshot:
         ).all()
         dead = session.scalar(select(func.count()).select_from(DeadLetter)) or 0
         applied = recent_apply_seconds(session, now=clock.now(), window=APPLY_WINDOW)
-        notices = backlog(session, now=clock.now())
+        notices = {
+            channel: found
+            for channel, found in backlog(session, now=clock.now()).items()
+            if channel in channels
+        }
         disabled = disabled_endpoints(session)
     return StoreSnapshot(
         events=by_type,
@@ -100,8 +108,9 @@ class StoreCollector(Collector):
     :data:`STORE_READ_SHARE` of the time. The read itself never takes SQLite's write lock.
     """
 
-    def __init__(self, engine: Callable[[], Engine]) -> None:
+    def __init__(self, engine: Callable[[], Engine], channels: Collection[str] = CHANNELS) -> None:
         self._engine = engine
+        self._channels = channels
         self._lock = threading.Lock()
         self._snapshot: StoreSnapshot | None = None
         self._fresh_until = float("-inf")
@@ -113,7 +122,7 @@ class StoreCollector(Collector):
             if started < self._fresh_until:
                 return self._snapshot
             try:
-                self._snapshot = read_store(self._engine())
+                self._snapshot = read_store(self._engine(), channels=self._channels)
             except Exception as error:
                 # A scrape must still answer (and say the store is down) when it is not.
                 log.warning("metrics.store_unavailable", error=type(error).__name__)
@@ -206,9 +215,9 @@ class _ProcessRegistry(Collector):
 class ApiMetrics:
     """The registry of one app and the counters its requests update."""
 
-    def __init__(self, engine: Callable[[], Engine]) -> None:
+    def __init__(self, engine: Callable[[], Engine], channels: Collection[str] = CHANNELS) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(StoreCollector(engine))
+        self.registry.register(StoreCollector(engine, channels))
         self.registry.register(_ProcessRegistry())
         self.events_accepted = Counter(
             "tokenwarden_events_accepted",

@@ -432,3 +432,54 @@ def test_a_notice_kind_the_templates_do_not_know_still_makes_a_complete_mail() -
     text = built.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "…Ab12" in text
     assert "Delete it if nothing uses it." in text
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "says"),
+    [
+        (
+            notices.ORPHANED,
+            {"reason": "creator_left", "user_id": "bob"},
+            ["bob left and created these application tokens", "nobody in the organization"],
+        ),
+        (
+            notices.BULK_REVOKED,
+            {"reason": "bulk", "stated_reason": "laptop stolen", "actor": "ana"},
+            ["break-glass revocation", "Reason given: laptop stolen", "Asked by: ana"],
+        ),
+        (
+            notices.REUSED,
+            {"reason": "reuse_detected"},
+            ["was used again", "every live token of its rotation chain"],
+        ),
+        (
+            notices.IDLE_REVOKED,
+            {"reason": "idle", "idle_days": 90},
+            ["not used for a long time", "Days without use that make a token idle: 90"],
+        ),
+        (
+            notices.IDLE_WARNING,
+            {"idle_days": 90, "revoked_from": "2027-01-01T00:00:00+00:00"},
+            ["will be revoked", "Revoked as idle from: 2027-01-01"],
+        ),
+    ],
+)
+def test_each_kind_of_notice_says_what_happened_and_why_in_words(
+    kind: str, data: dict[str, Any], says: list[str]
+) -> None:
+    target = mail.MailTarget(host="mail.example", port=25, implicit_tls=False, sender=SENDER)
+    body = {
+        "type": kind,
+        "data": {**data, "tokens": [TOKEN], "next_steps": notices.NEXT_STEPS[kind]},
+    }
+
+    built = mail.build(
+        target, notice_id="ntc_1", body=body, address="bob@acme.example", now=clock.now()
+    )
+
+    assert not built["Subject"].startswith("tokenwarden notice:")
+    text = built.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    for expected in says:
+        assert expected in text
+    # No reason is shown as its code.
+    assert f"Why: {data.get('reason')}." not in text

@@ -29,6 +29,7 @@ from tests.test_delivery import (
     use_settings,
 )
 from tokenwarden.config.settings import Settings
+from tokenwarden.producer.app_state import AppState
 from tokenwarden.producer.metrics import StoreCollector
 from tokenwarden.worker.domain import clock, db, mail_outbox
 from tokenwarden.worker.domain.models import AuditEntry, NoticeStatus, WebhookEndpoint
@@ -204,7 +205,25 @@ def test_metrics_show_pending_failed_and_the_oldest_pending_age_per_channel(
     assert "tokenwarden_webhook_endpoints_disabled 0.0" in text
 
 
-def scrape(harness: Harness) -> str:
+def test_with_email_only_the_webhook_backlog_is_not_shown(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no webhook set a notice's webhook delivery waits for one, and would only ever grow:
+    # an alert on it would fire for good. The API shows the channels that are set.
+    mailing = webhook_settings(
+        harness.receiver.url, smtp_url="smtp://127.0.0.1:9", mail_from="tw@example.com"
+    )
+    monkeypatch.setattr(mail_outbox, "get_settings", lambda: mailing)
+    harness.queue()
+    email_only = Settings(smtp_url="smtp://127.0.0.1:9", mail_from="tw@example.com")
+
+    text = scrape(harness, channels=AppState(email_only, celery_app=None).metrics_channels)
+
+    assert 'tokenwarden_notices_pending{channel="email"} 1.0' in text
+    assert 'channel="webhook"' not in text
+
+
+def scrape(harness: Harness, channels: tuple[str, ...] = ("webhook", "email")) -> str:
     registry = CollectorRegistry()
-    registry.register(StoreCollector(lambda: harness.store.engine))
+    registry.register(StoreCollector(lambda: harness.store.engine, channels))
     return generate_latest(registry).decode()

@@ -103,6 +103,9 @@ SUBJECTS: Final = {
     "token.expired": "Tokens have expired",
     "token.idle_warning": "Unused tokens will be revoked as idle",
     "token.idle_revoked": "Unused tokens were revoked as idle",
+    "application_tokens.orphaned": "Application tokens lost the member who created them",
+    "tokens.bulk_revoked": "Tokens were revoked all at once",
+    "token.reuse_detected": "A rotated-away token was used again: its family was revoked",
 }
 REASONS: Final = {
     "leaked": "the token was reported as leaked, so it was revoked at once.",
@@ -110,9 +113,21 @@ REASONS: Final = {
     "user_deactivated": "their owner's account was deactivated.",
     "expired": "they reached the expiry set when they were created.",
     "idle": "they were not used for as many days as the organization allows.",
+    "creator_left": (
+        "the member who created them left; they keep working, so the application is not "
+        "interrupted, but nobody in the organization answers for them until one is handed over."
+    ),
+    "bulk": "an administrator revoked every token matching a selection at once.",
+    "reuse_detected": (
+        "a token that had been rotated away was presented after its overlap: someone still "
+        "holds a copy that should be gone, so every live token of its rotation chain was revoked."
+    ),
 }
 DETAILS: Final = (
     ("user_id", "Member"),
+    ("stated_reason", "Reason given"),
+    ("actor", "Asked by"),
+    ("idle_days", "Days without use that make a token idle"),
     ("source", "Reported through"),
     ("source_url", "Found at"),
     ("reporter", "Reported by"),
@@ -147,6 +162,16 @@ def _headline(kind: str, data: dict[str, Any]) -> str:
         return f"These tokens expire soon: {names}."
     if kind == "token.expired":
         return f"These tokens have expired: {names}."
+    if kind == "application_tokens.orphaned":
+        return f"{data.get('user_id')} left and created these application tokens: {names}."
+    if kind == "tokens.bulk_revoked":
+        return f"These tokens were revoked in a break-glass revocation: {names}."
+    if kind == "token.reuse_detected":
+        return f"A rotated-away token was used again, and these tokens were revoked: {names}."
+    if kind == "token.idle_warning":
+        return f"These tokens have not been used for a long time and will be revoked: {names}."
+    if kind == "token.idle_revoked":
+        return f"These tokens were not used for a long time and have been revoked: {names}."
     return f"A notice about these tokens ({kind}): {names}."
 
 
