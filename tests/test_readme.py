@@ -17,12 +17,16 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from tests import mail_samples
 from tests.conftest import REPO, TOKENWARDEN, clean_env
+from tokenwarden.worker.domain import notices
 from tokenwarden.worker.ops.supervisor import free_port, wait_for_http
+from tokenwarden.worker.runtime import mail
 
 MARKER = "<!-- runnable -->"
 BLOCK = re.compile(re.escape(MARKER) + r"\n```sh\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -157,3 +161,24 @@ def test_a_broken_example_is_caught(stack: dict[str, str]) -> None:
         (1, 'tokenwarden token verify --token "sm_pat_nope"'),
         (2, "tokenwarden token lsit"),
     ]
+
+
+def test_the_readme_shows_each_kind_of_email_as_it_is_sent() -> None:
+    target = mail.MailTarget(
+        host="mail.example", port=25, implicit_tls=False, sender="tokenwarden@example.com"
+    )
+    readme = (REPO / "README.md").read_text()
+    shown = re.findall(r"```text\n(Subject: .*?)\n```", readme, flags=re.S)
+    built = []
+    for kind, data in mail_samples.SAMPLES:
+        message = mail.build(
+            target,
+            notice_id=mail_samples.NOTICE_ID,
+            body=mail_samples.body(kind, data),
+            address="ana@acme.example",
+            now=datetime.now(UTC),
+        )
+        text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        built.append(f"Subject: {message['Subject']}\n{text.rstrip()}")
+    assert len(mail_samples.SAMPLES) == len(notices.NEXT_STEPS)  # every kind has its sample
+    assert shown == built
