@@ -24,7 +24,11 @@ from sqlalchemy import Engine
 from tokenwarden.config.redaction import first_line, mask_tokens
 from tokenwarden.worker.domain import audit, clock, usage
 from tokenwarden.worker.domain.db import transaction
-from tokenwarden.worker.domain.introspection import Introspection, refusal_rows
+from tokenwarden.worker.domain.introspection import (
+    Introspection,
+    not_audited_lately,
+    refusal_rows,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +103,8 @@ class UsageRecorder:
         try:
             if refusals:
                 with transaction(self._engine()) as session:
-                    audit.record_many(session, refusal_rows(refusals))
+                    rows = not_audited_lately(session, refusal_rows(refusals), now=clock.now())
+                    audit.record_many(session, rows)
             for start in range(0, len(ids), CHUNK):
                 began = time.monotonic()
                 with transaction(self._engine()) as session:

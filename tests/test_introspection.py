@@ -24,7 +24,9 @@ from tokenwarden.config.settings import ConfigError, Settings, load_settings
 from tokenwarden.producer.api import create_app
 from tokenwarden.producer.client import ProducerClient
 from tokenwarden.producer.revocation_feed import APPLICATION_NAME, LEASE_S
+from tokenwarden.producer.usage_recorder import UsageRecorder
 from tokenwarden.worker.domain import db
+from tokenwarden.worker.domain.introspection import Introspection
 from tokenwarden.worker.domain.issuing import IssuedToken, create_token
 from tokenwarden.worker.domain.members import add_member, change_role
 from tokenwarden.worker.domain.models import AuditEntry, TokenKind
@@ -369,6 +371,21 @@ def test_refusals_are_audited_once_a_minute_per_token_and_counted(door: Door) ->
     assert [(row.action, row.reason, row.token_id) for row in door.refusals()] == [
         ("refuse", "revoked", pat.id)
     ]
+
+
+def test_another_api_process_adds_no_second_refusal_row_within_the_minute(door: Door) -> None:
+    door.member("bob")
+    pat = door.pat("bob")
+    door.revoke(pat.id)
+    assert door.ask(pat.token).content == INACTIVE
+    door.close()  # its refusal row is written
+    # Another process (or this one restarted) refusing the same token for the same reason.
+    answer = Introspection(False, "revoked", token_id=pat.id, org_id="acme", user_id="bob")
+    for _ in range(2):
+        other = UsageRecorder(lambda: door.store.engine)
+        other.refused(answer)
+        other.flush()
+    assert [(row.reason, row.token_id) for row in door.refusals()] == [("revoked", pat.id)]
 
 
 def test_no_token_text_in_the_log_or_the_audit(door: Door) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tokenwarden.worker.domain.families import is_reuse
-from tokenwarden.worker.domain.models import Membership, Token, TokenKind
+from tokenwarden.worker.domain.models import AuditEntry, Membership, Token, TokenKind
 from tokenwarden.worker.domain.tokens import kind_of
 from tokenwarden.worker.domain.verification import find_token, refusal
 
@@ -30,6 +31,8 @@ INACTIVE: Final = {"active": False}
 MALFORMED: Final = "malformed"
 UNKNOWN: Final = "unknown"
 AUDIT_SOURCE: Final = "introspect"
+# One audit row per token and reason in this long, whatever the number of API processes.
+AUDIT_EVERY: Final = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -125,3 +128,29 @@ def refusal_rows(refused: Iterable[tuple[Introspection, datetime]]) -> list[dict
         for answer, at in refused
         if answer.token_id is not None and not answer.active
     ]
+
+
+def not_audited_lately(
+    session: Session, rows: list[dict[str, Any]], *, now: datetime
+) -> list[dict[str, Any]]:
+    """``rows`` (of :func:`refusal_rows`) but those whose token and reason already have an
+    audit row from these doors within :data:`AUDIT_EVERY`: each API process holds back its
+    own repeats, and this holds back another process's (or a restarted one's)."""
+    if not rows:
+        return rows
+    found = session.execute(
+        select(AuditEntry.token_id, AuditEntry.reason).where(
+            AuditEntry.token_id.in_(sorted({row["token_id"] for row in rows})),
+            AuditEntry.source == AUDIT_SOURCE,
+            AuditEntry.action == "refuse",
+            AuditEntry.at > now - AUDIT_EVERY,
+        )
+    )
+    recent = {(token_id, reason) for token_id, reason in found}
+    kept: list[dict[str, Any]] = []
+    for row in rows:
+        key = (row["token_id"], row["reason"])
+        if key not in recent:
+            recent.add(key)
+            kept.append(row)
+    return kept
