@@ -183,6 +183,24 @@ def test_a_permanent_refusal_fails_that_recipient_with_the_reason_only(
     assert harness.scheduled == []  # nothing left to retry
 
 
+def test_a_message_refused_for_good_fails_with_the_servers_reason(
+    harness: Harness, server: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The recipient was taken, but the server refuses the message itself with a 5xx.
+    mail_only(monkeypatch, harness, server.url())
+    server.handler.script = ["554 5.7.1 Message rejected as spam"]
+    notice_id = queue([BOB], harness)
+
+    harness.deliver(notice_id)
+
+    assert server.delivered == []
+    refused = emails(harness, notice_id)["bob@acme.example"]
+    assert refused.status == NoticeStatus.FAILED
+    assert refused.last_error is not None
+    assert refused.last_error.startswith("SMTP 554 5.7.1")
+    assert harness.scheduled == []
+
+
 @pytest.mark.parametrize(
     ("first", "error"),
     [("421 4.3.2 Service busy, try later", "SMTP 421"), ("drop", "SMTPServerDisconnected")],
