@@ -151,28 +151,31 @@ def _templates() -> jinja2.Environment:
     )
 
 
+# The first line of each kind's mail: {names} are the tokens' names, {user} the member.
+HEADLINES: Final = {
+    "token.leaked": "The token {names} was reported as leaked and has been revoked.",
+    "member.offboarded": "The personal access tokens of {user} were revoked: {names}.",
+    "token.expiring": "These tokens expire soon: {names}.",
+    "token.expired": "These tokens have expired: {names}.",
+    "application_tokens.orphaned": "{user} left and created these application tokens: {names}.",
+    "tokens.bulk_revoked": "These tokens were revoked in a break-glass revocation: {names}.",
+    "token.reuse_detected": (
+        "A rotated-away token was used again, and these tokens were revoked: {names}."
+    ),
+    "token.idle_warning": (
+        "These tokens have not been used for a long time and will be revoked: {names}."
+    ),
+    "token.idle_revoked": (
+        "These tokens were not used for a long time and have been revoked: {names}."
+    ),
+}
+
+
 def _headline(kind: str, data: dict[str, Any]) -> str:
     tokens = data.get("tokens") or []
     names = ", ".join(str(t.get("name")) for t in tokens) or "(none)"
-    if kind == "token.leaked":
-        return f"The token {names} was reported as leaked and has been revoked."
-    if kind == "member.offboarded":
-        return f"The personal access tokens of {data.get('user_id')} were revoked: {names}."
-    if kind == "token.expiring":
-        return f"These tokens expire soon: {names}."
-    if kind == "token.expired":
-        return f"These tokens have expired: {names}."
-    if kind == "application_tokens.orphaned":
-        return f"{data.get('user_id')} left and created these application tokens: {names}."
-    if kind == "tokens.bulk_revoked":
-        return f"These tokens were revoked in a break-glass revocation: {names}."
-    if kind == "token.reuse_detected":
-        return f"A rotated-away token was used again, and these tokens were revoked: {names}."
-    if kind == "token.idle_warning":
-        return f"These tokens have not been used for a long time and will be revoked: {names}."
-    if kind == "token.idle_revoked":
-        return f"These tokens were not used for a long time and have been revoked: {names}."
-    return f"A notice about these tokens ({kind}): {names}."
+    shape = HEADLINES.get(kind, "A notice about these tokens ({kind}): {names}.")
+    return shape.format(names=names, user=data.get("user_id"), kind=kind)
 
 
 def context(kind: str, data: dict[str, Any]) -> dict[str, Any]:
