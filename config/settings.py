@@ -214,8 +214,13 @@ def _transmitters(value: Any) -> Any:
                 'must be a JSON list like [{"issuer": "...", "jwks_uri": "...", "audience": "..."}]'
             ) from None
     if isinstance(value, list):
-        issuers = [t.get("issuer") if isinstance(t, dict) else t.issuer for t in value]
-        if len(set(map(str, issuers))) != len(issuers):
+        # Entries that are not objects are left to the model's validation, which names them.
+        issuers = [
+            str(t.get("issuer")) if isinstance(t, dict) else str(getattr(t, "issuer", ""))
+            for t in value
+            if isinstance(t, dict) or hasattr(t, "issuer")
+        ]
+        if len(set(issuers)) != len(issuers):
             raise ValueError("names an issuer twice")
     return value
 

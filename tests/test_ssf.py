@@ -394,6 +394,8 @@ def test_transmitters_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> Non
         ("nope", "must be a JSON list"),
         ('[{"issuer": "x", "audience": "a"}]', "give jwks_uri or configuration_url"),
         ('[{"issuer": "x", "jwks_uri": "https://k"}]', "0.audience"),
+        # Entries that are not objects: one line naming the variable, never a traceback.
+        *((entry, "TOKENWARDEN_SSF_TRANSMITTERS") for entry in ("[1]", '["x"]', "[null]", "[[]]")),
     ]:
         monkeypatch.setenv("TOKENWARDEN_SSF_TRANSMITTERS", value)
         with pytest.raises(ConfigError, match="TOKENWARDEN_SSF_TRANSMITTERS") as raised:
@@ -448,13 +450,15 @@ pytest_slow = pytest.mark.slow
 
 
 @pytest_slow
-def test_a_disabled_account_loses_its_pats_end_to_end(
-    live: LiveStack, transmitter: Transmitter
+@pytest.mark.parametrize("risc_event", ["account-disabled", "account-purged"])
+def test_a_disabled_or_purged_account_loses_its_pats_end_to_end(
+    live: LiveStack, transmitter: Transmitter, risc_event: str
 ) -> None:
     email = f"{uuid.uuid4().hex[:8]}@example.test"
     user, pat, aat = live_member(live, email)
     other = live.token(TokenKind.PERSONAL, pat.org_id + "-b", user)
-    claims = transmitter.claims(*account_disabled(email))
+    event, fields = account_disabled(email)
+    claims = transmitter.claims(event.replace("account-disabled", risc_event), fields)
     assert push(live.api_url, transmitter.sign(claims)).status_code == 202
     live.wait_for(lambda: live.verify(pat.token).reason == "revoked", message="the PAT revoked")
     assert live.verify(other.token).reason == "revoked"
