@@ -234,6 +234,14 @@ def test_entra_provisions_removes_deactivates_deletes_later_and_reactivates(
     assert live.verify(held["aat"].token).usable
     settled(live, user, {})
 
+    # Entra reactivates the same way: the user joins again what its groups still grant, and
+    # no old PAT comes back. Then it deactivates the user again, for good.
+    idp.patch("Users", scim_id, {"op": "Replace", "path": "active", "value": "True"})
+    settled(live, user, {"globex": "user"})
+    assert revoked(live, held["globex"])
+    idp.patch("Users", scim_id, {"op": "Replace", "path": "active", "value": "False"})
+    settled(live, user, {})
+
     # The same request again (Entra retries): nothing new is stored.
     before = inbox_size(live)
     idp.patch("Users", scim_id, {"op": "Replace", "path": "active", "value": "False"})
