@@ -550,10 +550,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _scim_keys_apart(self) -> Self:
-        if set(self.scim_tokens) & (set(self.producer_keys) | set(self.introspection_keys)):
+        others = set(self.producer_keys) | set(self.introspection_keys)
+        others |= {key for _, key in self.admin_keys}
+        if set(self.scim_tokens) & others:
             raise ValueError(
-                f"{ENV_PREFIX}SCIM_TOKENS: must not repeat a producer or introspection key: "
-                "give each door keys of its own"
+                f"{ENV_PREFIX}SCIM_TOKENS: must not repeat a producer, introspection or admin "
+                "key: give each door keys of its own"
             )
         return self
 

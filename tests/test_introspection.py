@@ -455,6 +455,11 @@ def test_keys_of_the_two_doors_must_differ() -> None:
     assert message.startswith("TOKENWARDEN_INTROSPECTION_KEYS")
     assert KEY not in message
     assert "\n" not in message
+    # A SCIM token is a key of its own too, apart from the admin keys as from the others.
+    with pytest.raises(ConfigError) as refused:
+        load_settings(admin_keys=f"console:{KEY}", scim_tokens=KEY)
+    assert str(refused.value).startswith("TOKENWARDEN_SCIM_TOKENS")
+    assert KEY not in str(refused.value)
 
 
 # --- Postgres: the feed, and two real API processes ------------------------------------------
