@@ -19,6 +19,10 @@ run: rows from ``generate_series`` inserted by the server itself, no client work
 endpoint, which never makes an event durable, is out of reach by half for any such design:
 its batch rate is shown for context. On SQLite the empty endpoint stays the limit of both.
 
+Beside each of our figures, the API process's CPU time per event and the share of one core it
+used (from ``/proc``): a Python process runs on one core at a time, so a share near 100% means
+the API's own work per event, not the database, bounds the rate.
+
     .venv/bin/python bench/ingest.py [--runs 3] [--batches 300] [--singles 3000]
 """
 
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +64,10 @@ class Mode:
     # The empty endpoint's rate, and ours over it: context where it is not the baseline.
     empties: list[float] = field(default_factory=list)
     empty_ratios: list[float] = field(default_factory=list)
+    # The API process's CPU time per event (µs), and the share of one core it used: one
+    # Python process runs on one core at a time, so 1 s over that is the most it can accept.
+    cpu_us: list[float] = field(default_factory=list)
+    core_shares: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -71,6 +80,8 @@ class Mode:
             "ratio": common.rounded(self.ratio),
             "empty_endpoint": common.rounded(common.median(self.empties), 1),
             "empty_endpoint_ratio": common.rounded(common.median(self.empty_ratios)),
+            "api_cpu_us_per_event": common.rounded(common.median(self.cpu_us), 1),
+            "api_core_share": common.rounded(common.median(self.core_shares), 2),
             "ok": self.ratio >= TARGET,
         }
 
@@ -101,14 +112,29 @@ def requests(port: int, mode: str, count: int, tag: str) -> list[bytes]:
 
 
 def drive(
-    port: int, sent: list[bytes], *, connections: int, per_request: int
-) -> tuple[float, float]:
-    """Events/s and the median request latency (ms); every answer must be a 202."""
+    port: int, sent: list[bytes], *, connections: int, per_request: int, pid: int | None = None
+) -> tuple[float, float, float]:
+    """Events/s, the median request latency (ms) and the CPU seconds process ``pid`` used
+    meanwhile (0 without one); every answer must be a 202."""
+    before = cpu_seconds(pid)
     load = common.http_load(port, sent, connections=connections)
+    used = cpu_seconds(pid) - before
     if set(load.statuses) != {202}:
         detail = load.bodies[0][:300] if load.bodies else b""
         raise common.BenchError(f"answers other than 202: {load.statuses} {detail!r}")
-    return load.requests * per_request / load.seconds, 1000 * common.median(load.latencies)
+    rate = load.requests * per_request / load.seconds
+    return rate, 1000 * common.median(load.latencies), used
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU time of process ``pid`` so far (0 without one, or off Linux)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # The inbox rows Postgres writes by itself: the ingest batch figure's physical ceiling.
@@ -195,27 +221,34 @@ def main(argv: list[str] | None = None) -> int:
                     for mode in MODES:
                         tag = f"{mode}-{number}"
                         count, size = counts[mode], sizes[mode]
-                        base, _ = drive(
+                        base, _, _ = drive(
                             empty_port,
                             requests(empty_port, mode, count, f"empty-{tag}"),
                             connections=args.connections,
                             per_request=size,
                         )
-                        value, p50 = drive(
+                        started = time.perf_counter()
+                        value, p50, cpu = drive(
                             ours_port,
                             requests(ours_port, mode, count, tag),
                             connections=args.connections,
                             per_request=size,
+                            pid=ours.pid,
                         )
+                        wall = time.perf_counter() - started
                         sent += count * size
                         measured = modes[mode]
                         measured.values.append(value)
                         measured.empties.append(base)
                         measured.empty_ratios.append(common.ratio(value, base))
                         measured.p50_ms.append(p50)
+                        measured.cpu_us.append(1e6 * cpu / (count * size))
+                        measured.core_shares.append(cpu / wall)
                         print(
                             f"  run {number + 1} {mode}: empty {base:,.0f}, ours {value:,.0f} "
-                            f"events/s, ratio {value / base:.3f}, ours p50 {p50:.1f} ms",
+                            f"events/s, ratio {value / base:.3f}, ours p50 {p50:.1f} ms, API "
+                            f"{1e6 * cpu / (count * size):.1f} µs CPU an event, "
+                            f"{cpu / wall:.0%} of a core",
                             file=sys.stderr,
                             flush=True,
                         )
@@ -249,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             common.median(m.empties),
             common.median(m.empty_ratios),
             common.median(m.p50_ms),
+            common.median(m.cpu_us),
+            common.median(m.core_shares),
         ]
         for m in modes.values()
     ]
@@ -263,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                 "empty endpoint",
                 "its ratio",
                 "ours p50 ms",
+                "API µs CPU/event",
+                "API core share",
             ],
             rows,
         )
@@ -278,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
             f"endpoint takes {common.median(modes['batch'].empties):,.0f} events/s in batches"
         )
     batch, single = modes["batch"], modes["single"]
+    cpu_us = common.median(batch.cpu_us)
+    if cpu_us > 0:
+        print(
+            f"the API process spends {cpu_us:.1f} µs of CPU on a batched event, at "
+            f"{common.median(batch.core_shares):.0%} of one core: one process takes at most "
+            f"{1e6 / cpu_us:,.0f} events/s"
+        )
     outcome = common.result(
         NAME,
         value=common.median(batch.values),

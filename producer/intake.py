@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal, NotRequired, Union
 from urllib.parse import unquote
 
+import orjson
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
 
@@ -386,7 +387,8 @@ def _plain_envelope(kind: str) -> Any:
             "id": Id,
             "source": _Source,
             "type": Literal[kind],
-            "time": NotRequired[Timestamp | None],
+            # Checked once per distinct value by _PLAIN_TIME: a batch usually shares one.
+            "time": NotRequired[Any],
             "data": DATA_MODELS[kind],
         },
     )
@@ -402,6 +404,7 @@ def _plain_batch() -> TypeAdapter[list[dict[str, Any]]]:
 
 
 _PLAIN_BATCH: Final = _plain_batch()
+_PLAIN_TIME: Final[TypeAdapter[datetime | None]] = TypeAdapter(Timestamp | None)
 
 
 def _prepare_plain(body: bytes) -> list[Prepared] | None:
@@ -412,20 +415,21 @@ def _prepare_plain(body: bytes) -> list[Prepared] | None:
     if b"%" in body and mask(text := body.decode("utf-8", "replace")) != text:
         return None
     try:
-        document = json.loads(body)
+        document = orjson.loads(body)
         raws = [document] if isinstance(document, dict) else document
         if not isinstance(raws, list) or not 0 < len(raws) <= MAX_BATCH:
             return None
         checked = _PLAIN_BATCH.validate_python(raws)
-        times: dict[Any, tuple[datetime | None, str]] = {}  # a batch often shares one time
+        # A batch usually shares one time: each distinct one is checked and written once.
+        times: dict[Any, tuple[datetime | None, str | None]] = {}
         prepared = []
         for event, raw in zip(checked, raws, strict=True):
             sent = raw.get("time")
             if sent not in times:
-                at = event.get("time")
+                at = _PLAIN_TIME.validate_python(sent)
                 time = as_utc(at) if at is not None else None
-                times[sent] = (time, _quote(time.isoformat()) if time is not None else "null")
-            time, quoted_time = times[sent]
+                times[sent] = (time, time.isoformat() if time is not None else None)
+            time, time_text = times[sent]
             data = raw["data"]
             prepared.append(
                 Prepared(
@@ -434,7 +438,7 @@ def _prepare_plain(body: bytes) -> list[Prepared] | None:
                     source=event["source"],
                     time=time,
                     data=data,
-                    digest=_digest(event, quoted_time, data),
+                    digest=_digest(event, time_text, data),
                 )
             )
     except Exception:  # whatever it is, the full path says what
@@ -442,20 +446,20 @@ def _prepare_plain(body: bytes) -> list[Prepared] | None:
     return prepared
 
 
-_quote: Final = json.encoder.encode_basestring_ascii  # as json.dumps quotes a string
-
-
-def _digest(event: dict[str, Any], quoted_time: str, data: dict[str, Any]) -> str:
+def _digest(event: dict[str, Any], time_text: str | None, data: dict[str, Any]) -> str:
     """worker.domain.events.digest of a plain event: the SHA-256 of ``json.dumps(canonical(event),
-    sort_keys=True, separators=(",", ":"))``, written out (its data holds strings or nulls)."""
-    fields = ",".join(
-        [
-            f"{_quote(name)}:{'null' if value is None else _quote(value)}"
-            for name, value in sorted(data.items())
-        ]
-    )
-    text = (
-        f'{{"data":{{{fields}}},"id":{_quote(event["id"])},"source":{_quote(event["source"])},'
-        f'"specversion":"1.0","time":{quoted_time},"type":{_quote(event["type"])}}}'
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
+    sort_keys=True, separators=(",", ":"))``. orjson writes the same text when the data holds
+    strings or nulls and the text is ASCII (a plain body has no escapes); otherwise json.dumps,
+    which escapes the rest and writes numbers its own way, writes it."""
+    canonical = {
+        "data": data,
+        "id": event["id"],
+        "source": event["source"],
+        "specversion": "1.0",
+        "time": time_text,
+        "type": event["type"],
+    }
+    text = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
+    if not text.isascii() or not all(v is None or type(v) is str for v in data.values()):
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(text).hexdigest()

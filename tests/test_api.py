@@ -796,3 +796,50 @@ def test_requests_committed_together_keep_their_own_outcomes(store: Store) -> No
         ]
     finally:
         store.truncate()
+
+
+def test_every_character_a_plain_reading_would_not_take_is_stored_as_sent(store: Store) -> None:
+    writer = InboxWriter(store.url, lambda ids: None)
+    awkward = 'tab\there\nnew line\r\\back slash\\N "quoted" é ☃ 𝄞'
+    sent = [
+        event(id="evt-tab\tin-id", source="hr://a\\b", data={"org_id": awkward, "user_id": "\\N"}),
+        event(data={"org_id": "acme", "user_id": "x" * 200 + "\n"}),
+    ]
+    try:
+        outcome = asyncio.run(writer.store(_prepared(*sent)))
+        assert outcome.accepted == [e["id"] for e in sent]
+        rows = stored(store)
+        for e in sent:
+            row = rows[e["id"]]
+            assert (row.source, row.data) == (e["source"], e["data"])
+            assert row.digest == intake.prepare(json.dumps(e).encode())[0].digest
+    finally:
+        store.truncate()
+
+
+def test_two_writers_taking_the_same_new_ids_in_opposite_orders_both_settle(store: Store) -> None:
+    # Two API processes (or two groups of one) inserting the same ids at once: one stores
+    # them, the other finds them there with the same content; neither waits on the other
+    # for good, whatever order each request named them in.
+    published: list[str] = []
+    first = InboxWriter(store.url, published.extend)
+    second = InboxWriter(store.url, published.extend)
+    try:
+        for _ in range(5):
+            shared = [event(id=f"evt-{secrets.token_hex(6)}") for _ in range(1000)]
+
+            async def race(ours: list[dict[str, Any]] = shared) -> list[Outcome]:
+                return list(
+                    await asyncio.gather(
+                        first.store(_prepared(*ours)), second.store(_prepared(*reversed(ours)))
+                    )
+                )
+
+            outcomes = asyncio.run(race())
+            assert [sorted(o.accepted) for o in outcomes] == [sorted(e["id"] for e in shared)] * 2
+        assert len(stored(store)) == 5000
+        # Each id went on the queue at least once (the second writer may find it still
+        # pending and send it again: the worker applies an event once).
+        assert set(published) == set(stored(store))
+    finally:
+        store.truncate()
