@@ -677,6 +677,18 @@ def test_a_message_of_removals_is_applied_together_as_each_would_be_alone(
         revoke_rows = audit_rows(session, event_id=line["event_id"], action="revoke")
         assert line["token_ids"] == sorted(str(row.token_id) for row in revoke_rows)
         assert line["revoked"] == len(revoke_rows)
+    # The batch writes its notices in one statement and says so in one line naming each
+    # (a line a notice cost more than writing it); no event.applied beside member.removed.
+    batched = [line for line in logged if line["event"] == "notices.queued"]
+    assert batched
+    assert all(line["count"] == len(line["notice_ids"]) > 1 for line in batched)
+    queued_ids = [i for line in batched for i in line["notice_ids"]] + [
+        line["notice_id"] for line in logged if line["event"] == "notice.queued"
+    ]
+    assert len(queued_ids) == len(set(queued_ids)), "each notice is named once"
+    assert {str(n.id) for n in session.scalars(select(Notice))} <= set(queued_ids)
+    # (the five removals applied one at a time each log theirs; the batch's five none)
+    assert len([line for line in logged if line["event"] == "event.applied"]) == 5
     kept = [label for label, reason in seen["tokens"] if reason is None]
     assert len(kept) == 1 + 1 + 1  # the AAT, the PAT elsewhere, the PAT issued after re-join
     assert seen["order"] == [

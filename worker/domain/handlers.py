@@ -24,7 +24,7 @@ type, two events about one membership, a membership not known yet) takes the gen
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, TypedDict
@@ -245,11 +245,7 @@ def apply_pending(
     unclaimed = [i for i in wanted if i not in claimed_ids]
     if unclaimed:
         known = set(session.scalars(select(InboxEvent.id).where(InboxEvent.id.in_(unclaimed))))
-        outcome.skipped = [i for i in unclaimed if i in known]
-        outcome.missing = [i for i in unclaimed if i not in known]
-    for event_id in outcome.missing:
-        inbox.dead_letter(session, reason=NO_SUCH_EVENT, now=now, event_id=event_id, task=task)
-        log.warning("event.dead_letter", event_id=event_id, reason=NO_SUCH_EVENT)
+        outcome = settle_unclaimed(session, unclaimed, known, now=now, task=task)
     # In the order the events count in (see the module), the order one at a time would take.
     claimed.sort(key=lambda e: (ordering_time(e.time, received=e.received_at), e.id))
     only_removals = _only_removals(claimed)
@@ -267,6 +263,26 @@ def apply_pending(
     unfinished = set(session.info.pop(_UNFINISHED_EVENTS, ()))
     outcome.unfinished = [i for i in outcome.done if i in unfinished]
     outcome.done = [i for i in outcome.done if i not in unfinished]
+    return outcome
+
+
+def settle_unclaimed(
+    session: Session,
+    event_ids: Sequence[str],
+    known: Collection[str],
+    *,
+    now: datetime,
+    task: str | None = None,
+) -> BatchOutcome:
+    """The outcome of ids with nothing left to apply: skipped when ``known`` to the inbox
+    (finished already), else missing, each with a dead-letter row."""
+    outcome = BatchOutcome(
+        skipped=[i for i in event_ids if i in known],
+        missing=[i for i in event_ids if i not in known],
+    )
+    for event_id in outcome.missing:
+        inbox.dead_letter(session, reason=NO_SUCH_EVENT, now=now, event_id=event_id, task=task)
+        log.warning("event.dead_letter", event_id=event_id, reason=NO_SUCH_EVENT)
     return outcome
 
 
@@ -341,7 +357,9 @@ def _apply_removals(
         return _apply_together(
             session, [event for event, _, _ in parsed], now=now, retryable=retryable
         )
-    return _mark(session, [_removal_outcome(item, revoked) for item in parsed], now=now)
+    # Each removal's own line (member.removed) tells what it did: no event.applied beside it.
+    outcomes = [_removal_outcome(item, revoked) for item in parsed]
+    return _mark(session, outcomes, now=now, told=True)
 
 
 # What became of an event of a batch: the summary of what it did, or why it is invalid.
@@ -412,16 +430,18 @@ def _apply_in_batch(
             raise _Abandon(event.id) from error
 
 
-def _mark(session: Session, outcomes: Sequence[_Outcome], *, now: datetime) -> dict[str, bool]:
+def _mark(
+    session: Session, outcomes: Sequence[_Outcome], *, now: datetime, told: bool = False
+) -> dict[str, bool]:
     """Mark each event done with its summary, or dead with the reason it is invalid; whether
-    each was applied, by id."""
+    each was applied, by id. ``told``: each event's handler logged what it did already."""
     applied: dict[str, bool] = {}
     for event, result, reason in outcomes:
         with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
             if reason is None:
                 assert result is not None
                 _finish_done(session, event, result, now=now)
-                _log_applied(event, result)
+                _log_applied(event, result, told=told)
             else:
                 inbox.finish(session, event, status=EventStatus.DEAD, now=now, reason=reason)
                 log.warning("event.invalid", reason=reason)
@@ -465,7 +485,7 @@ def _failure(error: Exception) -> str:
     return redact(f"{type(error).__name__}: {error}".splitlines()[0])
 
 
-def _log_applied(event: InboxEvent, result: dict[str, Any]) -> None:
+def _log_applied(event: InboxEvent, result: dict[str, Any], *, told: bool = False) -> None:
     if "ordered_at" in result:
         log.warning(
             "event.time_clamped",
@@ -476,7 +496,8 @@ def _log_applied(event: InboxEvent, result: dict[str, Any]) -> None:
     if result.get(UNFINISHED):
         log.info("event.applied_in_part", revoked=len(result.get("revoked", ())))
         return
-    log.info("event.applied", revoked=len(result.get("revoked", ())))
+    if not told:
+        log.info("event.applied", revoked=len(result.get("revoked", ())))
 
 
 def _forget_notices_since(session: Session, remembered: int) -> None:

@@ -139,20 +139,22 @@ def due_for_redrive(
     return ids
 
 
-def hold(session: Session, event_ids: Sequence[str]) -> None:
-    """Lock the still-pending events among ``event_ids``, waiting for any worker holding one.
+def hold(session: Session, event_ids: Sequence[str]) -> dict[str, str]:
+    """Lock the events among ``event_ids``, waiting for any worker holding one; the status of
+    each that is in the inbox, as it is once the lock is taken.
 
     A task does this for its message's own events before it takes others along with
     :func:`pending_besides`, which never waits: each worker then waits for inbox rows only
     while it holds none, so two workers that take each other's events along cannot deadlock
     (Postgres would detect that after a second and one task would retry a second later).
     """
-    session.execute(
-        select(InboxEvent.id)
-        .where(InboxEvent.id.in_(list(event_ids)), InboxEvent.status == EventStatus.PENDING)
+    rows = session.execute(
+        select(InboxEvent.id, InboxEvent.status)
+        .where(InboxEvent.id.in_(list(event_ids)))
         .order_by(InboxEvent.time, InboxEvent.id)
         .with_for_update()
     )
+    return {row.id: row.status for row in rows}
 
 
 def pending_besides(session: Session, event_ids: Sequence[str], *, limit: int) -> list[str]:

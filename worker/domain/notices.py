@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -256,6 +257,8 @@ def queue_many(session: Session, wanted: Sequence[Queued], *, now: datetime) -> 
     mail_outbox.add_emails(session, [(row["id"], row["recipients"]) for row in rows], now=now)
     for row in rows:
         remember_notice(session, row["id"])
+    if len(rows) == 1:
+        row = rows[0]
         log.info(
             "notice.queued",
             notice_id=row["id"],
@@ -263,6 +266,15 @@ def queue_many(session: Session, wanted: Sequence[Queued], *, now: datetime) -> 
             org_id=row["org_id"],
             recipients=len(row["recipients"]),
             event_id=row["event_id"],
+        )
+    elif rows:
+        # One line for the statement's notices: a line each cost more than writing them.
+        log.info(
+            "notices.queued",
+            count=len(rows),
+            kinds=dict(Tally(row["kind"] for row in rows)),
+            notice_ids=[row["id"] for row in rows],
+            for_events=sorted({row["event_id"] for row in rows if row["event_id"]}),
         )
     return [row["id"] for row in rows]
 

@@ -89,6 +89,7 @@ def queue_notices(
     departure already told (the same membership ended at the same time) is not told again.
     """
     wanted: list[notices.Queued] = []
+    told: list[dict[str, Any]] = []
     for (org_id, user_id), tokens in orphaned.items():
         stamp = stamps[(org_id, user_id)]
         wanted.append(
@@ -109,7 +110,12 @@ def queue_notices(
                 dedupe_key=f"orphaned:{org_id}:{user_id}:{stamp.at.isoformat()}",
             )
         )
-        log.info("application_tokens.orphaned", org_id=org_id, user_id=user_id, tokens=len(tokens))
+        told.append({"org_id": org_id, "user_id": user_id, "tokens": len(tokens)})
+    if len(told) == 1:
+        log.info("application_tokens.orphaned", **told[0])
+    elif told:
+        # A batch of removals: one line naming every departure, not a line each.
+        log.info("application_tokens.orphaned", count=len(told), departures=told)
     now = next(iter(stamps.values())).now
     return notices.queue_many(session, wanted, now=now)
 

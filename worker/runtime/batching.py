@@ -13,13 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Final
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from tokenwarden.worker.domain import handlers, inbox
+from tokenwarden.worker.domain.kinds import EventStatus
 from tokenwarden.worker.runtime.publishing import CHUNK
 from tokenwarden.worker.runtime.tasking import is_transient
+
+_PENDING: Final = EventStatus.PENDING.value
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,12 @@ def apply_message(
     """Apply the pending events among ``event_ids``, with others taken along when it is short."""
     besides: list[str] = []
     if len(event_ids) < CHUNK:
-        inbox.hold(session, event_ids)
+        held = inbox.hold(session, event_ids)
         besides = inbox.pending_besides(session, event_ids, limit=CHUNK - len(event_ids))
+        if not besides and _PENDING not in held.values():
+            # The usual message of a backlog drained by others: its events were taken along.
+            wanted = list(dict.fromkeys(event_ids))
+            return Applied(handlers.settle_unclaimed(session, wanted, held, now=now, task=task), 0)
     outcome = handlers.apply_pending(
         session, [*event_ids, *besides], now=now, retryable=retryable, task=task
     )
