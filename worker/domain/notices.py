@@ -23,11 +23,12 @@ from datetime import datetime
 from typing import Any, Final, Protocol, cast
 
 import structlog
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tokenwarden.worker.domain import mail_outbox
+from tokenwarden.worker.domain.clock import as_utc
 from tokenwarden.worker.domain.models import Membership, Notice, NoticeStatus, Role, TokenKind
 
 log = structlog.get_logger(__name__)
@@ -286,19 +287,60 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, 
     table = cast(Table, Notice.__table__)
     statement: Any
     if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects import postgresql
-
-        statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["dedupe_key"])
+        inserted = set(
+            session.connection().scalars(_POSTGRES_NEW_NOTICES, {"rows": _notice_rows(rows)})
+        )
     else:
         from sqlalchemy.dialects import sqlite
 
         statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=["dedupe_key"])
-    statement = statement.returning(Notice.id)
-    inserted = set(session.connection().scalars(statement, rows))
+        statement = statement.returning(Notice.id)
+        inserted = set(session.connection().scalars(statement, rows))
     for row in rows:
         if row["id"] not in inserted:
             log.info("notice.duplicate", kind=row["kind"], dedupe_key=row["dedupe_key"])
     return [row for row in rows if row["id"] in inserted]
+
+
+# Postgres: every new notice in one JSON parameter, unpacked by the server. A multi-row
+# VALUES list would be a statement of its own for each number of rows, with some fourteen
+# parameters a row: the driver parsed that text anew each time (about 5% of a worker applying
+# removals).
+_POSTGRES_NEW_NOTICES: Final = text(
+    "INSERT INTO notices (id, kind, org_id, recipients, body, status, attempts, last_error, "
+    "created_at, next_attempt_at, sent_at, event_id, dedupe_key) "
+    "SELECT r->>0, r->>1, r->>2, r->3, r->>4, r->>5, CAST(r->>6 AS integer), r->>7, "
+    "CAST(r->>8 AS timestamptz), CAST(r->>9 AS timestamptz), CAST(r->>10 AS timestamptz), "
+    "r->>11, r->>12 "
+    "FROM json_array_elements(CAST(:rows AS json)) AS r "
+    "ON CONFLICT (dedupe_key) DO NOTHING RETURNING id"
+)
+
+
+def _notice_rows(rows: list[dict[str, Any]]) -> str:
+    def moment(value: datetime | None) -> str | None:
+        return None if value is None else as_utc(value).isoformat()
+
+    return json.dumps(
+        [
+            [
+                row["id"],
+                row["kind"],
+                row["org_id"],
+                row["recipients"],
+                row["body"],
+                row["status"],
+                row["attempts"],
+                row["last_error"],
+                moment(row["created_at"]),
+                moment(row["next_attempt_at"]),
+                moment(row["sent_at"]),
+                row["event_id"],
+                row["dedupe_key"],
+            ]
+            for row in rows
+        ]
+    )
 
 
 def _body(
