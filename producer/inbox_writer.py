@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
+from operator import attrgetter
 from typing import Any, Final, cast
 
 import orjson
@@ -314,18 +315,9 @@ def _postgres_rows(events: list[Prepared], now: datetime) -> dict[str, Any]:
     inserted in one order everywhere mean two inserts that share ids wait for each other's
     commit rather than deadlock.
     """
-    now_text = now.isoformat()
-    # The events of a batch usually share one time: each distinct time is written once.
-    texts: dict[datetime, str] = {}
-    rows = []
-    for e in sorted(events, key=_by_id):
-        if e.time is None:
-            text = now_text
-        elif e.time in texts:
-            text = texts[e.time]
-        else:
-            text = texts[e.time] = e.time.isoformat()
-        rows.append([e.id, e.type, e.source, text, e.data, e.digest])
+    rows = [
+        [e.id, e.type, e.source, time, e.data, e.digest] for e, time in _in_id_order(events, now)
+    ]
     try:
         encoded = orjson.dumps(rows).decode()
     except orjson.JSONEncodeError:  # what orjson does not write (an integer past 64 bits)
@@ -337,15 +329,8 @@ def _copy_rows(events: list[Prepared], now: datetime) -> list[tuple[str, ...]]:
     """The rows of :data:`_POSTGRES_COPY`, as text, in order of id (see :func:`_postgres_rows`)."""
     now_text = now.isoformat()
     tail = (_PENDING, "0", now_text, now_text)
-    texts: dict[datetime, str] = {}
     rows: list[tuple[str, ...]] = []
-    for e in sorted(events, key=_by_id):
-        if e.time is None:
-            time = now_text
-        elif e.time in texts:
-            time = texts[e.time]
-        else:
-            time = texts[e.time] = e.time.isoformat()
+    for e, time in _in_id_order(events, now):
         try:
             data = orjson.dumps(e.data).decode()
         except orjson.JSONEncodeError:  # what orjson does not write (an integer past 64 bits)
@@ -354,8 +339,18 @@ def _copy_rows(events: list[Prepared], now: datetime) -> list[tuple[str, ...]]:
     return rows
 
 
-def _by_id(event: Prepared) -> str:
-    return event.id
+def _in_id_order(events: list[Prepared], now: datetime) -> Iterator[tuple[Prepared, str]]:
+    """``events`` in order of id, each with its time as text (``now`` when it has none)."""
+    now_text = now.isoformat()
+    # The events of a batch usually share one time: each distinct time is written once.
+    texts: dict[datetime, str] = {}
+    for e in sorted(events, key=attrgetter("id")):
+        if e.time is None:
+            yield e, now_text
+        elif e.time in texts:
+            yield e, texts[e.time]
+        else:
+            yield e, texts.setdefault(e.time, e.time.isoformat())
 
 
 def _settle_future(future: asyncio.Future[None]) -> None:
