@@ -282,19 +282,20 @@ def queue_many(session: Session, wanted: Sequence[Queued], *, now: datetime) -> 
 
 def _insert_new(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Insert ``rows`` but those whose ``dedupe_key`` is taken; return the inserted ones."""
-    # Imported here: both dialects' INSERT … ON CONFLICT; a command that queues nothing
-    # does not load them.
-    table = cast(Table, Notice.__table__)
-    statement: Any
     if session.get_bind().dialect.name == "postgresql":
         inserted = set(
             session.connection().scalars(_POSTGRES_NEW_NOTICES, {"rows": _notice_rows(rows)})
         )
     else:
+        # Imported here: a command that queues nothing does not load SQLite's INSERT … ON
+        # CONFLICT.
         from sqlalchemy.dialects import sqlite
 
-        statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=["dedupe_key"])
-        statement = statement.returning(Notice.id)
+        statement = (
+            sqlite.insert(cast(Table, Notice.__table__))
+            .on_conflict_do_nothing(index_elements=["dedupe_key"])
+            .returning(Notice.id)
+        )
         inserted = set(session.connection().scalars(statement, rows))
     for row in rows:
         if row["id"] not in inserted:
