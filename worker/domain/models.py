@@ -158,6 +158,8 @@ class Token(Base):
 
     __table_args__ = (
         Index(None, "org_id", "user_id"),
+        # The application tokens a departing member created (worker.domain.orphans).
+        Index(None, "org_id", "created_by"),
         Index(None, "family_id"),
         Index(None, "user_id"),
         # Live tokens by expiry: what the sweep and the reminders walk.
