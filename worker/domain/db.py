@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import re
 from ast import literal_eval
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    String,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
 
 if TYPE_CHECKING:
     from sqlalchemy.dialects import postgresql, sqlite
@@ -213,3 +226,34 @@ def insert_for(session: Session, entity: Any) -> postgresql.Insert | sqlite.Inse
     from sqlalchemy.dialects import sqlite
 
     return sqlite.insert(entity)
+
+
+def one_of(
+    session: Session,
+    columns: Sequence[ColumnElement[Any] | QueryableAttribute[Any]],
+    keys: Collection[Sequence[str]],
+) -> ColumnElement[bool]:
+    """``columns`` (text) equal one of ``keys``, each a value per column.
+
+    On Postgres the keys travel as one array per column, so the statement's text is the same
+    whatever their number: psycopg prepares it once and the server plans it once, where an
+    ``IN`` list of a hundred keys is parsed by the driver and planned by the server on every
+    run (a hundred index probes ``OR``-ed together). Elsewhere it is an ``IN`` list.
+    """
+    rows = [tuple(key) for key in keys]
+    if session.get_bind().dialect.name != "postgresql":
+        if len(columns) == 1:
+            return columns[0].in_([row[0] for row in rows])
+        return tuple_(*columns).in_(rows)
+    # Imported here: a command on the embedded default never loads the Postgres dialect.
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    arrays = [
+        bindparam(None, [row[index] for row in rows], type_=ARRAY(String()))
+        for index in range(len(columns))
+    ]
+    if len(columns) == 1:
+        return columns[0] == any_(arrays[0])
+    names = [f"k{index}" for index in range(len(columns))]
+    wanted = func.unnest(*arrays).table_valued(*names).render_derived()
+    return tuple_(*columns).in_(select(*[wanted.c[name] for name in names]))

@@ -18,10 +18,10 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tokenwarden.worker.domain import audit, notices
+from tokenwarden.worker.domain import audit, db, notices
 from tokenwarden.worker.domain.errors import Refused
 from tokenwarden.worker.domain.issuing import active_member
 from tokenwarden.worker.domain.models import Token, TokenKind
@@ -35,17 +35,28 @@ Departure = tuple[str, str]
 
 def orphaned_tokens(
     session: Session, departures: Sequence[Departure]
-) -> dict[Departure, list[Token]]:
-    """The live application tokens each departing user created in the organization left."""
+) -> dict[Departure, list[notices.TokenFacts]]:
+    """The live application tokens each departing user created in the organization left:
+    what a notice names of them (rows, not loaded objects; nothing here changes them)."""
     if not departures:
         return {}
-    found: dict[Departure, list[Token]] = {}
-    for token in session.scalars(
-        select(Token)
+    found: dict[Departure, list[notices.TokenFacts]] = {}
+    for token in session.execute(
+        select(
+            Token.id,
+            Token.name,
+            Token.kind,
+            Token.org_id,
+            Token.user_id,
+            Token.app_id,
+            Token.created_by,
+            Token.last4,
+            Token.expires_at,
+        )
         .where(
             Token.kind == TokenKind.APPLICATION.value,
             Token.revoked_at.is_(None),
-            tuple_(Token.org_id, Token.created_by).in_(list(departures)),
+            db.one_of(session, [Token.org_id, Token.created_by], departures),
         )
         .order_by(Token.org_id, Token.created_by, Token.id)
     ):
@@ -78,7 +89,7 @@ def tell_admins(
 
 def queue_notices(
     session: Session,
-    orphaned: Mapping[Departure, list[Token]],
+    orphaned: Mapping[Departure, list[notices.TokenFacts]],
     *,
     stamps: Mapping[Departure, audit.Stamp],
     recipients: Mapping[Departure, list[dict[str, Any]]],

@@ -25,13 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import groupby
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import ColumnElement, and_, or_, select, true, tuple_, update
+from sqlalchemy import ColumnElement, Table, and_, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from tokenwarden.worker.domain import audit, members, notices, orphans
+from tokenwarden.worker.domain import audit, db, members, notices, orphans
 from tokenwarden.worker.domain.models import Membership, Role, Token, UserDeactivation
 from tokenwarden.worker.domain.revocation import held_at, revoke_leaver_tokens, revoke_statement
 
@@ -153,7 +153,12 @@ def remove_members(
     _end(session, [leaver for leaver in leavers if not leaver.stale], now=now)
     revoked = _revoke(session, leavers, now=now)
     deactivations = _deactivations(session, [leaver for leaver in leavers if leaver.stale])
-    recipients = _recipients(session, leavers, {key for key, tokens in revoked.items() if tokens})
+    ended = [leaver for leaver in leavers if not leaver.stale and leaver.before.active]
+    orphaned = orphans.orphaned_tokens(session, [leaver.key for leaver in ended])
+    offboarded = {key for key, tokens in revoked.items() if tokens}
+    # Read once the whole batch is applied (see _recipients), for both kinds of notice.
+    admins = notices.admins_of(session, {org_id for org_id, _ in offboarded | orphaned.keys()})
+    recipients = _recipients(leavers, offboarded, admins)
     audit_rows: list[dict[str, Any]] = []
     queued: list[notices.Queued] = []
     for leaver, told in zip(leavers, recipients, strict=True):
@@ -174,21 +179,27 @@ def remove_members(
         )
     audit.record_many(session, audit_rows)
     notices.queue_many(session, queued, now=now)
-    _tell_orphans(session, leavers, now=now)
+    if orphaned:
+        _tell_orphans(session, leavers, ended, orphaned, admins, now=now)
     return {
         leaver.removal.event_id: [token.id for token in revoked.get(leaver.key, [])]
         for leaver in leavers
     }
 
 
-def _tell_orphans(session: Session, leavers: list[_Leaver], *, now: datetime) -> None:
-    """The orphaned-AAT notices of the memberships this batch ended, in the batch's order,
-    to the admins :func:`_recipients` names (as one removal at a time would)."""
-    ended = [leaver for leaver in leavers if not leaver.stale and leaver.before.active]
-    found = orphans.orphaned_tokens(session, [leaver.key for leaver in ended])
-    if not found:
-        return
-    told = _recipients(session, leavers, set(found))
+def _tell_orphans(
+    session: Session,
+    leavers: list[_Leaver],
+    ended: list[_Leaver],
+    found: dict[tuple[str, str], list[notices.TokenFacts]],
+    admins: dict[str, list[dict[str, Any]]],
+    *,
+    now: datetime,
+) -> None:
+    """The orphaned-AAT notices of the memberships this batch ended (``found``: what
+    orphans.orphaned_tokens found for ``ended``), in the batch's order, to the admins
+    :func:`_recipients` names (as one removal at a time would)."""
+    told = _recipients(leavers, set(found), admins)
     orphaned = {leaver.key: found[leaver.key] for leaver in ended if leaver.key in found}
     orphans.queue_notices(
         session,
@@ -211,7 +222,7 @@ def _lock(session: Session, keys: list[tuple[str, str]]) -> dict[tuple[str, str]
             Membership.role,
             Membership.email,
         )
-        .where(tuple_(Membership.org_id, Membership.user_id).in_(keys))
+        .where(db.one_of(session, [Membership.org_id, Membership.user_id], keys))
         .order_by(Membership.org_id, Membership.user_id)
         .with_for_update()
     )
@@ -222,15 +233,17 @@ def _end(session: Session, fresh: list[_Leaver], *, now: datetime) -> None:
     """End the memberships, as of each removal's time: one statement per distinct time."""
     for at, same_time in groupby(sorted(fresh, key=_time), key=_time):
         session.execute(
-            update(Membership)
+            update(cast(Table, Membership.__table__))
             .where(
-                tuple_(Membership.org_id, Membership.user_id).in_(
-                    [leaver.key for leaver in same_time]
+                db.one_of(
+                    session,
+                    [Membership.org_id, Membership.user_id],
+                    [leaver.key for leaver in same_time],
                 )
             )
             .values(active=False, last_event_at=at, updated_at=now)
-            # Membership objects already loaded in this session see the change.
-            .execution_options(synchronize_session="fetch")
+            # On the table, not the mapped class: a batch of removals loads no Membership
+            # object (_lock and notices.admins_of read rows), so there is none to keep in step.
         )
 
 
@@ -256,8 +269,9 @@ def _revoke(
     ]
     fresh = [leaver.key for leaver in leavers if not leaver.stale]
     if fresh:
-        criteria.append(tuple_(Token.org_id, Token.user_id).in_(fresh))
-    rows = revoke_statement(session, [or_(*criteria)], reason=MEMBER_REMOVED, now=now)
+        criteria.append(db.one_of(session, [Token.org_id, Token.user_id], fresh))
+    # A batch of removals loads no Token object: the rows RETURNING brings back are enough.
+    rows = revoke_statement(session, [or_(*criteria)], reason=MEMBER_REMOVED, now=now, loaded=False)
     revoked: dict[tuple[str, str], list[notices.TokenFacts]] = {}
     for row in sorted(rows, key=lambda row: str(row.id)):
         revoked.setdefault((row.org_id, str(row.user_id)), []).append(row)
@@ -277,15 +291,17 @@ def _deactivations(session: Session, stale: list[_Leaver]) -> dict[str, datetime
 
 
 def _recipients(
-    session: Session, leavers: list[_Leaver], told: set[tuple[str, str]]
+    leavers: list[_Leaver],
+    told: set[tuple[str, str]],
+    remaining: dict[str, list[dict[str, Any]]],
 ) -> list[list[dict[str, Any]]]:
-    """Who hears about each leaver: their organization's admins when it was applied.
+    """Who hears about each leaver in ``told``: their organization's admins when it was
+    applied.
 
-    Read once the whole batch is applied; an admin whom a later removal of the batch ends
-    was still an admin when an earlier one was applied, and hears about it, as with one
-    event at a time.
+    ``remaining`` (notices.admins_of) is read once the whole batch is applied; an admin whom
+    a later removal of the batch ends was still an admin when an earlier one was applied, and
+    hears about it, as with one event at a time.
     """
-    remaining = notices.admins_of(session, {org_id for org_id, _ in told})
     recipients: list[list[dict[str, Any]]] = []
     for index, leaver in enumerate(leavers):
         if leaver.key not in told:
