@@ -60,6 +60,7 @@ def process_events(self: DatabaseTask, session: Session, *args: Any, **kwargs: A
             skipped=len(applied.outcome.skipped),
             unfinished=len(unfinished),
             besides=applied.besides,
+            elsewhere=len(applied.elsewhere),
         )
 
 

@@ -140,21 +140,31 @@ def due_for_redrive(
 
 
 def hold(session: Session, event_ids: Sequence[str]) -> dict[str, str]:
-    """Lock the events among ``event_ids``, waiting for any worker holding one; the status of
-    each that is in the inbox, as it is once the lock is taken.
+    """Lock the events among ``event_ids`` that no other transaction holds; the status of each
+    one locked.
 
     A task does this for its message's own events before it takes others along with
-    :func:`pending_besides`, which never waits: each worker then waits for inbox rows only
-    while it holds none, so two workers that take each other's events along cannot deadlock
-    (Postgres would detect that after a second and one task would retry a second later).
+    :func:`pending_besides`. Neither waits for a row another worker holds, so two workers
+    that take each other's events along cannot deadlock, nor wait for each other.
     """
     rows = session.execute(
         select(InboxEvent.id, InboxEvent.status)
-        .where(InboxEvent.id.in_(list(event_ids)))
+        .where(db.one_of(session, [InboxEvent.id], [(i,) for i in event_ids]))
         .order_by(InboxEvent.time, InboxEvent.id)
-        .with_for_update()
+        .with_for_update(skip_locked=True)
     )
     return {row.id: row.status for row in rows}
+
+
+def present(session: Session, event_ids: Sequence[str]) -> list[str]:
+    """The ids among ``event_ids`` that are in the inbox, locked by anyone or not."""
+    return list(
+        session.scalars(
+            select(InboxEvent.id).where(
+                db.one_of(session, [InboxEvent.id], [(i,) for i in event_ids])
+            )
+        )
+    )
 
 
 def pending_besides(session: Session, event_ids: Sequence[str], *, limit: int) -> list[str]:
@@ -185,7 +195,10 @@ def claim(session: Session, event_ids: Sequence[str]) -> list[InboxEvent]:
     return list(
         session.scalars(
             select(InboxEvent)
-            .where(InboxEvent.id.in_(list(event_ids)), InboxEvent.status == EventStatus.PENDING)
+            .where(
+                db.one_of(session, [InboxEvent.id], [(i,) for i in event_ids]),
+                InboxEvent.status == EventStatus.PENDING,
+            )
             .order_by(InboxEvent.time, InboxEvent.id)
             .with_for_update()
         )
