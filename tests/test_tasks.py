@@ -713,21 +713,28 @@ def test_a_run_takes_along_no_more_than_its_limit(committed: Store, now: datetim
     assert left[0] not in ids[:CHUNK]
 
 
-def test_events_another_worker_holds_are_skipped_not_waited_for(
-    committed: Store, now: datetime
-) -> None:
+def run_while_another_run_holds(committed: Store, now: datetime, *, held: str) -> list[str]:
+    """Store two pending events (``evt-mine``, ``evt-other``) and run the message of the
+    first while another transaction holds ``held`` and then rolls back; their ids."""
     if committed.backend != "postgres":
         pytest.skip("SQLite runs one writer at a time: there is no row lock to skip")
-    mine, held = store_events(
+    ids = store_events(
         committed,
         raw_event("user.deactivated", {"user_id": "u-mine"}, at=now, id_="evt-mine"),
-        raw_event("user.deactivated", {"user_id": "u-held"}, at=now, id_="evt-held"),
+        raw_event("user.deactivated", {"user_id": "u-other"}, at=now, id_="evt-other"),
         now=now,
     )
     with committed.engine.connect() as other:
         other.execute(select(InboxEvent.id).where(InboxEvent.id == held).with_for_update()).all()
-        tokenwarden.tasks.events.process_events.run([mine])  # would hang here if it waited
-        other.rollback()
+        tokenwarden.tasks.events.process_events.run([ids[0]])  # would hang here if it waited
+        other.rollback()  # the run that held it failed
+    return ids
+
+
+def test_events_another_worker_holds_are_skipped_not_waited_for(
+    committed: Store, now: datetime
+) -> None:
+    mine, held = run_while_another_run_holds(committed, now, held="evt-other")
 
     status = {e.id: e.status for e in events_by_id(committed).values()}
     assert status == {mine: EventStatus.DONE, held: EventStatus.PENDING}
@@ -736,18 +743,7 @@ def test_events_another_worker_holds_are_skipped_not_waited_for(
 def test_a_message_whose_event_another_run_holds_leaves_it_to_that_run(
     committed: Store, now: datetime, log_lines: io.StringIO
 ) -> None:
-    if committed.backend != "postgres":
-        pytest.skip("SQLite runs one writer at a time: there is no row lock to skip")
-    mine, waiting = store_events(
-        committed,
-        raw_event("user.deactivated", {"user_id": "u-mine"}, at=now, id_="evt-mine"),
-        raw_event("user.deactivated", {"user_id": "u-waiting"}, at=now, id_="evt-waiting"),
-        now=now,
-    )
-    with committed.engine.connect() as other:
-        other.execute(select(InboxEvent.id).where(InboxEvent.id == mine).with_for_update()).all()
-        tokenwarden.tasks.events.process_events.run([mine])  # would hang here if it waited
-        other.rollback()  # the run that held it failed
+    mine, waiting = run_while_another_run_holds(committed, now, held="evt-mine")
 
     status = {e.id: e.status for e in events_by_id(committed).values()}
     assert status == {mine: EventStatus.PENDING, waiting: EventStatus.DONE}
