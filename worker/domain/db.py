@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Engine,
     String,
@@ -228,32 +229,40 @@ def insert_for(session: Session, entity: Any) -> postgresql.Insert | sqlite.Inse
     return sqlite.insert(entity)
 
 
+def among(
+    session: Session, column: ColumnElement[Any] | QueryableAttribute[Any], values: Collection[str]
+) -> ColumnElement[bool]:
+    """``column`` (text) equals one of ``values``.
+
+    On Postgres the values travel as one array, so the statement's text is the same whatever
+    their number: psycopg prepares it once and the server plans it once, where an ``IN`` list
+    of a hundred values is parsed by the driver and planned by the server on every run.
+    Elsewhere it is an ``IN`` list.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return column.in_(list(values))
+    return column == any_(_text_array(list(values)))
+
+
 def one_of(
     session: Session,
     columns: Sequence[ColumnElement[Any] | QueryableAttribute[Any]],
     keys: Collection[Sequence[str]],
 ) -> ColumnElement[bool]:
-    """``columns`` (text) equal one of ``keys``, each a value per column.
-
-    On Postgres the keys travel as one array per column, so the statement's text is the same
-    whatever their number: psycopg prepares it once and the server plans it once, where an
-    ``IN`` list of a hundred keys is parsed by the driver and planned by the server on every
-    run (a hundred index probes ``OR``-ed together). Elsewhere it is an ``IN`` list.
-    """
+    """``columns`` (text) equal one of ``keys``, each a value per column: on Postgres one
+    array a column, unnested (see :func:`among`), where an ``IN`` list of a hundred keys is a
+    hundred index probes ``OR``-ed together, planned anew on every run."""
     rows = [tuple(key) for key in keys]
     if session.get_bind().dialect.name != "postgresql":
-        if len(columns) == 1:
-            return columns[0].in_([row[0] for row in rows])
         return tuple_(*columns).in_(rows)
+    names = [f"k{index}" for index in range(len(columns))]
+    arrays = [_text_array([row[index] for row in rows]) for index in range(len(columns))]
+    wanted = func.unnest(*arrays).table_valued(*names).render_derived()
+    return tuple_(*columns).in_(select(*[wanted.c[name] for name in names]))
+
+
+def _text_array(values: list[str]) -> BindParameter[Any]:
     # Imported here: a command on the embedded default never loads the Postgres dialect.
     from sqlalchemy.dialects.postgresql import ARRAY
 
-    arrays = [
-        bindparam(None, [row[index] for row in rows], type_=ARRAY(String()))
-        for index in range(len(columns))
-    ]
-    if len(columns) == 1:
-        return columns[0] == any_(arrays[0])
-    names = [f"k{index}" for index in range(len(columns))]
-    wanted = func.unnest(*arrays).table_valued(*names).render_derived()
-    return tuple_(*columns).in_(select(*[wanted.c[name] for name in names]))
+    return bindparam(None, values, type_=ARRAY(String()))

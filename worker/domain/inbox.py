@@ -149,7 +149,7 @@ def hold(session: Session, event_ids: Sequence[str]) -> dict[str, str]:
     """
     rows = session.execute(
         select(InboxEvent.id, InboxEvent.status)
-        .where(db.one_of(session, [InboxEvent.id], [(i,) for i in event_ids]))
+        .where(db.among(session, InboxEvent.id, event_ids))
         .order_by(InboxEvent.time, InboxEvent.id)
         .with_for_update(skip_locked=True)
     )
@@ -159,11 +159,7 @@ def hold(session: Session, event_ids: Sequence[str]) -> dict[str, str]:
 def present(session: Session, event_ids: Sequence[str]) -> list[str]:
     """The ids among ``event_ids`` that are in the inbox, locked by anyone or not."""
     return list(
-        session.scalars(
-            select(InboxEvent.id).where(
-                db.one_of(session, [InboxEvent.id], [(i,) for i in event_ids])
-            )
-        )
+        session.scalars(select(InboxEvent.id).where(db.among(session, InboxEvent.id, event_ids)))
     )
 
 
@@ -196,7 +192,7 @@ def claim(session: Session, event_ids: Sequence[str]) -> list[InboxEvent]:
         session.scalars(
             select(InboxEvent)
             .where(
-                db.one_of(session, [InboxEvent.id], [(i,) for i in event_ids]),
+                db.among(session, InboxEvent.id, event_ids),
                 InboxEvent.status == EventStatus.PENDING,
             )
             .order_by(InboxEvent.time, InboxEvent.id)

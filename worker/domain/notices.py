@@ -14,6 +14,7 @@ for the personal tokens of a member who left or was deactivated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections import Counter as Tally
@@ -371,12 +372,10 @@ def _body(
     # For what a notice holds (text, integers, lists, objects) orjson writes the text
     # json.dumps(separators=(",", ":")) writes, several times faster, while it is ASCII:
     # json.dumps escapes the rest as \uXXXX, and that is kept.
-    try:
+    with contextlib.suppress(orjson.JSONEncodeError):  # a key that is not text, say
         text = orjson.dumps(body)
-    except orjson.JSONEncodeError:
-        text = b"\x80"
-    if text.isascii():
-        return text.decode()
+        if text.isascii():
+            return text.decode()
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -483,7 +482,7 @@ def admins_of(session: Session, org_ids: Iterable[str]) -> dict[str, list[dict[s
     rows = session.execute(
         select(Membership.org_id, Membership.user_id, Membership.email)
         .where(
-            db.one_of(session, [Membership.org_id], [(org_id,) for org_id in wanted]),
+            db.among(session, Membership.org_id, wanted),
             Membership.active.is_(True),
             Membership.role == Role.ADMIN.value,
         )
