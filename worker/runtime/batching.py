@@ -1,9 +1,10 @@
-"""Which inbox events one message's run applies: its own, and others when it is short.
+"""Which inbox events one message's run applies: its own, and others taken along.
 
 A message carries at most ``publishing.CHUNK`` ids; a run takes other pending events along
 (``inbox.pending_besides``) up to :data:`RUN_LIMIT` events in all, so a backlog of one-event
-messages, or of full ones, drains in batches of that size. Its
-own events are locked first (``inbox.hold``), so that taking others along cannot deadlock.
+messages, or of full ones, drains in batches of that size. Its own events are locked first
+(``inbox.hold``), and neither step waits for a row another run holds, so taking others along
+can neither deadlock nor make the workers take turns.
 
 Imports ``config``, ``worker.domain`` and the rest of the runtime only: never the tasks, the
 API, the command line.
@@ -26,8 +27,8 @@ from tokenwarden.worker.runtime.tasking import is_transient
 
 _PENDING: Final = EventStatus.PENDING.value
 # Events one run applies at most when it takes others along. A batch pays a commit, a dozen
-# round trips and a task run whatever its size: at 200 a removal costs the worker and the
-# database about a tenth less than at 100, and little less beyond (bench/events.py).
+# round trips and a task run whatever its size: applying removals in one process, 200 a batch
+# cost the worker and the database about a tenth less a removal than 100, and 400 little less.
 RUN_LIMIT: Final = 2 * CHUNK
 
 
