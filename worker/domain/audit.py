@@ -7,6 +7,7 @@ Celery, kombu, httpx, FastAPI, Starlette or standardwebhooks, nor ``tasks``, ``p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -166,13 +167,19 @@ def _copy(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     """
     # Only a Postgres connection gets here; psycopg stays unloaded on the embedded default.
     import psycopg
-    from psycopg.types.json import Json
 
     driver = connection.connection.driver_connection
     assert driver is not None
+    # The rows of one event share one detail (its time): each is written out once. The text
+    # is json.dumps', as psycopg's Json writes it; JSON null for None, as the column type
+    # stores it (none_as_null=False).
+    details: dict[int, str] = {}
     try:
         with driver.cursor() as cursor, cursor.copy(_COPY) as copy:
             for row in rows:
+                detail = details.get(id(row["detail"]))
+                if detail is None:
+                    detail = details[id(row["detail"])] = json.dumps(row["detail"])
                 copy.write_row(
                     (
                         as_utc(row["at"]),
@@ -184,8 +191,7 @@ def _copy(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
                         row["user_id"],
                         row["actor"],
                         row["event_id"],
-                        # JSON null for None, as the column type stores it (none_as_null=False).
-                        Json(row["detail"]),
+                        detail,
                     )
                 )
     except psycopg.Error as error:

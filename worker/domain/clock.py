@@ -27,6 +27,8 @@ def set_clock(clock: Clock | None) -> None:
 
 def as_utc(value: datetime) -> datetime:
     """An aware UTC datetime; a naive one is taken to be UTC already."""
+    if value.tzinfo is UTC:
+        return value  # as the database hands them back, and far the most common
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)

@@ -21,7 +21,7 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, NamedTuple, Protocol, cast
 
 import orjson
 import structlog
@@ -31,7 +31,14 @@ from sqlalchemy.orm import Session
 
 from tokenwarden.worker.domain import db, mail_outbox
 from tokenwarden.worker.domain.clock import as_utc
-from tokenwarden.worker.domain.models import Membership, Notice, NoticeStatus, Role, TokenKind
+from tokenwarden.worker.domain.models import (
+    Membership,
+    Notice,
+    NoticeStatus,
+    Role,
+    Token,
+    TokenKind,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +139,33 @@ class TokenFacts(Protocol):
     def last4(self) -> str: ...
     @property
     def expires_at(self) -> datetime: ...
+
+
+class TokenRow(NamedTuple):
+    """A token's facts as a statement over :data:`TOKEN_COLUMNS` returns them.
+
+    Read by attribute as cheaply as a tuple, where a result row looks each name up (about a
+    microsecond a read, and a batch of removals reads a dozen of each token it revokes).
+    """
+
+    id: str
+    name: str
+    kind: str
+    org_id: str
+    user_id: str | None
+    app_id: str | None
+    created_by: str
+    last4: str
+    expires_at: datetime
+
+
+# Everything a notice names (:func:`describe`), in the order of TokenRow's fields.
+TOKEN_COLUMNS: Final = tuple(getattr(Token, name) for name in TokenRow._fields)
+
+
+def token_rows(rows: Iterable[Sequence[Any]]) -> list[TokenRow]:
+    """The rows of a statement over :data:`TOKEN_COLUMNS`, as :class:`TokenRow`."""
+    return [TokenRow._make(row) for row in rows]
 
 
 def describe(token: TokenFacts) -> dict[str, Any]:
@@ -328,7 +362,8 @@ def _notice_rows(rows: list[dict[str, Any]]) -> str:
     def moment(value: datetime | None) -> str | None:
         return None if value is None else as_utc(value).isoformat()
 
-    return json.dumps(
+    # Only the server reads this text, as jsonb: orjson's is parsed the same.
+    return orjson.dumps(
         [
             [
                 row["id"],
@@ -347,7 +382,7 @@ def _notice_rows(rows: list[dict[str, Any]]) -> str:
             ]
             for row in rows
         ]
-    )
+    ).decode()
 
 
 def _body(

@@ -41,25 +41,16 @@ def orphaned_tokens(
     if not departures:
         return {}
     found: dict[Departure, list[notices.TokenFacts]] = {}
-    for token in session.execute(
-        select(
-            Token.id,
-            Token.name,
-            Token.kind,
-            Token.org_id,
-            Token.user_id,
-            Token.app_id,
-            Token.created_by,
-            Token.last4,
-            Token.expires_at,
-        )
+    rows = session.execute(
+        select(*notices.TOKEN_COLUMNS)
         .where(
             Token.kind == TokenKind.APPLICATION.value,
             Token.revoked_at.is_(None),
             db.one_of(session, [Token.org_id, Token.created_by], departures),
         )
         .order_by(Token.org_id, Token.created_by, Token.id)
-    ):
+    )
+    for token in notices.token_rows(rows):
         found.setdefault((token.org_id, token.created_by), []).append(token)
     return found
 

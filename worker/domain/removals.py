@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from itertools import groupby
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import structlog
 from sqlalchemy import ColumnElement, Table, and_, or_, select, true, update
@@ -118,13 +119,27 @@ class Removal:
         )
 
 
+class _Held(NamedTuple):
+    """A membership as :func:`_lock` locked it, before the batch changed it."""
+
+    org_id: str
+    user_id: str
+    active: bool
+    active_since: datetime | None
+    last_event_at: datetime | None
+    role: str
+    email: str | None
+
+
+_HELD_COLUMNS = tuple(getattr(Membership, name) for name in _Held._fields)
+
+
 @dataclass(frozen=True)
 class _Leaver:
     removal: Removal
-    # The membership as locked (a row of _lock), before this batch changed it.
-    before: Any
+    before: _Held
 
-    @property
+    @cached_property
     def stale(self) -> bool:
         return members.after(self.before.last_event_at, self.removal.at)
 
@@ -209,24 +224,16 @@ def _tell_orphans(
     )
 
 
-def _lock(session: Session, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+def _lock(session: Session, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Held]:
     # In a fixed order, as deactivate_user locks a user's memberships, so that two batches
     # (or a batch and a deactivation) take their locks in the same order.
     rows = session.execute(
-        select(
-            Membership.org_id,
-            Membership.user_id,
-            Membership.active,
-            Membership.active_since,
-            Membership.last_event_at,
-            Membership.role,
-            Membership.email,
-        )
+        select(*_HELD_COLUMNS)
         .where(db.one_of(session, [Membership.org_id, Membership.user_id], keys))
         .order_by(Membership.org_id, Membership.user_id)
         .with_for_update()
     )
-    return {(row.org_id, row.user_id): row for row in rows}
+    return {(row.org_id, row.user_id): row for row in map(_Held._make, rows)}
 
 
 def _end(session: Session, fresh: list[_Leaver], *, now: datetime) -> None:
@@ -302,20 +309,22 @@ def _recipients(
     a later removal of the batch ends was still an admin when an earlier one was applied, and
     hears about it, as with one event at a time.
     """
+    # The admins the batch itself removes, by organization, with their place in it: few,
+    # so each leaver looks only at its own organization's, not at every later leaver.
+    leaving_admins: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for index, other in enumerate(leavers):
+        if not other.stale and other.before.active and other.before.role == Role.ADMIN:
+            leaving_admins.setdefault(other.removal.org_id, []).append(
+                (index, {"user_id": other.removal.user_id, "email": other.before.email})
+            )
     recipients: list[list[dict[str, Any]]] = []
     for index, leaver in enumerate(leavers):
         if leaver.key not in told:
             recipients.append([])
             continue
-        later = [
-            {"user_id": other.removal.user_id, "email": other.before.email}
-            for other in leavers[index + 1 :]
-            if other.removal.org_id == leaver.removal.org_id
-            and not other.stale
-            and other.before.active
-            and other.before.role == Role.ADMIN
-        ]
-        everyone = remaining.get(leaver.removal.org_id, []) + later
+        org_id = leaver.removal.org_id
+        later = [admin for place, admin in leaving_admins.get(org_id, []) if place > index]
+        everyone = remaining.get(org_id, []) + later
         recipients.append(sorted(everyone, key=lambda admin: str(admin["user_id"])))
     return recipients
 
@@ -332,13 +341,14 @@ def _audit_rows(
     stamp = removal.stamp(now)
     org_id, user_id = removal.org_id, removal.user_id
     rows = []
-    if leaver.stale:
+    applied = leaver.before.last_event_at
+    if leaver.stale and applied is not None:  # stale: a later event was applied
         detail = members.stale_detail(
             kind="membership.removed",
             org_id=org_id,
             user_id=user_id,
             at=removal.at,
-            applied=leaver.before.last_event_at,
+            applied=applied,
             deactivated=deactivated,
             event_id=removal.event_id,
         )

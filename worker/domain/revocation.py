@@ -189,20 +189,6 @@ def _org_then_id(token: notices.TokenFacts) -> tuple[str, str]:
     return (token.org_id, token.id)
 
 
-# Everything a notice names (worker.domain.notices.describe), so no second query is needed.
-_REVOKED = (
-    Token.id,
-    Token.org_id,
-    Token.user_id,
-    Token.kind,
-    Token.name,
-    Token.app_id,
-    Token.created_by,
-    Token.last4,
-    Token.expires_at,
-)
-
-
 def revoke_statement(
     session: Session,
     criteria: Sequence[ColumnElement[bool]],
@@ -225,12 +211,12 @@ def revoke_statement(
             and_(*criteria),
         )
         .values(revoked_at=now, revoke_reason=reason)
-        .returning(*_REVOKED)
+        .returning(*notices.TOKEN_COLUMNS)
     )
     if loaded:
         # Keeps Token objects already loaded in this session in step, using the ids that
         # RETURNING brings back rather than a second query.
         statement = statement.execution_options(synchronize_session="fetch")
     rows: list[notices.TokenFacts] = []
-    rows += session.execute(statement).all()
+    rows += notices.token_rows(session.execute(statement))
     return rows
