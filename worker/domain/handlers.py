@@ -407,8 +407,8 @@ def _apply_together(
         # The per-event attempt that follows logs the failure itself, with its reason.
         log.info("events.batch_split", events=len(events), failed_event_id=abandoned.event_id)
         return None
-    # The marks are written after the last event, so they flush together at commit (one
-    # statement for the batch) rather than one by one before each next event's queries.
+    # The marks are written after the last event, in one statement for the batch, rather
+    # than one by one before each next event's queries.
     return _mark(session, outcomes, now=now)
 
 
@@ -436,16 +436,22 @@ def _mark(
     """Mark each event done with its summary, or dead with the reason it is invalid; whether
     each was applied, by id. ``told``: each event's handler logged what it did already."""
     applied: dict[str, bool] = {}
+    marks: list[inbox.Mark] = []
     for event, result, reason in outcomes:
         with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
             if reason is None:
                 assert result is not None
-                _finish_done(session, event, result, now=now)
+                if result.get(UNFINISHED):
+                    _finish_done(session, event, result, now=now)
+                else:
+                    marks.append(inbox.Mark(event, EventStatus.DONE, result=result))
                 _log_applied(event, result, told=told)
             else:
-                inbox.finish(session, event, status=EventStatus.DEAD, now=now, reason=reason)
+                marks.append(inbox.Mark(event, EventStatus.DEAD, reason=reason))
                 log.warning("event.invalid", reason=reason)
         applied[event.id] = reason is None
+    # One statement for the batch's marks, after its last event.
+    inbox.finish_many(session, marks, now=now)
     return applied
 
 

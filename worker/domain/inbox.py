@@ -8,10 +8,11 @@ broker that is down, a broker that loses its queue, and a worker killed mid-task
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -20,18 +21,21 @@ from sqlalchemy import (
     Select,
     Table,
     any_,
+    bindparam,
     delete,
     func,
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from tokenwarden.worker.domain import db
 from tokenwarden.worker.domain.events import CloudEvent, canonical, digest
-from tokenwarden.worker.domain.models import DeadLetter, EventStatus, InboxEvent
+from tokenwarden.worker.domain.models import DeadLetter, EventStatus, InboxEvent, UTCDateTime
 
 BODY_EXCERPT = 2000
 
@@ -187,18 +191,20 @@ def pending_besides(session: Session, event_ids: Sequence[str], *, limit: int) -
 
 
 def claim(session: Session, event_ids: Sequence[str]) -> list[InboxEvent]:
-    """Lock the still-pending events among ``event_ids``, oldest event time first."""
-    return list(
-        session.scalars(
-            select(InboxEvent)
-            .where(
-                db.among(session, InboxEvent.id, event_ids),
-                InboxEvent.status == EventStatus.PENDING,
-            )
-            .order_by(InboxEvent.time, InboxEvent.id)
-            .with_for_update()
-        )
+    """Lock the still-pending events among ``event_ids``, oldest event time first.
+
+    The rows are found by their ids alone, and the finished ones left out here: with the
+    status in the statement, Postgres may walk every pending event by the status index and
+    test each against all the ids (a burst of ten thousand events, which the statistics do
+    not know of yet, made that 14 ms a batch of 200 with 2,000 pending).
+    """
+    events = session.scalars(
+        select(InboxEvent)
+        .where(db.among(session, InboxEvent.id, event_ids))
+        .order_by(InboxEvent.time, InboxEvent.id)
+        .with_for_update()
     )
+    return [event for event in events if event.status == EventStatus.PENDING]
 
 
 def finish(
@@ -215,6 +221,82 @@ def finish(
     event.result = result
     event.attempts += 1
     event.finished_at = now
+
+
+@dataclass(frozen=True)
+class Mark:
+    """An event of a batch as :func:`finish_many` marks it: done with its ``result``, or dead
+    with the ``reason``."""
+
+    event: InboxEvent
+    status: EventStatus
+    reason: str | None = None
+    result: dict[str, Any] | None = None
+
+
+# Postgres: a batch's marks in one jsonb parameter, one statement whatever their number,
+# where the ORM's flush runs an UPDATE per event. The result goes as text and is cast to json
+# as it is, so the column holds the very text the ORM would write. The ids are also given as
+# an array, so that the events are found by their key: joined on the unpacked marks alone,
+# Postgres read the whole inbox for each batch while its statistics said it was small.
+_POSTGRES_FINISH: Final = text(
+    "UPDATE events AS e SET status = m->>1, reason = m->>2, result = CAST(m->>3 AS json),"
+    " attempts = e.attempts + 1, finished_at = :now"
+    " FROM jsonb_array_elements(CAST(:marks AS jsonb)) AS m"
+    " WHERE e.id = ANY(CAST(:ids AS varchar[])) AND e.id = m->>0"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+def finish_many(session: Session, marks: Sequence[Mark], *, now: datetime) -> None:
+    """Mark each event as :func:`finish` does, in one statement; the loaded events follow."""
+    if not marks:
+        return
+    rows = [
+        (
+            mark.event.id,
+            mark.status.value,
+            mark.reason[:1000] if mark.reason else None,
+            # JSON null for None, as the column type writes it (none_as_null=False).
+            json.dumps(mark.result),
+        )
+        for mark in marks
+    ]
+    if session.get_bind().dialect.name == "postgresql":
+        ids = [row[0] for row in rows]
+        session.execute(_POSTGRES_FINISH, {"marks": json.dumps(rows), "ids": ids, "now": now})
+    else:
+        table = cast(Table, InboxEvent.__table__)
+        session.execute(
+            update(table)
+            .where(table.c.id == bindparam("mark_id"))
+            .values(
+                status=bindparam("mark_status"),
+                reason=bindparam("mark_reason"),
+                result=bindparam("mark_result"),
+                attempts=table.c.attempts + 1,
+                finished_at=now,
+            ),
+            [
+                {
+                    "mark_id": mark.event.id,
+                    "mark_status": mark.status.value,
+                    "mark_reason": reason,
+                    "mark_result": mark.result,
+                }
+                for mark, (_, _, reason, _) in zip(marks, rows, strict=True)
+            ],
+        )
+    for mark, (_, status, reason, _) in zip(marks, rows, strict=True):
+        event = mark.event
+        # What the statement wrote, as if loaded: the session has nothing left to flush.
+        for name, value in (
+            ("status", status),
+            ("reason", reason),
+            ("result", mark.result),
+            ("attempts", event.attempts + 1),
+            ("finished_at", now),
+        ):
+            set_committed_value(event, name, value)
 
 
 def dead_letter(
