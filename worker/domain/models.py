@@ -114,7 +114,11 @@ class Membership(Base):
     role_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
-    __table_args__ = (Index(None, "user_id"),)
+    __table_args__ = (
+        Index(None, "user_id"),
+        # An organization's admins, whom its notices name (notices.admins_of).
+        Index(None, "org_id", "role"),
+    )
 
 
 class UserDeactivation(Base):
