@@ -272,6 +272,9 @@ class Settings(BaseSettings):
     notice_signing_secret: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Processes serving the API on that address (uvicorn's own multi-process mode); each is
+    # like a replica with its own group commit, caches, limits and revocation feed.
+    api_workers: int = 1
     api_url: str = "http://127.0.0.1:8000"
     producer_key: Key = None
     github_keys_url: str = GITHUB_KEYS_URL
@@ -469,6 +472,13 @@ class Settings(BaseSettings):
     def _port(cls, value: int) -> int:
         if not 0 < value < 65536:
             raise ValueError("must be a TCP port between 1 and 65535")
+        return value
+
+    @field_validator("api_workers")
+    @classmethod
+    def _workers(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be a whole number of processes, at least 1")
         return value
 
     @field_validator("sweep_interval_s", "sweep_batch", "redrive_after_s")

@@ -14,15 +14,27 @@ so what one connection can hold is bounded:
   slowly.
 - **Connections**: at most :data:`LIMIT_CONCURRENCY` at once; uvicorn answers ``503`` to a
   request beyond that, so memory stays bounded however many connect.
+
+With ``--workers N`` (``TOKENWARDEN_API_WORKERS``) uvicorn binds the port once and starts N
+processes that accept on it, each loading the app from :data:`APP_FACTORY`. The options
+above travel to each of them, the guarded protocol included, and every bound holds per
+process: N processes take N times :data:`LIMIT_CONCURRENCY` connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final, overload
+import logging
+import multiprocessing
+import signal
+import sys
+from typing import TYPE_CHECKING, Any, Final, overload
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 # Seconds a client has to send a request's headers, from the moment the connection opened or
 # their first byte came.
@@ -43,6 +55,9 @@ MAX_HEADER_BYTES: Final = 16 * 1024
 READ_SIZE: Final = 64 * 1024
 # Connections the kernel queues before the API accepts them (uvicorn's default).
 BACKLOG: Final = 2048
+# What each process of ``tokenwarden api --workers N`` (N > 1) serves, as uvicorn imports it.
+APP_FACTORY: Final = "tokenwarden.producer.serving:app_of_one_process"
+PR_SET_PDEATHSIG: Final = 1  # from <sys/prctl.h>
 
 
 class _ClosingConnection(h11.Connection):
@@ -165,12 +180,64 @@ def _timed_out(reason: str) -> bytes:
     )
 
 
-def uvicorn_options() -> dict[str, Any]:
-    """The options ``uvicorn.run`` serves the producer API with."""
+def uvicorn_options(*, workers: int = 1) -> dict[str, Any]:
+    """The options ``uvicorn.run`` serves the producer API with, in ``workers`` processes.
+
+    ``workers`` is always given: left out, uvicorn would take ``WEB_CONCURRENCY`` from the
+    environment instead, and refuse an app object when that says more than one.
+    """
     return {
+        "workers": workers,
+        "access_log": False,
         "http": GuardedH11Protocol,
         "limit_concurrency": LIMIT_CONCURRENCY,
         "timeout_keep_alive": TIMEOUT_KEEP_ALIVE_S,
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
         "backlog": BACKLOG,
     }
+
+
+def app_of_one_process() -> FastAPI:
+    """The producer API in one of the processes of ``--workers N``.
+
+    The settings are read from the environment, which the process inherited from the
+    ``tokenwarden api`` that checked them.
+    """
+    from tokenwarden.producer.api import create_app
+
+    prepare_process()
+    return create_app()
+
+
+def prepare_process() -> None:
+    """Set up one of the processes of ``--workers N``, before its app is built.
+
+    Each is a fresh interpreter (spawned, not forked), so our logging is set up again, at
+    the level uvicorn was given: it sets its own loggers to it in every process before it
+    loads the app. That setup hands uvicorn's loggers to ours, the access log included, which
+    ``access_log=False`` had switched off: it is switched off again.
+    """
+    from tokenwarden.config.logging import configure_logging
+
+    _end_with_supervisor()
+    level = logging.getLogger("uvicorn.error").getEffectiveLevel()
+    configure_logging(level=logging.getLevelName(level))
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False
+
+
+def _end_with_supervisor() -> None:
+    """On Linux, have the kernel send SIGTERM when the supervisor of ``--workers N`` dies.
+
+    The supervisor stops its processes when it is told to stop; killed outright (SIGKILL),
+    it could not, and they would go on accepting on the port.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if not parent.is_alive():
+        signal.raise_signal(signal.SIGTERM)

@@ -118,13 +118,18 @@ def beat(log_level: str) -> None:
 @click.command()
 @click.option("--host", default=None, help="Bind address (default TOKENWARDEN_API_HOST).")
 @click.option("--port", type=int, default=None, help="Port (default TOKENWARDEN_API_PORT).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes serving the port (default TOKENWARDEN_API_WORKERS, else 1).",
+)
 @click.option("--log-level", default="info", show_default=True)
-def api(host: str | None, port: int | None, log_level: str) -> None:
+def api(host: str | None, port: int | None, workers: int | None, log_level: str) -> None:
     """Run the producer API."""
     import uvicorn
 
-    from tokenwarden.producer.api import create_app
-    from tokenwarden.producer.serving import uvicorn_options
+    from tokenwarden.producer.serving import APP_FACTORY, uvicorn_options
 
     current = settings()
     _require_schema(current)
@@ -134,14 +139,22 @@ def api(host: str | None, port: int | None, log_level: str) -> None:
     probe = make_celery(current)
     _warn_if_broker_unreachable(current, probe, "api")
     probe.close()
+    workers = workers or current.api_workers
+    if workers == 1:
+        from tokenwarden.producer.api import create_app
+
+        app: Any = create_app(current)
+    else:
+        # uvicorn binds the port once here, for processes that each import the app.
+        app = APP_FACTORY
     uvicorn.run(
-        create_app(current),
+        app,
         host=host or current.api_host,
         port=port or current.api_port,
+        factory=workers > 1,
         log_config=None,
         log_level=log_level,
-        access_log=False,
-        **uvicorn_options(),
+        **uvicorn_options(workers=workers),
     )
 
 
