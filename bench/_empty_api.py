@@ -4,9 +4,10 @@ and ``POST /v1/introspect`` on the same server.
 It reads the whole body and answers ``202`` with a fixed small JSON body, nothing else: no key
 check, no validation, no database, no broker. It is served exactly as ``tokenwarden api``
 serves the producer API (worker/cli/runtime.py): our logging set up first, then
-``uvicorn.run`` with the same options and one process::
+``uvicorn.run`` with the same options and as many processes (``--workers``, default 1), each
+set up as the API's are (producer/serving.py)::
 
-    python -m bench._empty_api --port 8001 --log-level info
+    python -m bench._empty_api --port 8001 --log-level info [--workers 2]
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def create_app() -> FastAPI:
     return app
 
 
+def app_of_one_process() -> FastAPI:
+    """The empty endpoint in one of the processes uvicorn starts for ``--workers N``."""
+    from tokenwarden.producer.serving import prepare_process
+
+    prepare_process()
+    return create_app()
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -47,16 +56,19 @@ def main(argv: list[str] | None = None) -> None:
     options.add_argument("--host", default="127.0.0.1")
     options.add_argument("--port", type=int, required=True)
     options.add_argument("--log-level", default="info")
+    options.add_argument("--workers", type=int, default=1, help="processes (1)")
     args = options.parse_args(argv)
+    if args.workers < 1:
+        options.error("--workers must be at least 1")
     configure_logging(level=args.log_level.upper())
     uvicorn.run(
-        create_app(),
+        create_app() if args.workers == 1 else "bench._empty_api:app_of_one_process",
         host=args.host,
         port=args.port,
+        factory=args.workers > 1,
         log_config=None,
         log_level=args.log_level,
-        access_log=False,
-        **uvicorn_options(),
+        **uvicorn_options(workers=args.workers),
     )
 
 
