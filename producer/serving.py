@@ -27,7 +27,6 @@ import asyncio
 import logging
 import multiprocessing
 import signal
-import sys
 from typing import TYPE_CHECKING, Any, Final, overload
 
 import h11
@@ -57,7 +56,6 @@ READ_SIZE: Final = 64 * 1024
 BACKLOG: Final = 2048
 # What each process of ``tokenwarden api --workers N`` (N > 1) serves, as uvicorn imports it.
 APP_FACTORY: Final = "tokenwarden.producer.serving:app_of_one_process"
-PR_SET_PDEATHSIG: Final = 1  # from <sys/prctl.h>
 
 
 class _ClosingConnection(h11.Connection):
@@ -233,11 +231,10 @@ def _end_with_supervisor() -> None:
     The supervisor stops its processes when it is told to stop; killed outright (SIGKILL),
     it could not, and they would go on accepting on the port.
     """
-    parent = multiprocessing.parent_process()
-    if parent is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    from tokenwarden.worker.ops.supervisor import signal_when_parent_dies
 
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is None or not signal_when_parent_dies(signal.SIGTERM):
+        return
     if not parent.is_alive():
         signal.raise_signal(signal.SIGTERM)

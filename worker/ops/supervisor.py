@@ -21,7 +21,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 STOP_GRACE_S = 15.0
 HEARTBEAT_ENV = "TOKENWARDEN_WORKER_HEARTBEAT_FILE"
@@ -205,9 +205,7 @@ def _die_with(parent: int, signum: int) -> Callable[[], None] | None:
     already gone."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()  # loaded here: the child between fork and exec takes no lock
 
     def prepare() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
@@ -215,6 +213,22 @@ def _die_with(parent: int, signum: int) -> Callable[[], None] | None:
             os._exit(1)
 
     return prepare
+
+
+def signal_when_parent_dies(signum: int) -> bool:
+    """Ask the kernel to send this process ``signum`` when its parent dies
+    (PR_SET_PDEATHSIG), as :func:`_die_with` asks for a child; whether it could (Linux
+    only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    _libc().prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    return True
+
+
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def port_in_use(host: str, port: int) -> bool:
